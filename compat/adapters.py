@@ -1,0 +1,97 @@
+"""Adapter kinds: how a cell's adapter is configured in the bridge, declared as data.
+
+``compat/data/adapters.toml`` names each kind; a cell picks one by name. Building the bridge's
+PEFT object happens in a worker (it imports megatron.bridge); reading the declarations does not.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+__all__ = ["Adapter", "AdapterError", "adapters", "get_adapter"]
+
+_PEFT_CLASSES = {
+    "lora": ("megatron.bridge.peft.lora", "LoRA"),
+    "canonical_lora": ("megatron.bridge.peft.canonical_lora", "CanonicalLoRA"),
+    "dora": ("megatron.bridge.peft.dora", "DoRA"),
+}
+_KEYS = {"peft", "targets", "rank", "alpha", "dropout", "about", "options"}
+
+
+class AdapterError(ValueError):
+    """An unknown adapter kind, or a malformed declaration."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str
+    peft: str
+    targets: tuple[str, ...]
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    about: str = ""
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def build(self) -> Any:
+        """The bridge's PEFT object for this kind (imports megatron.bridge: call in a worker)."""
+        from importlib import import_module
+
+        module, cls = _PEFT_CLASSES[self.peft]
+        peft_cls = getattr(import_module(module), cls)
+        return peft_cls(
+            target_modules=list(self.targets),
+            dim=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            **dict(self.options),
+        )
+
+
+def _parse(data: dict[str, Any], source: str) -> dict[str, Adapter]:
+    out = {}
+    for name, spec in data.get("adapter", {}).items():
+        unknown = set(spec) - _KEYS
+        if unknown:
+            raise AdapterError(f"{source}: adapter {name!r} has unknown keys {sorted(unknown)}")
+        if spec.get("peft") not in _PEFT_CLASSES:
+            raise AdapterError(
+                f"{source}: adapter {name!r}: peft must be one of {sorted(_PEFT_CLASSES)}"
+            )
+        targets = spec.get("targets")
+        if not targets or not all(isinstance(t, str) for t in targets):
+            raise AdapterError(f"{source}: adapter {name!r} needs a non-empty list of targets")
+        rank = spec.get("rank")
+        if not isinstance(rank, int) or rank < 1:
+            raise AdapterError(f"{source}: adapter {name!r} needs a positive integer rank")
+        out[name] = Adapter(
+            name=name,
+            peft=spec["peft"],
+            targets=tuple(targets),
+            rank=rank,
+            alpha=spec.get("alpha", 2 * rank),
+            dropout=spec.get("dropout", 0.0),
+            about=spec.get("about", ""),
+            options=tuple(sorted(spec.get("options", {}).items())),
+        )
+    if not out:
+        raise AdapterError(f"{source}: no [adapter.NAME] tables")
+    return out
+
+
+@cache
+def adapters() -> dict[str, Adapter]:
+    text = resources.files("compat.data").joinpath("adapters.toml").read_text()
+    return _parse(tomllib.loads(text), "compat/data/adapters.toml")
+
+
+def get_adapter(name: str) -> Adapter:
+    try:
+        return adapters()[name]
+    except KeyError:
+        known = ", ".join(sorted(adapters()))
+        raise AdapterError(f"unknown adapter {name!r}; known adapters: {known}") from None

@@ -1,0 +1,64 @@
+"""One GPU per rank over NCCL: Megatron's own forward-only pipeline schedule, alltoall dispatcher."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from compat.backends.common import TE_FUSIONS, causal_mask, position_ids
+
+__all__ = ["CudaBackend"]
+
+# The device machines require NVLink multicast off in every process (device README, KINDS.md).
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+class CudaBackend:
+    name = "cuda"
+    dist_backend = "nccl"
+
+    def setup(self, local_rank: int) -> None:
+        for key, value in NCCL_ENV.items():
+            os.environ.setdefault(key, value)
+        torch.cuda.set_device(local_rank)
+        from compat import workarounds
+
+        workarounds.apply("cuda")
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device())
+
+    def configure(self, provider: object) -> None:
+        from compat.workarounds.transformer_engine import needed as te_missing
+
+        if te_missing():
+            for key in TE_FUSIONS:
+                if hasattr(provider, key):
+                    setattr(provider, key, False)
+        if getattr(provider, "num_moe_experts", None):
+            provider.moe_token_dispatcher_type = "alltoall"
+
+    def forward(self, model: list, input_ids: torch.Tensor, hidden_size: int) -> torch.Tensor | None:
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        mask, pos = causal_mask(input_ids), position_ids(input_ids)
+
+        def step(data_iterator, chunk):  # noqa: ANN001 - Megatron's callback signature
+            out = chunk(input_ids=input_ids, position_ids=pos, attention_mask=mask)
+            return out, lambda output, **_: (torch.zeros((), device=output.device), {"logits": output})
+
+        store = get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=[iter([None]) for _ in model] if len(model) > 1 else iter([None]),
+            model=model,
+            num_microbatches=1,
+            seq_length=input_ids.shape[1],
+            micro_batch_size=input_ids.shape[0],
+            forward_only=True,
+        )
+        if not ps.is_pipeline_last_stage(ignore_virtual=True):
+            return None
+        return store[0]["logits"]

@@ -1,0 +1,72 @@
+"""The megatron-bridge calls a cell makes, in one place, so release differences live here.
+
+Differences are detected from the installed bridge's own signatures (the release each appeared
+in is named), never scattered through the round trip:
+- ``AutoBridge.save_hf_adapter``: first in 0.4.0; ``show_progress`` in every release seen.
+- ``megatron.bridge.peft.utils.load_peft_adapter_checkpoint``: first in 0.5.
+- ``megatron.bridge.peft.utils.create_peft_hook`` (applies PEFT and records the params to save):
+  used where present, otherwise the same two calls it makes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "peft_hook",
+    "adapter_filter",
+    "model_sections",
+    "save_hf_adapter",
+    "has_load_peft_adapter_checkpoint",
+    "load_peft_adapter_checkpoint",
+]
+
+
+def peft_hook(peft: Any, training: bool = True) -> Any:
+    """A provider pre-wrap hook that applies PEFT and marks adapter params for saving."""
+    from megatron.bridge.peft import utils
+
+    if hasattr(utils, "create_peft_hook"):
+        return utils.create_peft_hook(peft, training=training)
+
+    def hook(model: list) -> list:
+        model = peft(model, training=training)
+        peft.set_params_to_save(model)
+        return model
+
+    return hook
+
+
+def model_sections(model: list) -> dict[str, Any]:
+    """Sharded state dict sections as the bridge writes them: ``model`` or ``model0``, ``model1``..."""
+    if len(model) == 1:
+        return {"model": model[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model)}
+
+
+def adapter_filter(sections: dict[str, Any], peft: Any) -> dict[str, Any]:
+    """The bridge's PEFT filter: keep only adapter tensors in the model sections."""
+    from megatron.bridge.training.checkpointing import apply_peft_adapter_filter_to_state_dict
+
+    return apply_peft_adapter_filter_to_state_dict(sections, peft)
+
+
+def save_hf_adapter(bridge: Any, model: list, path: Path, peft: Any, base: Path) -> None:
+    kwargs: dict[str, Any] = {"peft_config": peft, "base_model_name_or_path": str(base)}
+    if "show_progress" in inspect.signature(bridge.save_hf_adapter).parameters:
+        kwargs["show_progress"] = False
+    bridge.save_hf_adapter(model, str(path), **kwargs)
+
+
+def has_load_peft_adapter_checkpoint() -> bool:
+    from megatron.bridge.peft import utils
+
+    return hasattr(utils, "load_peft_adapter_checkpoint")
+
+
+def load_peft_adapter_checkpoint(model: list, path: Path, peft: Any) -> None:
+    from megatron.bridge.peft.utils import load_peft_adapter_checkpoint as load
+
+    load(model, str(path), peft, strict=False)

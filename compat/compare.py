@@ -1,0 +1,88 @@
+"""Tensor comparison with messages that read like ``torch.testing.assert_close``.
+
+Tolerances live in one table, per dtype; atol and rtol go together. A mismatch says how many
+elements differ and what share, the greatest absolute and relative difference and where, the
+tolerance allowed, and the context (cell, rank, layer, tensor) the caller adds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Tolerance", "TOLERANCES", "ADAPTER_EFFECT_MIN", "Comparison", "compare", "token_agreement"]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+
+    def __str__(self) -> str:
+        return f"atol={self.atol:g}, rtol={self.rtol:g}"
+
+
+# fp32: both sides compute the same math in fp32; about 2e-7 is seen, 1e-5 allowed.
+# bf16: each side rounds activations to bf16 in its own order (8 bits of mantissa).
+TOLERANCES = {
+    "fp32": Tolerance(atol=1e-5, rtol=0.0),
+    "bf16": Tolerance(atol=5e-2, rtol=5e-2),
+}
+
+# The adapter must move the logits by more than this, or the cell proves nothing.
+ADAPTER_EFFECT_MIN = 1e-2
+
+
+@dataclass(frozen=True)
+class Comparison:
+    max_abs_diff: float
+    max_rel_diff: float
+    mismatched: int
+    total: int
+    worst_index: tuple[int, ...]
+    tolerance: Tolerance
+
+    @property
+    def ok(self) -> bool:
+        return self.mismatched == 0
+
+    def message(self, what: str, index_names: tuple[str, ...] = ()) -> str:
+        where = ", ".join(f"{n} {i}" for n, i in zip(index_names, self.worst_index)) or str(self.worst_index)
+        share = 100.0 * self.mismatched / max(self.total, 1)
+        return (
+            f"{what}: mismatched elements: {self.mismatched} / {self.total} ({share:.1f}%); "
+            f"greatest absolute difference: {self.max_abs_diff:.3e} at {where} "
+            f"(up to {self.tolerance.atol:g} allowed); greatest relative difference: "
+            f"{self.max_rel_diff:.3e} (up to {self.tolerance.rtol:g} allowed)"
+        )
+
+
+def compare(actual: torch.Tensor, expected: torch.Tensor, tolerance: Tolerance) -> Comparison:
+    """Elementwise |a - e| <= atol + rtol * |e| in float64; NaN anywhere is a mismatch."""
+    import torch
+
+    if actual.shape != expected.shape:
+        raise ValueError(f"shapes differ: {tuple(actual.shape)} vs {tuple(expected.shape)}")
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    diff = (a - e).abs()
+    diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
+    rel = diff / e.abs().clamp_min(torch.finfo(torch.float64).tiny)
+    bad = diff > tolerance.atol + tolerance.rtol * e.abs()
+    flat = int(diff.argmax())
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+    return Comparison(
+        max_abs_diff=float(diff.max()),
+        max_rel_diff=float(rel.max()),
+        mismatched=int(bad.sum()),
+        total=diff.numel(),
+        worst_index=index,
+        tolerance=tolerance,
+    )
+
+
+def token_agreement(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Share of positions whose top-1 token agrees (reported for bf16)."""
+    return float((actual.argmax(-1) == expected.argmax(-1)).double().mean())

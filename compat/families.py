@@ -1,0 +1,123 @@
+"""Model families: tiny HF configs declared as data (``compat/data/families.toml``), validated on load.
+
+Nothing here imports torch or transformers at module load: the CLI and the pytest plugin read
+families to refuse bad input before any worker starts. Building the model is a separate call,
+made inside a worker.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Dims", "Family", "FamilyError", "families", "get_family", "build_tiny_model"]
+
+_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+_FAMILY_KEYS = {"model_type", "architecture", "num_experts", "about", "config"}
+
+
+class FamilyError(ValueError):
+    """An unknown family, or a malformed family declaration."""
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes a layout must divide (read from the merged HF config)."""
+
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    hidden_size: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_type: str
+    architecture: str
+    about: str
+    config: dict[str, Any] = field(hash=False, compare=False)
+    num_experts: int = 0
+
+    @property
+    def dims(self) -> Dims:
+        c = self.config
+        return Dims(
+            num_layers=c["num_hidden_layers"],
+            num_attention_heads=c["num_attention_heads"],
+            num_key_value_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
+            hidden_size=c["hidden_size"],
+            vocab_size=c["vocab_size"],
+        )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+
+def _parse(data: dict[str, Any], source: str) -> dict[str, Family]:
+    defaults = data.get("defaults", {})
+    declared = data.get("family")
+    if not isinstance(declared, dict) or not declared:
+        raise FamilyError(f"{source}: no [family.NAME] tables")
+    out: dict[str, Family] = {}
+    for name, spec in declared.items():
+        unknown = set(spec) - _FAMILY_KEYS
+        if unknown:
+            raise FamilyError(f"{source}: family {name!r} has unknown keys {sorted(unknown)}")
+        for key in ("model_type", "architecture"):
+            if not isinstance(spec.get(key), str):
+                raise FamilyError(f"{source}: family {name!r} needs a string {key!r}")
+        config = {**defaults, **spec.get("config", {})}
+        num_experts = spec.get("num_experts", 0)
+        if num_experts:
+            declared_experts = [config[k] for k in _EXPERT_KEYS if k in config]
+            if declared_experts != [num_experts]:
+                raise FamilyError(
+                    f"{source}: family {name!r} says num_experts={num_experts} but its config "
+                    f"gives {dict((k, config[k]) for k in _EXPERT_KEYS if k in config)}"
+                )
+        out[name] = Family(
+            name=name,
+            model_type=spec["model_type"],
+            architecture=spec["architecture"],
+            about=spec.get("about", ""),
+            config=config,
+            num_experts=num_experts,
+        )
+    return out
+
+
+@cache
+def families() -> dict[str, Family]:
+    """All declared families, by name."""
+    text = resources.files("compat.data").joinpath("families.toml").read_text()
+    return _parse(tomllib.loads(text), "compat/data/families.toml")
+
+
+def get_family(name: str) -> Family:
+    try:
+        return families()[name]
+    except KeyError:
+        known = ", ".join(sorted(families()))
+        raise FamilyError(f"unknown family {name!r}; known families: {known}") from None
+
+
+def build_tiny_model(family: Family, path: Path, seed: int = 0) -> None:
+    """Write the family's tiny HF model (seeded random fp32 weights) to ``path``.
+
+    The same seed gives the same weights, so a resharding cell's second launch sees the model
+    its first launch saved against. Weights are stored in fp32; a bf16 cell casts on load.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family.model_type, **family.config)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)

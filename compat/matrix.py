@@ -1,0 +1,96 @@
+"""Matrix files: products of families x layouts x adapters x dtypes, declared in TOML.
+
+```toml
+timeout = 300                     # seconds per cell launch (optional)
+[[cells]]
+families = ["llama", "qwen2"]
+layouts = ["tp1", "tp=2", "pp=2"]
+load_layouts = ["tp1"]           # optional: save at each layout, load at these
+adapters = ["lora"]              # optional
+dtypes = ["fp32"]                # optional
+```
+Every cell is validated on load (unknown names, layouts a family cannot take, duplicate ids)
+so a bad matrix is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compat.cells import DEFAULT_ADAPTER, DEFAULT_DTYPE, Cell
+from compat.layouts import Layout
+
+__all__ = ["Matrix", "MatrixError", "load_matrix"]
+
+_TOP_KEYS = {"timeout", "cells", "about"}
+_BLOCK_KEYS = {"families", "layouts", "load_layouts", "adapters", "dtypes"}
+
+
+class MatrixError(ValueError):
+    """A malformed matrix file, or one that names cells that cannot exist."""
+
+
+@dataclass(frozen=True)
+class Matrix:
+    name: str
+    cells: tuple[Cell, ...]
+    timeout: float | None = None
+
+
+def _strings(block: dict[str, Any], key: str, where: str, default: list[str] | None) -> list[str]:
+    value = block.get(key, default)
+    if value is None:
+        raise MatrixError(f"{where}: missing {key!r}")
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise MatrixError(f"{where}: {key!r} must be a non-empty list of strings")
+    return value
+
+
+def parse_matrix(data: dict[str, Any], name: str) -> Matrix:
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise MatrixError(f"{name}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+    blocks = data.get("cells")
+    if not isinstance(blocks, list) or not blocks:
+        raise MatrixError(f"{name}: no [[cells]] blocks")
+    timeout = data.get("timeout")
+    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+        raise MatrixError(f"{name}: timeout must be a positive number of seconds")
+    cells: dict[str, Cell] = {}
+    for i, block in enumerate(blocks):
+        where = f"{name} [[cells]] #{i + 1}"
+        unknown = set(block) - _BLOCK_KEYS
+        if unknown:
+            raise MatrixError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_BLOCK_KEYS)}")
+        try:
+            families = _strings(block, "families", where, None)
+            layouts = [Layout.parse(s) for s in _strings(block, "layouts", where, None)]
+            loads = block.get("load_layouts")
+            load_layouts = [Layout.parse(s) for s in _strings(block, "load_layouts", where, [])] if loads else [None]
+            adapters = _strings(block, "adapters", where, [DEFAULT_ADAPTER])
+            dtypes = _strings(block, "dtypes", where, [DEFAULT_DTYPE])
+            for fam, lay, load, ad, dt in itertools.product(families, layouts, load_layouts, adapters, dtypes):
+                cell = Cell.make(fam, lay, load, ad, dt)
+                if cell.id in cells:
+                    raise MatrixError(f"cell {cell.id} is listed twice")
+                cells[cell.id] = cell
+        except MatrixError:
+            raise
+        except ValueError as exc:
+            raise MatrixError(f"{where}: {exc}") from None
+    return Matrix(name=name, cells=tuple(cells.values()), timeout=timeout)
+
+
+def load_matrix(path: Path) -> Matrix:
+    """Read and validate a matrix file."""
+    if not path.is_file():
+        raise MatrixError(f"matrix file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise MatrixError(f"{path}: not valid TOML: {exc}") from None
+    return parse_matrix(data, str(path))

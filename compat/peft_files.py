@@ -1,0 +1,176 @@
+"""Checks on an exported HF PEFT adapter directory, before and after ``peft`` loads it.
+
+What ``peft`` tolerates silently is what these checks refuse: keys it cannot place (it warns
+and the adapter does nothing), a config whose ``r``/``lora_alpha`` scale the adapter wrongly,
+``target_modules`` that name modules without tensors, and modules the adapter targets but the
+export left out (a dropped expert, a missing pipeline stage).
+
+Modules are named as the base model's checkpoint names its weights (``model.layers.0.mlp.
+experts.2.down_proj``): that is the form the export writes and ``peft`` converts from, also
+where transformers fuses experts in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+__all__ = ["HF_MODULES", "check_adapter_dir", "check_loaded_by_peft", "expected_modules"]
+
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
+_PREFIX = "base_model.model."
+
+# The HF modules each bridge target adapts, for Llama-style naming.
+HF_MODULES = {
+    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
+    "linear_q": ("q_proj",),
+    "linear_k": ("k_proj",),
+    "linear_v": ("v_proj",),
+    "linear_proj": ("o_proj",),
+    "linear_fc1": ("gate_proj", "up_proj"),
+    "linear_fc1_gate": ("gate_proj",),
+    "linear_fc1_up": ("up_proj",),
+    "linear_fc2": ("down_proj",),
+}
+
+
+def _base_weights(hf_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Module name -> weight shape, from the base checkpoint's safetensors headers."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in sorted(hf_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if key.endswith(".weight"):
+                    shapes[key.removesuffix(".weight")] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def expected_modules(base: dict[str, tuple[int, ...]], targets: tuple[str, ...]) -> set[str]:
+    suffixes = {s for t in targets for s in HF_MODULES.get(t, ())}
+    return {m for m in base if m.rsplit(".", 1)[-1] in suffixes and len(base[m]) == 2}
+
+
+def _peft_targets(target_modules: Any, module: str) -> bool:
+    """peft's rule: a list matches a name or a dotted suffix; a string is a full-match regex."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module) is not None
+    return any(module == t or module.endswith("." + t) for t in target_modules)
+
+
+def _rank_for(config: dict[str, Any], module: str) -> int:
+    for pattern, rank in (config.get("rank_pattern") or {}).items():
+        if re.search(rf"(^|\.){pattern}$", module):
+            return rank
+    return config["r"]
+
+
+def check_adapter_dir(path: Path, adapter: Any, hf_dir: Path) -> list[str]:
+    """Everything wrong with the files, named by tensor and module; empty when all is well."""
+    from safetensors import safe_open
+
+    config_path, weights_path = path / "adapter_config.json", path / "adapter_model.safetensors"
+    missing = [p.name for p in (config_path, weights_path) if not p.exists()]
+    if missing:
+        return [f"export wrote no {', '.join(missing)} in {path}"]
+    problems = []
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        return [f"adapter_config.json is not JSON: {exc}"]
+    want = {
+        "peft_type": "LORA",
+        "r": adapter.rank,
+        "lora_alpha": adapter.alpha,
+        "use_dora": adapter.peft == "dora",
+        "base_model_name_or_path": str(hf_dir),
+    }
+    for key, value in want.items():
+        if config.get(key) != value:
+            problems.append(f"adapter_config.json: {key} is {config.get(key)!r}, expected {value!r}")
+    try:
+        with safe_open(str(weights_path), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file, reported as such
+        return [*problems, f"adapter_model.safetensors cannot be read: {type(exc).__name__}: {exc}"]
+    if "r" not in config or "target_modules" not in config:
+        return problems
+    base = _base_weights(hf_dir)
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in sorted(shapes.items()):
+        m = _KEY.match(key)
+        if not m:
+            hint = " (no 'base_model.model.' prefix: peft would skip it with a warning)" if not key.startswith(_PREFIX) else ""
+            problems.append(f"tensor {key} is not a LoRA weight name peft loads{hint}")
+            continue
+        modules.setdefault(m["module"], {})[m["kind"]] = shape
+    for module, parts in sorted(modules.items()):
+        if module not in base:
+            problems.append(f"tensor {_PREFIX}{module}.lora_*: the HF model has no module {module}")
+            continue
+        out_f, in_f = base[module]
+        r = _rank_for(config, module)
+        want_shapes = {"lora_A": (r, in_f), "lora_B": (out_f, r)}
+        for kind, want_shape in want_shapes.items():
+            if kind not in parts:
+                problems.append(f"{module}: {kind} is missing")
+            elif parts[kind] != want_shape:
+                problems.append(
+                    f"{_PREFIX}{module}.{kind}.weight has shape {parts[kind]}, expected {want_shape} "
+                    f"(r={r}, {module} is {out_f}x{in_f})"
+                )
+    targets = config["target_modules"]
+    untargeted = sorted(m for m in modules if not _peft_targets(targets, m))
+    if untargeted:
+        problems.append(f"target_modules {targets} does not name {len(untargeted)} modules with tensors, e.g. {untargeted[:2]}")
+    if isinstance(targets, list):
+        idle = [t for t in targets if not any(_peft_targets([t], m) for m in modules)]
+        if idle:
+            problems.append(f"target_modules names {idle}, which carry no adapter tensor")
+    absent = sorted(expected_modules(base, adapter.targets) - set(modules))
+    if absent:
+        problems.append(
+            f"the export has no adapter for {len(absent)} of the {len(expected_modules(base, adapter.targets))} "
+            f"modules targeted by {list(adapter.targets)}, e.g. {_summarise(absent)}"
+        )
+    return problems
+
+
+def _summarise(modules: list[str]) -> str:
+    """``model.layers.{0,1,2,3}.mlp.experts.{2,3}.down_proj``-style, so a dropped expert reads as one."""
+    groups: dict[str, set[str]] = {}
+    for m in modules:
+        shape = re.sub(r"\.(\d+)\.", ".#.", m)
+        groups.setdefault(shape, set()).add(m)
+    out = []
+    for shape, members in sorted(groups.items(), key=lambda kv: -len(kv[1]))[:3]:
+        numbers = [re.findall(r"\.(\d+)\.", m) for m in members]
+        cols = list(zip(*numbers)) if numbers and all(len(n) == len(numbers[0]) for n in numbers) else []
+        text = shape
+        for col in cols:
+            text = text.replace("#", "{" + ",".join(sorted(set(col), key=int)) + "}", 1)
+        out.append(text)
+    return "; ".join(out)
+
+
+def check_loaded_by_peft(peft_model: Any, path: Path) -> list[str]:
+    """Each tensor of the file that maps to one peft parameter must hold exactly the file's value."""
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path / "adapter_model.safetensors"))
+    params = dict(peft_model.named_parameters())
+    problems, matched = [], 0
+    for key, value in saved.items():
+        name = re.sub(r"\.(lora_A|lora_B)\.weight$", r".\1.default.weight", key)
+        if name not in params:
+            continue  # converted on load (e.g. experts fused by transformers): the logits judge it
+        matched += 1
+        if not torch.equal(params[name].detach().cpu().to(value.dtype), value):
+            problems.append(f"peft did not load {key}: its parameter {name} differs from the file")
+    if saved and not matched:
+        problems.append("peft placed none of the file's tensors on a module of the model")
+    return problems

@@ -1,0 +1,27 @@
+"""Workarounds for upstream code, one module per concern, each applied only where it is needed.
+
+- ``transformer_engine``: megatron-bridge imports Transformer Engine unconditionally in some
+  modules (which ones differs by release); applied only when TE is not importable.
+- ``cpu``: megatron-core assumes CUDA in a few places; applied only by the CPU backend.
+
+Workers call :func:`apply` once, before importing megatron.bridge. Nothing here is applied in
+the caller's process.
+"""
+
+from __future__ import annotations
+
+__all__ = ["apply"]
+
+
+def apply(backend: str) -> list[str]:
+    """Apply what this process needs for ``backend``; return the names of what was applied."""
+    from compat.workarounds import cpu, transformer_engine
+
+    applied = []
+    if transformer_engine.needed():
+        transformer_engine.apply()
+        applied.append("transformer_engine")
+    if backend == "cpu":
+        cpu.apply()
+        applied.append("cpu")
+    return applied

@@ -1,0 +1,57 @@
+"""Let megatron-core run on CPU processes (gloo), where it assumes CUDA.
+
+Applied only by the CPU backend. Upstream code this answers (megatron-core 0.19.2):
+- ``megatron/core/models/common/embeddings/rotary_pos_embedding.py:162`` moves ``inv_freq`` to
+  ``torch.cuda.current_device()`` on the first forward: :func:`apply` makes the current device
+  the CPU in this process.
+- ``megatron/core/dist_checkpointing/strategies/filesystem_async.py:248`` calls
+  ``torch.cuda.synchronize()`` after copying tensors to host memory when saving a dist
+  checkpoint: with nothing on a GPU there is nothing to wait for, so it is a no-op here.
+- ``megatron/core/tensor_parallel/random.py:229`` ``CudaRNGStatesTracker`` keeps CUDA RNG states
+  (``model_parallel_cuda_manual_seed``, ``random.py:446``): a tracker on CPU generators is
+  installed before seeding.
+Other CUDA assumptions are avoided by the CPU backend rather than patched: the default causal
+mask (``megatron/core/transformer/utils.py:39``, ``device="cuda"``) by passing an explicit mask,
+the pipeline schedules by a forward-only pass with point-to-point send/recv, and the alltoall
+token dispatcher's CUDA stream by the allgather dispatcher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+__all__ = ["apply"]
+
+
+def apply() -> None:
+    import torch
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+
+    class CpuRNGStatesTracker(mpu_random.CudaRNGStatesTracker):
+        """The model-parallel RNG tracker, on CPU generator states."""
+
+        def add(self, name: str, seed: int) -> None:
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise RuntimeError(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise RuntimeError(f"rng state {name} already exists")
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name: str = mpu_random._MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
+            outer = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer)
+
+    mpu_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mpu_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
