@@ -191,6 +191,9 @@ def _verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, st
     if errors:
         o = errors[0]
         return "error", f"{where}rank {o.rank} raised {o.record['reason']}\n{o.record['traceback']}", {}
+    unsupported = [o for o in outcomes if o.record and o.record["status"] == "unsupported"]
+    if unsupported:
+        return "unsupported", where + unsupported[0].record["reason"], {}
     fails = [o for o in outcomes if o.record and o.record["status"] == "fail"]
     if fails:
         o = min(fails, key=lambda o: o.rank)

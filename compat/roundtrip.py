@@ -28,7 +28,7 @@ from compat.families import build_tiny_model, get_family
 from compat.layouts import Layout
 from compat.peft_files import check_adapter_dir, check_loaded_by_peft
 
-__all__ = ["CheckFailed", "Paths", "run_phase", "PHASES"]
+__all__ = ["PHASES", "CheckFailed", "Paths", "Unsupported", "run_phase"]
 
 SEQUENCES, TOKENS = 2, 16
 ADAPTER_SCALE = 0.05
@@ -39,6 +39,21 @@ PHASES = ("roundtrip", "save", "load")
 
 class CheckFailed(Exception):
     """A check failed on some rank: the cell's status is ``fail`` with this reason."""
+
+
+class Unsupported(Exception):
+    """The cell cannot be built here; the reason names the upstream file and line or the package."""
+
+
+def _upstream_frame(exc: BaseException) -> str:
+    """``file:line`` of the innermost frame in site-packages code, relative to site-packages."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "site-packages" in f.filename]
+    if not frames:
+        return "unknown location"
+    f = frames[-1]
+    return f"{f.filename.split('site-packages/')[-1]}:{f.lineno}"
 
 
 @dataclass(frozen=True)
@@ -122,9 +137,26 @@ class RankRun:
 
     def build(self, layout: Layout) -> tuple[Any, list, Any]:
         """(bridge, model chunks, PEFT object) at ``layout``; model parallel state set up once."""
+        import inspect
+        from importlib.metadata import version
+
         from megatron.bridge import AutoBridge
         from megatron.bridge.models.gpt_provider import local_layer_spec
 
+        if self.family.architecture not in AutoBridge.list_supported_models():
+            where = inspect.getsourcefile(AutoBridge.list_supported_models) or "auto_bridge.py"
+            line = inspect.getsourcelines(AutoBridge.list_supported_models)[1]
+            raise Unsupported(
+                f"megatron-bridge {version('megatron-bridge')} registers no bridge for "
+                f"{self.family.architecture} ({where.split('site-packages/')[-1]}:{line}, "
+                "AutoBridge.list_supported_models)"
+            )
+        try:
+            return self._build(AutoBridge, local_layer_spec, layout)
+        except ImportError as exc:
+            raise Unsupported(f"needs {exc.name or exc}: imported at {_upstream_frame(exc)}") from exc
+
+    def _build(self, AutoBridge: Any, local_layer_spec: Any, layout: Layout) -> tuple[Any, list, Any]:  # noqa: N803
         bridge = AutoBridge.from_hf_pretrained(str(self.paths.hf), torch_dtype=self.dtype)
         provider = bridge.to_megatron_provider(load_weights=True)
         provider.transformer_layer_spec = local_layer_spec

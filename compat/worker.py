@@ -38,7 +38,7 @@ def run_task(task: dict[str, Any], rank: int, world_size: int, local_rank: int) 
 
     from compat.backends import get_backend
     from compat.cells import Cell
-    from compat.roundtrip import CheckFailed, Paths, run_phase
+    from compat.roundtrip import CheckFailed, Paths, Unsupported, run_phase
 
     root = Path(task["root"])
     try:
@@ -57,6 +57,8 @@ def run_task(task: dict[str, Any], rank: int, world_size: int, local_rank: int) 
     except CheckFailed as exc:
         metrics = exc.args[1] if len(exc.args) > 1 else {}
         return {"rank": rank, "status": "fail", "reason": str(exc.args[0]), "metrics": metrics}
+    except Unsupported as exc:
+        return {"rank": rank, "status": "unsupported", "reason": str(exc)}
     except BaseException as exc:  # noqa: BLE001 - every failure becomes this rank's record
         return {
             "rank": rank,
