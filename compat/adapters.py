@@ -59,9 +59,7 @@ def _parse(data: dict[str, Any], source: str) -> dict[str, Adapter]:
         if unknown:
             raise AdapterError(f"{source}: adapter {name!r} has unknown keys {sorted(unknown)}")
         if spec.get("peft") not in _PEFT_CLASSES:
-            raise AdapterError(
-                f"{source}: adapter {name!r}: peft must be one of {sorted(_PEFT_CLASSES)}"
-            )
+            raise AdapterError(f"{source}: adapter {name!r}: peft must be one of {sorted(_PEFT_CLASSES)}")
         targets = spec.get("targets")
         if not targets or not all(isinstance(t, str) for t in targets):
             raise AdapterError(f"{source}: adapter {name!r} needs a non-empty list of targets")

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "peft_hook",
     "adapter_filter",
-    "model_sections",
-    "save_hf_adapter",
     "has_load_peft_adapter_checkpoint",
     "load_peft_adapter_checkpoint",
+    "model_sections",
+    "peft_hook",
+    "save_hf_adapter",
 ]
 
 

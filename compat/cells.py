@@ -9,7 +9,7 @@ from compat.adapters import get_adapter
 from compat.families import get_family
 from compat.layouts import Layout, check_fits
 
-__all__ = ["Cell", "DTYPES", "CellError"]
+__all__ = ["DTYPES", "Cell", "CellError"]
 
 DTYPES = ("fp32", "bf16")
 DEFAULT_ADAPTER = "lora"

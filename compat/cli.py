@@ -17,7 +17,7 @@ from compat.matrix import Matrix, load_matrix
 from compat.report import CellResult, device_name, format_header, format_row, print_table, write_results
 from compat.versions import check_stack, installed_versions
 
-__all__ = ["main", "BadInput"]
+__all__ = ["BadInput", "main"]
 
 EXIT_OK, EXIT_UNMET, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -145,4 +145,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         return _run(args)
     return _families()
-

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Tolerance", "TOLERANCES", "ADAPTER_EFFECT_MIN", "Comparison", "compare", "token_agreement"]
+__all__ = ["ADAPTER_EFFECT_MIN", "TOLERANCES", "Comparison", "Tolerance", "compare", "token_agreement"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,9 @@ class Comparison:
         return self.mismatched == 0
 
     def message(self, what: str, index_names: tuple[str, ...] = ()) -> str:
-        where = ", ".join(f"{n} {i}" for n, i in zip(index_names, self.worst_index)) or str(self.worst_index)
+        where = ", ".join(f"{n} {i}" for n, i in zip(index_names, self.worst_index, strict=False)) or str(
+            self.worst_index
+        )
         share = 100.0 * self.mismatched / max(self.total, 1)
         return (
             f"{what}: mismatched elements: {self.mismatched} / {self.total} ({share:.1f}%); "

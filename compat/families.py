@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Dims", "Family", "FamilyError", "families", "get_family", "build_tiny_model"]
+__all__ = ["Dims", "Family", "FamilyError", "build_tiny_model", "families", "get_family"]
 
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 _FAMILY_KEYS = {"model_type", "architecture", "num_experts", "about", "config"}

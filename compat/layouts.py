@@ -39,9 +39,7 @@ class Layout:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise LayoutError(f"layout key {f.name!r} must be a positive integer, got {value!r}")
         if self.vpp > 1 and self.pp == 1:
-            raise LayoutError(
-                f"vpp={self.vpp} needs pp > 1: virtual stages interleave pipeline stages"
-            )
+            raise LayoutError(f"vpp={self.vpp} needs pp > 1: virtual stages interleave pipeline stages")
 
     @classmethod
     def parse(cls, text: str) -> Layout:
@@ -106,9 +104,7 @@ def check_fits(layout: Layout, family: Family) -> None:
         problems.append(f"{what} = {stages} stages do not divide {cfg.num_layers} layers")
     if layout.ep > 1 or layout.etp > 1:
         if not family.num_experts:
-            problems.append(
-                f"ep={layout.ep}, etp={layout.etp}: family {family.name!r} has no experts"
-            )
+            problems.append(f"ep={layout.ep}, etp={layout.etp}: family {family.name!r} has no experts")
         elif family.num_experts % layout.ep:
             problems.append(f"ep={layout.ep} does not divide {family.num_experts} experts")
     if problems:

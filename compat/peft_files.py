@@ -43,7 +43,7 @@ def _base_weights(hf_dir: Path) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for path in sorted(hf_dir.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            for key in f.keys():
                 if key.endswith(".weight"):
                     shapes[key.removesuffix(".weight")] = tuple(f.get_slice(key).get_shape())
     return shapes
@@ -93,8 +93,8 @@ def check_adapter_dir(path: Path, adapter: Any, hf_dir: Path) -> list[str]:
             problems.append(f"adapter_config.json: {key} is {config.get(key)!r}, expected {value!r}")
     try:
         with safe_open(str(weights_path), "pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file, reported as such
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:
         return [*problems, f"adapter_model.safetensors cannot be read: {type(exc).__name__}: {exc}"]
     if "r" not in config or "target_modules" not in config:
         return problems
@@ -103,7 +103,11 @@ def check_adapter_dir(path: Path, adapter: Any, hf_dir: Path) -> list[str]:
     for key, shape in sorted(shapes.items()):
         m = _KEY.match(key)
         if not m:
-            hint = " (no 'base_model.model.' prefix: peft would skip it with a warning)" if not key.startswith(_PREFIX) else ""
+            hint = (
+                " (no 'base_model.model.' prefix: peft would skip it with a warning)"
+                if not key.startswith(_PREFIX)
+                else ""
+            )
             problems.append(f"tensor {key} is not a LoRA weight name peft loads{hint}")
             continue
         modules.setdefault(m["module"], {})[m["kind"]] = shape
@@ -125,7 +129,9 @@ def check_adapter_dir(path: Path, adapter: Any, hf_dir: Path) -> list[str]:
     targets = config["target_modules"]
     untargeted = sorted(m for m in modules if not _peft_targets(targets, m))
     if untargeted:
-        problems.append(f"target_modules {targets} does not name {len(untargeted)} modules with tensors, e.g. {untargeted[:2]}")
+        problems.append(
+            f"target_modules {targets} does not name {len(untargeted)} modules with tensors, e.g. {untargeted[:2]}"
+        )
     if isinstance(targets, list):
         idle = [t for t in targets if not any(_peft_targets([t], m) for m in modules)]
         if idle:
@@ -148,7 +154,7 @@ def _summarise(modules: list[str]) -> str:
     out = []
     for shape, members in sorted(groups.items(), key=lambda kv: -len(kv[1]))[:3]:
         numbers = [re.findall(r"\.(\d+)\.", m) for m in members]
-        cols = list(zip(*numbers)) if numbers and all(len(n) == len(numbers[0]) for n in numbers) else []
+        cols = list(zip(*numbers, strict=False)) if numbers and all(len(n) == len(numbers[0]) for n in numbers) else []
         text = shape
         for col in cols:
             text = text.replace("#", "{" + ",".join(sorted(set(col), key=int)) + "}", 1)

@@ -10,7 +10,7 @@ from typing import IO, Any
 
 from compat.cells import Cell
 
-__all__ = ["CellResult", "write_results", "read_results", "format_row", "format_header", "summary"]
+__all__ = ["CellResult", "format_header", "format_row", "read_results", "summary", "write_results"]
 
 
 @dataclass
@@ -88,7 +88,15 @@ def read_results(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-_COLUMNS = (("cell", 40), ("world", 5), ("status", 11), ("expected", 11), ("max diff", 9), ("effect", 9), ("seconds", 7))
+_COLUMNS = (
+    ("cell", 40),
+    ("world", 5),
+    ("status", 11),
+    ("expected", 11),
+    ("max diff", 9),
+    ("effect", 9),
+    ("seconds", 7),
+)
 
 
 def format_header() -> str:
@@ -101,8 +109,16 @@ def _num(x: float | None) -> str:
 
 def format_row(r: CellResult) -> str:
     mark = "" if r.met else " !"
-    cells = (r.id, str(r.world_size), r.status + mark, r.expected, _num(r.max_abs_diff), _num(r.adapter_effect), f"{r.seconds:.1f}")
-    row = "  ".join(c.ljust(w) for c, (_, w) in zip(cells, _COLUMNS))
+    cells = (
+        r.id,
+        str(r.world_size),
+        r.status + mark,
+        r.expected,
+        _num(r.max_abs_diff),
+        _num(r.adapter_effect),
+        f"{r.seconds:.1f}",
+    )
+    row = "  ".join(c.ljust(w) for c, (_, w) in zip(cells, _COLUMNS, strict=False))
     if r.reason and (not r.met or r.status != "pass"):
         row += "\n    " + r.reason.replace("\n", "\n    ")[:2000]
     return row

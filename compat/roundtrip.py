@@ -156,7 +156,7 @@ class RankRun:
         except ImportError as exc:
             raise Unsupported(f"needs {exc.name or exc}: imported at {_upstream_frame(exc)}") from exc
 
-    def _build(self, AutoBridge: Any, local_layer_spec: Any, layout: Layout) -> tuple[Any, list, Any]:  # noqa: N803
+    def _build(self, AutoBridge: Any, local_layer_spec: Any, layout: Layout) -> tuple[Any, list, Any]:
         bridge = AutoBridge.from_hf_pretrained(str(self.paths.hf), torch_dtype=self.dtype)
         provider = bridge.to_megatron_provider(load_weights=True)
         provider.transformer_layer_spec = local_layer_spec
@@ -195,12 +195,18 @@ class RankRun:
 
     def adapter_params(self, model: list) -> dict[str, torch.nn.Parameter]:
         return {
-            f"{v}/{name}": p for v, chunk in enumerate(model) for name, p in chunk.named_parameters() if _is_adapter(name)
+            f"{v}/{name}": p
+            for v, chunk in enumerate(model)
+            for name, p in chunk.named_parameters()
+            if _is_adapter(name)
         }
 
     def base_params(self, model: list) -> dict[str, torch.Tensor]:
         return {
-            f"{v}/{name}": p for v, chunk in enumerate(model) for name, p in chunk.named_parameters() if not _is_adapter(name)
+            f"{v}/{name}": p
+            for v, chunk in enumerate(model)
+            for name, p in chunk.named_parameters()
+            if not _is_adapter(name)
         }
 
     def fill_adapters(self, model: list, seed: int) -> dict[str, torch.Tensor]:
@@ -231,7 +237,9 @@ class RankRun:
         """The checkpoint holds every adapter tensor of every rank, and nothing of the base model."""
         from megatron.core import dist_checkpointing
 
-        mine = sorted({t.key for section in sharded.values() if isinstance(section, dict) for t in _sharded_tensors(section)})
+        mine = sorted(
+            {t.key for section in sharded.values() if isinstance(section, dict) for t in _sharded_tensors(section)}
+        )
         every: list[list[str] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(every, mine)
         problems = []
@@ -287,7 +295,10 @@ class RankRun:
             logits = gather_from_tensor_model_parallel_region(out)[..., : self.family.dims.vocab_size]
             activations["logits"] = logits
         if writer:
-            torch.save({k: v.float().cpu() for k, v in activations.items()}, self.paths.activations(ps.get_pipeline_model_parallel_rank()))
+            torch.save(
+                {k: v.float().cpu() for k, v in activations.items()},
+                self.paths.activations(ps.get_pipeline_model_parallel_rank()),
+            )
         _barrier()
 
     def export(self, bridge: Any, model: list, peft: Any, path: Path) -> None:
@@ -303,7 +314,10 @@ class RankRun:
 
         problems = check_adapter_dir(self.paths.adapter, self.adapter, self.paths.hf)
         if reference is not None:
-            problems += _compare_exports(load_file(self.paths.adapter / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors"))
+            problems += _compare_exports(
+                load_file(self.paths.adapter / "adapter_model.safetensors"),
+                load_file(reference / "adapter_model.safetensors"),
+            )
         if problems:
             raise CheckFailed("; ".join(problems))
         hf = AutoModelForCausalLM.from_pretrained(str(self.paths.hf), dtype=self.dtype).eval()
@@ -322,7 +336,11 @@ class RankRun:
         tol = TOLERANCES[self.cell.dtype]
         cmp = compare(meg["logits"], peft_logits, tol)
         effect = float((peft_logits.double() - base_logits.double()).abs().max())
-        metrics: dict[str, Any] = {"max_abs_diff": cmp.max_abs_diff, "adapter_effect": effect, "max_rel_diff": cmp.max_rel_diff}
+        metrics: dict[str, Any] = {
+            "max_abs_diff": cmp.max_abs_diff,
+            "adapter_effect": effect,
+            "max_rel_diff": cmp.max_rel_diff,
+        }
         if self.cell.dtype != "fp32":
             metrics["top1_agreement"] = token_agreement(meg["logits"], peft_logits)
         if not cmp.ok:
@@ -364,7 +382,11 @@ def _compare_exports(got: dict[str, torch.Tensor], reference: dict[str, torch.Te
         )
     for name in sorted(set(got) & set(reference)):
         if got[name].shape != reference[name].shape or not torch.equal(got[name], reference[name]):
-            diff = (got[name].double() - reference[name].double()).abs().max() if got[name].shape == reference[name].shape else "shape"
+            diff = (
+                (got[name].double() - reference[name].double()).abs().max()
+                if got[name].shape == reference[name].shape
+                else "shape"
+            )
             problems.append(f"{name} differs from the export at the save layout (max |diff| {diff})")
     return problems
 
@@ -386,6 +408,7 @@ def _capture_megatron_activations(model: list, store: dict[str, torch.Tensor]) -
         for layer in _unwrap(chunk).decoder.layers:
             n = layer.layer_number - 1  # Megatron numbers layers from 1, globally
             for part, module in (("self_attn", layer.self_attention), ("mlp", layer.mlp), ("output", layer)):
+
                 def hook(_m: Any, _i: Any, out: Any, key: str = f"layer {n} {part}") -> None:
                     store[key] = _first(out).transpose(0, 1)  # [s, b, h] -> [b, s, h]
 
@@ -437,7 +460,9 @@ def _compare_values(model_params: dict[str, Any], expected: dict[str, torch.Tens
     for key, p in model_params.items():
         if not torch.equal(p.detach().cpu(), expected[key]):
             d = (p.detach().cpu().double() - expected[key].double()).abs().max()
-            problems.append(f"{what} {key.split('/', 1)[1]} (chunk {key.split('/')[0]}): max |diff| {d:.3e}, expected bit-exact")
+            problems.append(
+                f"{what} {key.split('/', 1)[1]} (chunk {key.split('/')[0]}): max |diff| {d:.3e}, expected bit-exact"
+            )
     return problems
 
 
@@ -487,4 +512,3 @@ def run_phase(cell: Cell, phase: str, paths: Paths, backend: Backend) -> dict[st
     if run.rank != 0:
         return {}
     return run.compare_with_peft(paths.reference_adapter if phase == "load" else None)
-

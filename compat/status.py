@@ -8,7 +8,7 @@ from pathlib import Path
 from compat.expected import load_expectations
 from compat.versions import installed_versions
 
-__all__ = ["last_known", "RESULTS_DIR"]
+__all__ = ["RESULTS_DIR", "last_known"]
 
 RESULTS_DIR = Path("matrix/results")
 

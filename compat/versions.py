@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib import metadata
 
-__all__ = ["PACKAGES", "MIN_BRIDGE", "StackError", "check_stack", "installed_versions"]
+__all__ = ["MIN_BRIDGE", "PACKAGES", "StackError", "check_stack", "installed_versions"]
 
 PACKAGES = ("torch", "megatron-core", "megatron-bridge", "transformers", "peft")
 

@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_task", "main", "result_path"]
+__all__ = ["main", "result_path", "run_task"]
 
 
 def result_path(root: Path, phase: str, rank: int) -> Path:
@@ -59,7 +59,7 @@ def run_task(task: dict[str, Any], rank: int, world_size: int, local_rank: int) 
         return {"rank": rank, "status": "fail", "reason": str(exc.args[0]), "metrics": metrics}
     except Unsupported as exc:
         return {"rank": rank, "status": "unsupported", "reason": str(exc)}
-    except BaseException as exc:  # noqa: BLE001 - every failure becomes this rank's record
+    except BaseException as exc:
         return {
             "rank": rank,
             "status": "error",

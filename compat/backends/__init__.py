@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Backend", "BACKENDS", "get_backend", "detect"]
+__all__ = ["BACKENDS", "Backend", "detect", "get_backend"]
 
 BACKENDS = ("cpu", "cuda")
 

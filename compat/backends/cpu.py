@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from compat.backends.common import causal_mask, position_ids, TE_FUSIONS
+from compat.backends.common import TE_FUSIONS, causal_mask, position_ids
 
 __all__ = ["CpuBackend"]
 

@@ -46,7 +46,7 @@ class CudaBackend:
 
         mask, pos = causal_mask(input_ids), position_ids(input_ids)
 
-        def step(data_iterator, chunk):  # noqa: ANN001 - Megatron's callback signature
+        def step(data_iterator, chunk):
             out = chunk(input_ids=input_ids, position_ids=pos, attention_mask=mask)
             return out, lambda output, **_: (torch.zeros((), device=output.device), {"logits": output})
 

@@ -25,7 +25,7 @@ import sys
 import types
 from pathlib import Path
 
-__all__ = ["needed", "apply", "modules_importing_te"]
+__all__ = ["apply", "modules_importing_te", "needed"]
 
 _TOP_LEVEL_TE_IMPORT = re.compile(r"^(?:import|from)\s+transformer_engine\b", re.MULTILINE)
 
