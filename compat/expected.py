@@ -95,6 +95,7 @@ def load_expectations(path: Path | None) -> Expectations:
     unknown = set(data) - {"expect"}
     if unknown:
         raise ExpectedError(f"{path}: unknown top-level keys {sorted(unknown)}; use [[expect]]")
-    return Expectations(
-        tuple(_parse_entry(raw, f"{path} [[expect]] #{i + 1}") for i, raw in enumerate(data.get("expect", [])))
-    )
+    entries = data.get("expect", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ExpectedError(f"{path}: 'expect' must be an array of tables: write [[expect]], not [expect]")
+    return Expectations(tuple(_parse_entry(raw, f"{path} [[expect]] #{i + 1}") for i, raw in enumerate(entries)))

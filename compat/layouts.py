@@ -8,6 +8,7 @@ constraint they break instead of crashing inside Megatron.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -43,10 +44,12 @@ class Layout:
 
     @classmethod
     def parse(cls, text: str) -> Layout:
-        """Parse ``tp=2,pp=2`` (CLI form); ``tp1``/``""`` mean the single-process layout."""
+        """Parse ``tp=2,pp=2`` (CLI form) or ``tp2-pp2`` (id form); ``tp1`` is one process."""
         text = text.strip()
         if text in ("", "tp1", "1"):
             return cls()
+        if "=" not in text:  # the id form, e.g. tp2-pp2
+            text = ",".join(re.sub(r"^([a-z]+?)(\d+)$", r"\1=\2", part) for part in text.split("-"))
         values: dict[str, int] = {}
         for part in text.split(","):
             key, sep, raw = part.partition("=")
