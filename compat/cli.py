@@ -11,6 +11,7 @@ from pathlib import Path
 from compat import launch
 from compat.cells import DTYPES, Cell
 from compat.expected import Expectations, load_expectations
+from compat.external import is_external_launch
 from compat.families import families
 from compat.layouts import Layout
 from compat.matrix import Matrix, load_matrix
@@ -91,6 +92,8 @@ def _run(args: argparse.Namespace) -> int:
     timeout = args.timeout or matrix_timeout or launch.DEFAULT_TIMEOUT
     versions = installed_versions()
     device = device_name(backend)
+    if is_external_launch():
+        return _run_external(args, cells, expectations, backend, device, timeout)
     print(f"{len(cells)} cells on {device} ({backend}); " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(format_header(), flush=True)
     results: dict[str, CellResult] = {}
@@ -118,6 +121,20 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print_table(ordered, sys.stdout)
     return EXIT_OK if all(r.met for r in ordered) else EXIT_UNMET
+
+
+def _run_external(
+    args: argparse.Namespace, cells: list[Cell], expectations: Expectations, backend: str, device: str, timeout: float
+) -> int:
+    """Under torchrun/Slurm: this process is one rank; rank 0 prints and writes the output."""
+    from compat.external import run_here
+
+    results = run_here(cells, backend, expectations, timeout)
+    if results is None:
+        return EXIT_OK
+    write_results(args.output, results, backend, device, installed_versions())
+    print_table(results, sys.stdout)
+    return EXIT_OK if all(r.met for r in results) else EXIT_UNMET
 
 
 def _families() -> int:

@@ -29,7 +29,7 @@ from compat.cells import Cell
 from compat.report import CellResult
 from compat.worker import result_path
 
-__all__ = ["DEFAULT_TIMEOUT", "STOP", "RankOutcome", "run_cell"]
+__all__ = ["DEFAULT_TIMEOUT", "STOP", "Devices", "RankOutcome", "gpus", "run_cell", "verdict"]
 
 DEFAULT_TIMEOUT = 300.0
 GRACE_AFTER_FAILURE = 20.0
@@ -63,8 +63,47 @@ class RankOutcome:
         return f"rank {self.rank} {how}; its output ends:\n{self.log[-LOG_TAIL:]}"
 
 
-def _rank_env(rank: int, world_size: int) -> dict[str, str]:
+class Devices:
+    """The GPUs of this machine, handed to cells running at once: a launch holds world_size of them."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+        self._free = list(ids)
+        self._cv = threading.Condition()
+
+    def take(self, n: int) -> list[int]:
+        with self._cv:
+            self._cv.wait_for(lambda: len(self._free) >= n)
+            taken, self._free = self._free[:n], self._free[n:]
+            return taken
+
+    def give(self, ids: list[int]) -> None:
+        with self._cv:
+            self._free = sorted(self._free + ids)
+            self._cv.notify_all()
+
+
+_devices: Devices | None = None
+_devices_lock = threading.Lock()
+
+
+def gpus() -> Devices:
+    """This process's GPU pool (imports torch once, only for the CUDA backend)."""
+    global _devices
+    with _devices_lock:
+        if _devices is None:
+            import torch
+
+            _devices = Devices(list(range(torch.cuda.device_count())))
+        return _devices
+
+
+def _rank_env(rank: int, world_size: int, visible: list[int] | None) -> dict[str, str]:
     env = dict(os.environ)  # workers inherit the caller's environment, PYTHONPATH included
+    if visible is not None:
+        parent = env.get("CUDA_VISIBLE_DEVICES")
+        physical = parent.split(",") if parent else None
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(physical[i] if physical else str(i) for i in visible)
     env.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -130,7 +169,9 @@ def _read_record(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _launch(task: dict[str, Any], world_size: int, timeout: float) -> tuple[list[RankOutcome], str]:
+def _launch(
+    task: dict[str, Any], world_size: int, timeout: float, visible: list[int] | None = None
+) -> tuple[list[RankOutcome], str]:
     """Run one phase on ``world_size`` fresh processes; return outcomes and why it was cut short."""
     root = Path(task["root"])
     phase = task["phase"]
@@ -148,7 +189,7 @@ def _launch(task: dict[str, Any], world_size: int, timeout: float) -> tuple[list
                         stdin=subprocess.DEVNULL,
                         stdout=log,
                         stderr=subprocess.STDOUT,
-                        env=_rank_env(rank, world_size),
+                        env=_rank_env(rank, world_size, visible),
                         cwd=root,
                         start_new_session=True,
                     )
@@ -184,7 +225,7 @@ def _launch(task: dict[str, Any], world_size: int, timeout: float) -> tuple[list
     return outcomes, cut
 
 
-def _verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, str, dict[str, Any]]:
+def verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, str, dict[str, Any]]:
     """(status, reason, metrics) of one phase: errors first, then failed checks, then pass."""
     where = f"[{phase}] " if phase != "roundtrip" else ""
     errors = [o for o in outcomes if o.record and o.record["status"] == "error"]
@@ -220,8 +261,19 @@ def run_cell(
     status, reason, metrics = "pass", "", {}
     for phase, layout in phases:
         task = {"cell": cell.to_dict(), "phase": phase, "root": str(root), "backend": backend, "timeout": timeout}
-        outcomes, cut = _launch(task, layout.world_size, timeout)
-        status, reason, metrics = _verdict(outcomes, cut, phase)
+        if backend == "cuda":
+            pool = gpus()
+            if layout.world_size > len(pool.ids):
+                status, reason = "unsupported", f"needs {layout.world_size} GPUs, {len(pool.ids)} visible here"
+                break
+            visible = pool.take(layout.world_size)
+            try:
+                outcomes, cut = _launch(task, layout.world_size, timeout, visible)
+            finally:
+                pool.give(visible)
+        else:
+            outcomes, cut = _launch(task, layout.world_size, timeout)
+        status, reason, metrics = verdict(outcomes, cut, phase)
         if status != "pass":
             break
     if status != "pass" or keep:
