@@ -265,7 +265,7 @@ class RankRun:
         problems = []
         for i, chunk in enumerate(model):
             key = "model" if len(model) == 1 else f"model{i}"
-            result = chunk.load_state_dict(loaded[key], strict=False)
+            result = _unwrap(chunk).load_state_dict(loaded[key], strict=False)  # Float16Module returns None
             unexpected = list(result.unexpected_keys)
             missing_adapters = [k for k in result.missing_keys if _is_adapter(k)]
             if unexpected:
