@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, help=f"seconds per cell launch (default {launch.DEFAULT_TIMEOUT:.0f})")
     run.add_argument("--jobs", type=int, default=1, help="cells run at once (each launches world_size ranks)")
     run.add_argument("-k", dest="select", help="run only cells whose id contains this text")
+    run.add_argument("--shard", help="K/N: run the K-th of N interleaved slices of the cells (split long runs)")
     sub.add_parser("families", help="architectures the installed bridge registers, and what the harness builds")
     return p
 
@@ -62,6 +63,11 @@ def _cells(args: argparse.Namespace) -> tuple[list[Cell], float | None]:
         cells = [c for c in cells if args.select in c.id]
         if not cells:
             raise BadInput(f"-k {args.select!r} selects no cell")
+    if args.shard:
+        k, sep, n = args.shard.partition("/")
+        if not (sep and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+            raise BadInput(f"--shard {args.shard!r}: expected K/N with 1 <= K <= N, e.g. 1/2")
+        cells = cells[int(k) - 1 :: int(n)]
     return cells, timeout
 
 
