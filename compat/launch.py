@@ -72,9 +72,12 @@ class Devices:
         self._cv = threading.Condition()
 
     def take(self, n: int) -> list[int]:
+        """n distinct GPUs (NCCL refuses two ranks of one communicator on one GPU)."""
         with self._cv:
-            self._cv.wait_for(lambda: len(self._free) >= n)
-            taken, self._free = self._free[:n], self._free[n:]
+            self._cv.wait_for(lambda: len(set(self._free)) >= n)
+            taken = sorted(set(self._free))[:n]
+            for i in taken:
+                self._free.remove(i)
             return taken
 
     def give(self, ids: list[int]) -> None:
@@ -94,7 +97,9 @@ def gpus() -> Devices:
         if _devices is None:
             import torch
 
-            _devices = Devices(list(range(torch.cuda.device_count())))
+            # Tiny models: several cells may share a GPU (COMPAT_CELLS_PER_GPU), never two ranks of one cell.
+            slots = int(os.environ.get("COMPAT_CELLS_PER_GPU", "1"))
+            _devices = Devices(list(range(torch.cuda.device_count())) * slots)
         return _devices
 
 
@@ -263,8 +268,8 @@ def run_cell(
         task = {"cell": cell.to_dict(), "phase": phase, "root": str(root), "backend": backend, "timeout": timeout}
         if backend == "cuda":
             pool = gpus()
-            if layout.world_size > len(pool.ids):
-                status, reason = "unsupported", f"needs {layout.world_size} GPUs, {len(pool.ids)} visible here"
+            if layout.world_size > len(set(pool.ids)):
+                status, reason = "unsupported", f"needs {layout.world_size} GPUs, {len(set(pool.ids))} visible here"
                 break
             visible = pool.take(layout.world_size)
             try:
