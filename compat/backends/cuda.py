@@ -50,11 +50,13 @@ class CudaBackend:
             out = chunk(input_ids=input_ids, position_ids=pos, attention_mask=mask)
             return out, lambda output, **_: (torch.zeros((), device=output.device), {"logits": output})
 
+        # The interleaved (VPP) schedule needs at least PP micro-batches: repeat the batch, keep the first.
+        microbatches = ps.get_pipeline_model_parallel_world_size() if len(model) > 1 else 1
         store = get_forward_backward_func()(
             forward_step_func=step,
-            data_iterator=[iter([None]) for _ in model] if len(model) > 1 else iter([None]),
+            data_iterator=[iter([None] * microbatches) for _ in model] if len(model) > 1 else iter([None]),
             model=model,
-            num_microbatches=1,
+            num_microbatches=microbatches,
             seq_length=input_ids.shape[1],
             micro_batch_size=input_ids.shape[0],
             forward_only=True,
