@@ -70,3 +70,47 @@ def load_peft_adapter_checkpoint(model: list, path: Path, peft: Any) -> None:
     from megatron.bridge.peft.utils import load_peft_adapter_checkpoint as load
 
     load(model, str(path), peft, strict=False)
+
+
+def save_hf_merged(bridge: Any, model: list, path: Path, hf_dir: Path) -> bool:
+    """A full HF checkpoint with adapter weights merged, where the bridge offers it.
+
+    ``save_hf_weights(merge_adapter_weights=True)`` writes the weights; the config is the base
+    model's (``save_hf_pretrained`` would also save a tokenizer, which tiny models lack).
+    """
+    import shutil
+
+    import torch.distributed as dist
+
+    params = inspect.signature(bridge.save_hf_weights).parameters
+    if "merge_adapter_weights" not in params:
+        return False
+    kwargs: dict[str, Any] = {"merge_adapter_weights": True}
+    if "show_progress" in params:
+        kwargs["show_progress"] = False
+    bridge.save_hf_weights(model, str(path), **kwargs)
+    if dist.get_rank() == 0:
+        shutil.copy(hf_dir / "config.json", path / "config.json")
+    return True
+
+
+def merge_in_place(model: list, peft: Any) -> bool:
+    """Merge every LoRA adapter into its base weight with the bridge's own merge, then disable
+    the adapters, so the model computes with merged weights. Collective over TP groups.
+
+    Uses ``LoRALinear.weight`` (megatron/bridge/peft/lora_layers.py, the effective weight via
+    ``LoRAMerge``). Returns False (nothing changed) where some adapter is of another kind
+    (canonical LoRA's split wrappers, DoRA), which the bridge offers no merged weight for.
+    """
+    import torch
+    from megatron.bridge.peft.lora_layers import LoRALinear
+
+    wrappers = [m for chunk in model for m in chunk.modules() if hasattr(m, "adapter") and hasattr(m, "to_wrap")]
+    if not wrappers or not all(isinstance(m, LoRALinear) for m in wrappers):
+        return False
+    with torch.no_grad():
+        merged = [m.weight for m in wrappers]
+        for m, weight in zip(wrappers, merged, strict=True):
+            m.to_wrap.weight.copy_(weight)
+    peft.disable_adapter_layers(model)
+    return True

@@ -19,7 +19,9 @@ from typing import Any
 
 __all__ = ["HF_MODULES", "check_adapter_dir", "check_loaded_by_peft", "expected_modules"]
 
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
+_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.(?:(?P<kind>lora_A|lora_B)\.weight|(?P<magnitude>lora_magnitude_vector)(?:\.weight)?)$"
+)
 _PREFIX = "base_model.model."
 
 # The HF modules each bridge target adapts, for Llama-style naming.
@@ -110,7 +112,7 @@ def check_adapter_dir(path: Path, adapter: Any, hf_dir: Path) -> list[str]:
             )
             problems.append(f"tensor {key} is not a LoRA weight name peft loads{hint}")
             continue
-        modules.setdefault(m["module"], {})[m["kind"]] = shape
+        modules.setdefault(m["module"], {})[m["kind"] or m["magnitude"]] = shape
     for module, parts in sorted(modules.items()):
         if module not in base:
             problems.append(f"tensor {_PREFIX}{module}.lora_*: the HF model has no module {module}")
@@ -118,6 +120,10 @@ def check_adapter_dir(path: Path, adapter: Any, hf_dir: Path) -> list[str]:
         out_f, in_f = base[module]
         r = _rank_for(config, module)
         want_shapes = {"lora_A": (r, in_f), "lora_B": (out_f, r)}
+        if "lora_magnitude_vector" in parts and parts["lora_magnitude_vector"] != (out_f,):
+            problems.append(
+                f"{module}: lora_magnitude_vector has shape {parts['lora_magnitude_vector']}, expected ({out_f},)"
+            )
         for kind, want_shape in want_shapes.items():
             if kind not in parts:
                 problems.append(f"{module}: {kind} is missing")
@@ -126,6 +132,13 @@ def check_adapter_dir(path: Path, adapter: Any, hf_dir: Path) -> list[str]:
                     f"{_PREFIX}{module}.{kind}.weight has shape {parts[kind]}, expected {want_shape} "
                     f"(r={r}, {module} is {out_f}x{in_f})"
                 )
+    if config.get("use_dora"):
+        no_magnitude = sorted(m for m, parts in modules.items() if "lora_magnitude_vector" not in parts)
+        if no_magnitude:
+            problems.append(
+                f"use_dora is set but {len(no_magnitude)} of {len(modules)} modules carry no lora_magnitude_vector "
+                f"(peft then re-initialises the magnitudes from the base weights), e.g. {_summarise(no_magnitude)}"
+            )
     targets = config["target_modules"]
     untargeted = sorted(m for m in modules if not _peft_targets(targets, m))
     if untargeted:

@@ -79,8 +79,13 @@ class Paths:
         """The export at the save layout, which a resharded load must reproduce bit for bit."""
         return self.root / "adapter-at-save-layout"
 
-    def activations(self, pp_rank: int) -> Path:
-        return self.root / f"megatron-activations-pp{pp_rank}.pt"
+    @property
+    def merged(self) -> Path:
+        """The full HF checkpoint the bridge exports with adapter weights merged."""
+        return self.root / "merged-hf"
+
+    def activations(self, pp_rank: int, tag: str = "adapter") -> Path:
+        return self.root / f"megatron-{tag}-pp{pp_rank}.pt"
 
 
 @dataclass
@@ -185,13 +190,19 @@ class RankRun:
         return bridge, model, peft
 
     # -- adapter values --------------------------------------------------------------------
-    def _coords(self, name: str) -> str:
-        """Which shard a tensor is: equal on replicas (DP), distinct across TP/PP/EP/ETP ranks."""
+    def _coords(self, name: str, p: torch.Tensor) -> str:
+        """Which shard a tensor is: equal on its replicas, distinct across the ranks that shard it.
+
+        Megatron marks tensor-parallel shards (``tensor_model_parallel``); anything else, such as
+        DoRA's magnitude of a row-parallel layer, is replicated over TP and must agree there.
+        """
         ps = self.ps
         pp = ps.get_pipeline_model_parallel_rank()
+        sharded = getattr(p, "tensor_model_parallel", False)
         if _is_expert(name):
-            return f"pp{pp}-ep{ps.get_expert_model_parallel_rank()}-etp{ps.get_expert_tensor_parallel_rank()}"
-        return f"pp{pp}-tp{ps.get_tensor_model_parallel_rank()}"
+            etp = ps.get_expert_tensor_parallel_rank() if sharded else 0
+            return f"pp{pp}-ep{ps.get_expert_model_parallel_rank()}-etp{etp}"
+        return f"pp{pp}-tp{ps.get_tensor_model_parallel_rank() if sharded else 0}"
 
     def adapter_params(self, model: list) -> dict[str, torch.nn.Parameter]:
         return {
@@ -214,7 +225,7 @@ class RankRun:
         values = {}
         with torch.no_grad():
             for key, p in self.adapter_params(model).items():
-                g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{self._coords(key)}/{key}".encode()))
+                g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{self._coords(key, p)}/{key}".encode()))
                 p.copy_((torch.randn(p.shape, generator=g) * ADAPTER_SCALE).to(p.dtype))
                 values[key] = p.detach().cpu().clone()
         if not values:
@@ -279,7 +290,7 @@ class RankRun:
         g = torch.Generator().manual_seed(0)
         return torch.randint(0, self.family.dims.vocab_size, (SEQUENCES, TOKENS), generator=g).to(self.backend.device)
 
-    def forward(self, model: list) -> None:
+    def forward(self, model: list, tag: str = "adapter") -> None:
         """Megatron logits (gathered over TP, vocab padding cut) and per-layer activations to disk."""
         from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
@@ -297,7 +308,7 @@ class RankRun:
         if writer:
             torch.save(
                 {k: v.float().cpu() for k, v in activations.items()},
-                self.paths.activations(ps.get_pipeline_model_parallel_rank()),
+                self.paths.activations(ps.get_pipeline_model_parallel_rank(), tag),
             )
         _barrier()
 
@@ -305,8 +316,20 @@ class RankRun:
         bridge_api.save_hf_adapter(bridge, model, path, peft, self.paths.hf)
         _barrier()
 
+    def merged(self, bridge: Any, model: list, peft: Any) -> bool:
+        """Export a merged full HF checkpoint, then merge in Megatron itself and run it again.
+
+        Returns whether the Megatron-side merge ran (the bridge offers it for plain LoRA wrappers).
+        """
+        bridge_api.save_hf_merged(bridge, model, self.paths.merged, self.paths.hf)
+        _barrier()
+        if not bridge_api.merge_in_place(model, peft):
+            return False
+        self.forward(model, tag="merged")
+        return True
+
     # -- rank 0: the HF side ---------------------------------------------------------------
-    def compare_with_peft(self, reference: Path | None) -> dict[str, Any]:
+    def compare_with_peft(self, reference: Path | None, megatron_merged: bool) -> dict[str, Any]:
         """Check the exported files, load them with ``peft``, compare logits with Megatron's."""
         from peft import PeftModel
         from safetensors.torch import load_file
@@ -324,7 +347,14 @@ class RankRun:
         ids = self.input_ids().cpu()
         with torch.no_grad():
             base_logits = hf(ids).logits
-        peft_model = PeftModel.from_pretrained(hf, str(self.paths.adapter)).eval()
+        try:
+            peft_model = PeftModel.from_pretrained(hf, str(self.paths.adapter)).eval()
+        except Exception as exc:  # peft refusing the files is this cell's finding, not a crash
+            first = str(exc).strip().splitlines()
+            detail = "; ".join(line.strip() for line in first[:3])
+            raise CheckFailed(
+                f"peft.PeftModel.from_pretrained refused the export: {type(exc).__name__}: {detail}"
+            ) from exc
         problems += check_loaded_by_peft(peft_model, self.paths.adapter)
         hf_acts: dict[str, torch.Tensor] = {}
         hooks = _capture_hf_activations(peft_model, hf_acts)
@@ -332,7 +362,7 @@ class RankRun:
             peft_logits = peft_model(ids).logits
         for h in hooks:
             h.remove()
-        meg = _load_megatron_activations(self.paths.root)
+        meg = _load_megatron_activations(self.paths.root, "adapter")
         tol = TOLERANCES[self.cell.dtype]
         cmp = compare(meg["logits"], peft_logits, tol)
         effect = float((peft_logits.double() - base_logits.double()).abs().max())
@@ -354,9 +384,34 @@ class RankRun:
                 f"the adapter does not change the logits: max |peft - base| = {effect:.3e} "
                 f"(must exceed {ADAPTER_EFFECT_MIN:g})"
             )
+        merged = self._merged_logits(peft_model, ids, megatron_merged)
+        metrics["merged_max_abs_diff"] = {}
+        for what, logits in merged.items():
+            c = compare(logits, peft_logits, tol)
+            metrics["merged_max_abs_diff"][what] = c.max_abs_diff
+            if not c.ok:
+                problems.append(
+                    c.message(f"{what} logits differ from peft.PeftModel logits", ("sequence", "position", "token"))
+                )
         if problems:
             raise CheckFailed("; ".join(problems), metrics)
         return metrics
+
+    def _merged_logits(self, peft_model: Any, ids: torch.Tensor, megatron_merged: bool) -> dict[str, torch.Tensor]:
+        """Logits of every merged form on offer; each must agree with the unmerged adapter."""
+        from transformers import AutoModelForCausalLM
+
+        out = {}
+        with torch.no_grad():
+            if (self.paths.merged / "config.json").exists():
+                full = AutoModelForCausalLM.from_pretrained(str(self.paths.merged), dtype=self.dtype).eval()
+                out["bridge's merged HF export (save_hf_weights)"] = full(ids).logits
+            if megatron_merged:
+                out["Megatron with adapters merged by the bridge"] = _load_megatron_activations(
+                    self.paths.root, "merged"
+                )["logits"]
+            out["peft merge_and_unload"] = peft_model.merge_and_unload()(ids).logits
+        return out
 
 
 def _sharded_tensors(section: dict[str, Any]) -> list[Any]:
@@ -432,9 +487,9 @@ def _capture_hf_activations(model: torch.nn.Module, store: dict[str, torch.Tenso
     return hooks
 
 
-def _load_megatron_activations(root: Path) -> dict[str, torch.Tensor]:
+def _load_megatron_activations(root: Path, tag: str) -> dict[str, torch.Tensor]:
     merged: dict[str, torch.Tensor] = {}
-    for path in sorted(root.glob("megatron-activations-pp*.pt")):
+    for path in sorted(root.glob(f"megatron-{tag}-pp*.pt")):
         merged.update(torch.load(path))
     return merged
 
@@ -509,6 +564,7 @@ def run_phase(cell: Cell, phase: str, paths: Paths, backend: Backend) -> dict[st
     bridge, model, peft = _load(run, saved)
     run.forward(model)
     run.export(bridge, model, peft, paths.adapter)
+    megatron_merged = run.merged(bridge, model, peft)
     if run.rank != 0:
         return {}
-    return run.compare_with_peft(paths.reference_adapter if phase == "load" else None)
+    return run.compare_with_peft(paths.reference_adapter if phase == "load" else None, megatron_merged)
