@@ -19,7 +19,7 @@ _PEFT_CLASSES = {
     "canonical_lora": ("megatron.bridge.peft.canonical_lora", "CanonicalLoRA"),
     "dora": ("megatron.bridge.peft.dora", "DoRA"),
 }
-_KEYS = {"peft", "targets", "rank", "alpha", "dropout", "about", "options"}
+_KEYS = {"peft", "targets", "rank", "alpha", "dropout", "about", "options", "hf_scope"}
 
 
 class AdapterError(ValueError):
@@ -36,6 +36,7 @@ class Adapter:
     dropout: float = 0.0
     about: str = ""
     options: tuple[tuple[str, Any], ...] = ()
+    hf_scope: str = ""  # regex: the HF modules the targets reach (wildcard targets), "" for all
 
     def build(self) -> Any:
         """The bridge's PEFT object for this kind (imports megatron.bridge: call in a worker)."""
@@ -75,6 +76,7 @@ def _parse(data: dict[str, Any], source: str) -> dict[str, Adapter]:
             dropout=spec.get("dropout", 0.0),
             about=spec.get("about", ""),
             options=tuple(sorted(spec.get("options", {}).items())),
+            hf_scope=spec.get("hf_scope", ""),
         )
     if not out:
         raise AdapterError(f"{source}: no [adapter.NAME] tables")

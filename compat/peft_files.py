@@ -52,7 +52,7 @@ def _base_weights(hf_dir: Path) -> dict[str, tuple[int, ...]]:
 
 
 def expected_modules(base: dict[str, tuple[int, ...]], targets: tuple[str, ...]) -> set[str]:
-    suffixes = {s for t in targets for s in HF_MODULES.get(t, ())}
+    suffixes = {s for t in targets for s in HF_MODULES.get(t.rsplit(".", 1)[-1], ())}  # '*.experts.*.linear_fc1' too
     return {m for m in base if m.rsplit(".", 1)[-1] in suffixes and len(base[m]) == 2}
 
 
@@ -149,12 +149,16 @@ def check_adapter_dir(path: Path, adapter: Any, hf_dir: Path) -> list[str]:
         idle = [t for t in targets if not any(_peft_targets([t], m) for m in modules)]
         if idle:
             problems.append(f"target_modules names {idle}, which carry no adapter tensor")
-    absent = sorted(expected_modules(base, adapter.targets) - set(modules))
+    wanted = {m for m in expected_modules(base, adapter.targets) if re.search(adapter.hf_scope, m)}
+    absent = sorted(wanted - set(modules))
     if absent:
         problems.append(
-            f"the export has no adapter for {len(absent)} of the {len(expected_modules(base, adapter.targets))} "
+            f"the export has no adapter for {len(absent)} of the {len(wanted)} "
             f"modules targeted by {list(adapter.targets)}, e.g. {_summarise(absent)}"
         )
+    stray = sorted(set(modules) - wanted)
+    if stray:
+        problems.append(f"the export has adapters for {len(stray)} modules not targeted, e.g. {_summarise(stray)}")
     return problems
 
 

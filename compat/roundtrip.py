@@ -547,6 +547,16 @@ def _load(run: RankRun, saved: dict[str, torch.Tensor] | None) -> tuple[Any, lis
             if torch.equal(p.detach().cpu(), other[k])
         ][:3]
     agree(problems)
+    if bridge_api.has_load_peft_adapter_checkpoint():
+        # The bridge's own loader (0.5+) must restore exactly what the user-style load restored.
+        restored = {k: p.detach().cpu().clone() for k, p in run.adapter_params(model).items()}
+        run.fill_adapters(model, OTHER_SEED)
+        try:
+            bridge_api.load_peft_adapter_checkpoint(model, run.paths.checkpoint, peft)
+            problems = _compare_values(run.adapter_params(model), restored, "load_peft_adapter_checkpoint:")
+        except Exception as exc:  # its failure is a finding, reported on every rank alike
+            problems = [f"load_peft_adapter_checkpoint raised {type(exc).__name__}: {exc}"]
+        agree(problems)
     return bridge, model, peft
 
 
