@@ -5,7 +5,7 @@ timeout = 300                     # seconds per cell launch (optional)
 [[cells]]
 families = ["llama", "qwen2"]
 layouts = ["tp1", "tp=2", "pp=2"]
-load_layouts = ["tp1"]           # optional: save at each layout, load at these
+load_layouts = ["tp1"]           # optional: save at each layout, load at each other one
 adapters = ["lora"]              # optional
 dtypes = ["fp32"]                # optional
 ```
@@ -74,6 +74,8 @@ def parse_matrix(data: dict[str, Any], name: str) -> Matrix:
             adapters = _strings(block, "adapters", where, [DEFAULT_ADAPTER])
             dtypes = _strings(block, "dtypes", where, [DEFAULT_DTYPE])
             for fam, lay, load, ad, dt in itertools.product(families, layouts, load_layouts, adapters, dtypes):
+                if load == lay:
+                    continue  # the diagonal of a resharding product is the plain cell
                 cell = Cell.make(fam, lay, load, ad, dt)
                 if cell.id in cells:
                     raise MatrixError(f"cell {cell.id} is listed twice")

@@ -186,14 +186,11 @@ def check_loaded_by_peft(peft_model: Any, path: Path) -> list[str]:
 
     saved = load_file(str(path / "adapter_model.safetensors"))
     params = dict(peft_model.named_parameters())
-    problems, matched = [], 0
+    problems = []
     for key, value in saved.items():
         name = re.sub(r"\.(lora_A|lora_B)\.weight$", r".\1.default.weight", key)
         if name not in params:
             continue  # converted on load (e.g. experts fused by transformers): the logits judge it
-        matched += 1
         if not torch.equal(params[name].detach().cpu().to(value.dtype), value):
             problems.append(f"peft did not load {key}: its parameter {name} differs from the file")
-    if saved and not matched:
-        problems.append("peft placed none of the file's tensors on a module of the model")
     return problems
