@@ -77,11 +77,25 @@ def write_results(path: Path, results: list[CellResult], backend: str, device: s
         "device": device,
         "backend": backend,
         "versions": versions,
+        # Transformer Engine is not installed here, so only the local layer spec runs.
+        "transformer_engine": _te_version(),
+        "layer_spec": "local",
         "cells": [asdict(r) for r in results],
     }
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     tmp.replace(path)
+
+
+def _te_version() -> str | None:
+    from importlib import metadata
+
+    for dist in ("transformer-engine", "transformer_engine"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def read_results(path: Path) -> dict[str, Any]:
