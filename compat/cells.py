@@ -39,12 +39,20 @@ class Cell:
     ) -> Cell:
         """Build and validate: every reason a cell cannot run is raised here, before any launch."""
         fam = get_family(family)
-        get_adapter(adapter)
+        kind = get_adapter(adapter)
         if dtype not in DTYPES:
             raise CellError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
         load_layout = load_layout or layout
         check_fits(layout, fam)
         check_fits(load_layout, fam)
+        for lay in {layout, load_layout}:
+            for size, what in ((lay.tp, "tp"), (lay.etp if fam.is_moe else 1, "etp")):
+                if kind.rank % size:
+                    raise CellError(
+                        f"adapter {adapter} has rank {kind.rank}, which {what}={size} does not divide: the bridge "
+                        "shards LoRA A's rank over tensor parallelism (megatron/bridge/peft/utils.py:1019, "
+                        "ColumnParallelLinear(in_features, dim))"
+                    )
         return cls(family, layout, load_layout, adapter, dtype)
 
     @property
