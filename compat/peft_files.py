@@ -49,8 +49,12 @@ def _base_weights(hf_dir: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def expected_modules(base: dict[str, tuple[int, ...]], targets: tuple[str, ...]) -> set[str]:
-    suffixes = {s for t in targets for s in HF_MODULES.get(t, ())}
+def expected_modules(
+    base: dict[str, tuple[int, ...]], targets: tuple[str, ...], hf_modules: dict[str, tuple[str, ...]] | None = None
+) -> set[str]:
+    """Base modules the targets adapt; ``hf_modules`` (a family's own names) overrides HF_MODULES per target."""
+    names = {**HF_MODULES, **(hf_modules or {})}
+    suffixes = {s for t in targets for s in names.get(t, ())}
     return {m for m in base if m.rsplit(".", 1)[-1] in suffixes and len(base[m]) == 2}
 
 
@@ -68,7 +72,9 @@ def _rank_for(config: dict[str, Any], module: str) -> int:
     return config["r"]
 
 
-def check_adapter_dir(path: Path, adapter: Any, hf_dir: Path) -> list[str]:
+def check_adapter_dir(
+    path: Path, adapter: Any, hf_dir: Path, hf_modules: dict[str, tuple[str, ...]] | None = None
+) -> list[str]:
     """Everything wrong with the files, named by tensor and module; empty when all is well."""
     from safetensors import safe_open
 
@@ -130,10 +136,11 @@ def check_adapter_dir(path: Path, adapter: Any, hf_dir: Path) -> list[str]:
         idle = [t for t in targets if not any(_peft_targets([t], m) for m in modules)]
         if idle:
             problems.append(f"target_modules names {idle}, which carry no adapter tensor")
-    absent = sorted(expected_modules(base, adapter.targets) - set(modules))
+    expected = expected_modules(base, adapter.targets, hf_modules)
+    absent = sorted(expected - set(modules))
     if absent:
         problems.append(
-            f"the export has no adapter for {len(absent)} of the {len(expected_modules(base, adapter.targets))} "
+            f"the export has no adapter for {len(absent)} of the {len(expected)} "
             f"modules targeted by {list(adapter.targets)}, e.g. {_summarise(absent)}"
         )
     return problems
