@@ -10,6 +10,9 @@ Applied only by the CPU backend. Upstream code this answers (megatron-core 0.19.
 - ``megatron/core/tensor_parallel/random.py:229`` ``CudaRNGStatesTracker`` keeps CUDA RNG states
   (``model_parallel_cuda_manual_seed``, ``random.py:446``): a tracker on CPU generators is
   installed before seeding.
+- ``megatron/core/transformer/utils.py:44`` ``get_sliding_window_causal_mask`` builds the
+  sliding-window mask with ``device="cuda"`` (called from ``fused_softmax.py:322`` for every
+  attention with a ``window_size``: Mistral, gpt-oss): the same mask, built on the CPU.
 Other CUDA assumptions are avoided by the CPU backend rather than patched: the default causal
 mask (``megatron/core/transformer/utils.py:39``, ``device="cuda"``) by passing an explicit mask,
 the pipeline schedules by a forward-only pass with point-to-point send/recv, and the alltoall
@@ -52,6 +55,15 @@ def apply() -> None:
             finally:
                 self.states_[name] = torch.get_rng_state()
                 torch.set_rng_state(outer)
+
+    from megatron.core.fusions import fused_softmax
+
+    def sliding_window_causal_mask_on_cpu(sq: int, skv: int, window_size: tuple[int, int]) -> torch.Tensor:
+        m = torch.ones(sq, skv, dtype=torch.bool)
+        mu = torch.triu(m, diagonal=skv - sq - window_size[0])
+        return ~torch.tril(mu, diagonal=skv - sq + window_size[1])
+
+    fused_softmax.get_sliding_window_causal_mask = sliding_window_causal_mask_on_cpu
 
     mpu_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mpu_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
