@@ -44,8 +44,12 @@ def _base_weights(hf_dir: Path) -> dict[str, tuple[int, ...]]:
     for path in sorted(hf_dir.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shape = tuple(f.get_slice(key).get_shape())
                 if key.endswith(".weight"):
-                    shapes[key.removesuffix(".weight")] = tuple(f.get_slice(key).get_shape())
+                    shapes[key.removesuffix(".weight")] = shape
+                elif len(shape) == 3 and not key.endswith("bias"):
+                    # fused experts stored as one [experts, ., .] tensor (gpt-oss ``mlp.experts.gate_up_proj``)
+                    shapes[key] = shape
     return shapes
 
 
@@ -55,7 +59,7 @@ def expected_modules(
     """Base modules the targets adapt; ``hf_modules`` (a family's own names) overrides HF_MODULES per target."""
     names = {**HF_MODULES, **(hf_modules or {})}
     suffixes = {s for t in targets for s in names.get(t, ())}
-    return {m for m in base if m.rsplit(".", 1)[-1] in suffixes and len(base[m]) == 2}
+    return {m for m in base if m.rsplit(".", 1)[-1] in suffixes and len(base[m]) in (2, 3)}
 
 
 def _peft_targets(target_modules: Any, module: str) -> bool:
@@ -116,6 +120,13 @@ def check_adapter_dir(
     for module, parts in sorted(modules.items()):
         if module not in base:
             problems.append(f"tensor {_PREFIX}{module}.lora_*: the HF model has no module {module}")
+            continue
+        if len(base[module]) != 2:
+            problems.append(
+                f"{_PREFIX}{module}.lora_*: {module} is a fused {len(base[module])}-D tensor {base[module]} "
+                f"(one slice per expert), but the export wrote one 2-D LoRA pair "
+                f"{parts.get('lora_A')}/{parts.get('lora_B')} for it: peft has no module of that name to place it on"
+            )
             continue
         out_f, in_f = base[module]
         r = _rank_for(config, module)
