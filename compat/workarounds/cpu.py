@@ -13,6 +13,10 @@ Applied only by the CPU backend. Upstream code this answers (megatron-core 0.19.
 - ``megatron/core/transformer/utils.py:44`` ``get_sliding_window_causal_mask`` builds the
   sliding-window mask with ``device="cuda"`` (called from ``fused_softmax.py:322`` for every
   attention with a ``window_size``: Mistral, gpt-oss): the same mask, built on the CPU.
+- ``megatron/core/models/common/language_module/language_module.py:307`` moves the tied
+  embedding/output weight to CUDA (``weight.data.cuda()``) before all-reducing it over the
+  embedding group (tied embeddings under PP > 1): while that method runs, ``Tensor.cuda``
+  leaves tensors on the CPU.
 Other CUDA assumptions are avoided by the CPU backend rather than patched: the default causal
 mask (``megatron/core/transformer/utils.py:39``, ``device="cuda"``) by passing an explicit mask,
 the pipeline schedules by a forward-only pass with point-to-point send/recv, and the alltoall
@@ -64,6 +68,20 @@ def apply() -> None:
         return ~torch.tril(mu, diagonal=skv - sq + window_size[1])
 
     fused_softmax.get_sliding_window_causal_mask = sliding_window_causal_mask_on_cpu
+
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    setup = LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_embeddings_and_output_layer_on_cpu(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        to_cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *a, **k: t  # type: ignore[method-assign]
+        try:
+            return setup(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = to_cuda  # type: ignore[method-assign]
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer_on_cpu
 
     mpu_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mpu_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
