@@ -159,7 +159,9 @@ class RankRun:
     def _build(self, AutoBridge: Any, local_layer_spec: Any, layout: Layout) -> tuple[Any, list, Any]:  # noqa: N803
         bridge = AutoBridge.from_hf_pretrained(str(self.paths.hf), torch_dtype=self.dtype)
         provider = bridge.to_megatron_provider(load_weights=True)
-        provider.transformer_layer_spec = _layer_spec_without_te(provider.transformer_layer_spec, local_layer_spec, provider)
+        provider.transformer_layer_spec = _layer_spec_without_te(
+            provider.transformer_layer_spec, local_layer_spec, provider
+        )
         provider.tensor_model_parallel_size = layout.tp
         provider.pipeline_model_parallel_size = layout.pp
         provider.virtual_pipeline_model_parallel_size = layout.vpp if layout.vpp > 1 else None

@@ -73,7 +73,7 @@ def apply() -> None:
 
     setup = LanguageModule.setup_embeddings_and_output_layer
 
-    def setup_embeddings_and_output_layer_on_cpu(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def setup_embeddings_and_output_layer_on_cpu(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         to_cuda = torch.Tensor.cuda
         torch.Tensor.cuda = lambda t, *a, **k: t  # type: ignore[method-assign]
         try:
