@@ -17,7 +17,7 @@ from typing import Any
 __all__ = ["Dims", "Family", "FamilyError", "build_tiny_model", "families", "get_family"]
 
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
-_FAMILY_KEYS = {"model_type", "architecture", "num_experts", "about", "config"}
+_FAMILY_KEYS = {"model_type", "architecture", "num_experts", "about", "config", "hf_modules"}
 
 
 class FamilyError(ValueError):
@@ -43,6 +43,8 @@ class Family:
     about: str
     config: dict[str, Any] = field(hash=False, compare=False)
     num_experts: int = 0
+    # bridge LoRA target -> the HF module names it adapts, where they differ from Llama's
+    hf_modules: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def dims(self) -> Dims:
@@ -82,6 +84,13 @@ def _parse(data: dict[str, Any], source: str) -> dict[str, Family]:
                     f"{source}: family {name!r} says num_experts={num_experts} but its config "
                     f"gives {dict((k, config[k]) for k in _EXPERT_KEYS if k in config)}"
                 )
+        hf_modules = spec.get("hf_modules", {})
+        if not isinstance(hf_modules, dict) or not all(
+            isinstance(v, list) and v and all(isinstance(m, str) for m in v) for v in hf_modules.values()
+        ):
+            raise FamilyError(
+                f"{source}: family {name!r}: hf_modules must map bridge targets to non-empty lists of HF module names"
+            )
         out[name] = Family(
             name=name,
             model_type=spec["model_type"],
@@ -89,6 +98,7 @@ def _parse(data: dict[str, Any], source: str) -> dict[str, Family]:
             about=spec.get("about", ""),
             config=config,
             num_experts=num_experts,
+            hf_modules={k: tuple(v) for k, v in hf_modules.items()},
         )
     return out
 

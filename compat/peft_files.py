@@ -46,14 +46,22 @@ def _base_weights(hf_dir: Path) -> dict[str, tuple[int, ...]]:
     for path in sorted(hf_dir.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
             for key in f.keys():
+                shape = tuple(f.get_slice(key).get_shape())
                 if key.endswith(".weight"):
-                    shapes[key.removesuffix(".weight")] = tuple(f.get_slice(key).get_shape())
+                    shapes[key.removesuffix(".weight")] = shape
+                elif len(shape) == 3 and not key.endswith("bias"):
+                    # fused experts stored as one [experts, ., .] tensor (gpt-oss ``mlp.experts.gate_up_proj``)
+                    shapes[key] = shape
     return shapes
 
 
-def expected_modules(base: dict[str, tuple[int, ...]], targets: tuple[str, ...]) -> set[str]:
-    suffixes = {s for t in targets for s in HF_MODULES.get(t.rsplit(".", 1)[-1], ())}  # '*.experts.*.linear_fc1' too
-    return {m for m in base if m.rsplit(".", 1)[-1] in suffixes and len(base[m]) == 2}
+def expected_modules(
+    base: dict[str, tuple[int, ...]], targets: tuple[str, ...], hf_modules: dict[str, tuple[str, ...]] | None = None
+) -> set[str]:
+    """Base modules the targets adapt; ``hf_modules`` (a family's own names) overrides HF_MODULES per target."""
+    names = {**HF_MODULES, **(hf_modules or {})}
+    suffixes = {s for t in targets for s in names.get(t.rsplit(".", 1)[-1], ())}  # '*.experts.*.linear_fc1' too
+    return {m for m in base if m.rsplit(".", 1)[-1] in suffixes and len(base[m]) in (2, 3)}
 
 
 def _peft_targets(target_modules: Any, module: str) -> bool:
@@ -70,7 +78,9 @@ def _rank_for(config: dict[str, Any], module: str) -> int:
     return config["r"]
 
 
-def check_adapter_dir(path: Path, adapter: Any, hf_dir: Path) -> list[str]:
+def check_adapter_dir(
+    path: Path, adapter: Any, hf_dir: Path, hf_modules: dict[str, tuple[str, ...]] | None = None
+) -> list[str]:
     """Everything wrong with the files, named by tensor and module; empty when all is well."""
     from safetensors import safe_open
 
@@ -117,6 +127,13 @@ def check_adapter_dir(path: Path, adapter: Any, hf_dir: Path) -> list[str]:
         if module not in base:
             problems.append(f"tensor {_PREFIX}{module}.lora_*: the HF model has no module {module}")
             continue
+        if len(base[module]) != 2:
+            problems.append(
+                f"{_PREFIX}{module}.lora_*: {module} is a fused {len(base[module])}-D tensor {base[module]} "
+                f"(one slice per expert), but the export wrote one 2-D LoRA pair "
+                f"{parts.get('lora_A')}/{parts.get('lora_B')} for it: peft has no module of that name to place it on"
+            )
+            continue
         out_f, in_f = base[module]
         r = _rank_for(config, module)
         want_shapes = {"lora_A": (r, in_f), "lora_B": (out_f, r)}
@@ -149,7 +166,7 @@ def check_adapter_dir(path: Path, adapter: Any, hf_dir: Path) -> list[str]:
         idle = [t for t in targets if not any(_peft_targets([t], m) for m in modules)]
         if idle:
             problems.append(f"target_modules names {idle}, which carry no adapter tensor")
-    wanted = {m for m in expected_modules(base, adapter.targets) if re.search(adapter.hf_scope, m)}
+    wanted = {m for m in expected_modules(base, adapter.targets, hf_modules) if re.search(adapter.hf_scope, m)}
     absent = sorted(wanted - set(modules))
     if absent:
         problems.append(

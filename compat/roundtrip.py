@@ -45,6 +45,21 @@ class Unsupported(Exception):
     """The cell cannot be built here; the reason names the upstream file and line or the package."""
 
 
+def _is_build_limit(exc: BaseException) -> bool:
+    """A model that fails to *build* without TE, in upstream model code, not in the PEFT code.
+
+    Failures that pass through megatron/bridge/peft (applying the adapter) stay errors: they are
+    what the harness exists to report.
+    """
+    import traceback
+
+    from compat.workarounds.transformer_engine import needed as te_missing
+
+    files = [f.filename for f in traceback.extract_tb(exc.__traceback__)]
+    upstream = [f for f in files if "site-packages" in f]
+    return te_missing() and bool(upstream) and not any("megatron/bridge/peft/" in f for f in files)
+
+
 def _upstream_frame(exc: BaseException) -> str:
     """``file:line`` of the innermost frame in site-packages code, relative to site-packages."""
     import traceback
@@ -160,11 +175,21 @@ class RankRun:
             return self._build(AutoBridge, local_layer_spec, layout)
         except ImportError as exc:
             raise Unsupported(f"needs {exc.name or exc}: imported at {_upstream_frame(exc)}") from exc
+        except Exception as exc:
+            if not _is_build_limit(exc):
+                raise
+            raise Unsupported(
+                "cannot be built here (local layer spec, no Transformer Engine): "
+                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} "
+                f"at {_upstream_frame(exc)}"
+            ) from exc
 
     def _build(self, AutoBridge: Any, local_layer_spec: Any, layout: Layout) -> tuple[Any, list, Any]:
         bridge = AutoBridge.from_hf_pretrained(str(self.paths.hf), torch_dtype=self.dtype)
         provider = bridge.to_megatron_provider(load_weights=True)
-        provider.transformer_layer_spec = local_layer_spec
+        provider.transformer_layer_spec = _layer_spec_without_te(
+            provider.transformer_layer_spec, local_layer_spec, provider
+        )
         provider.tensor_model_parallel_size = layout.tp
         provider.pipeline_model_parallel_size = layout.pp
         provider.virtual_pipeline_model_parallel_size = layout.vpp if layout.vpp > 1 else None
@@ -335,7 +360,7 @@ class RankRun:
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 
-        problems = check_adapter_dir(self.paths.adapter, self.adapter, self.paths.hf)
+        problems = check_adapter_dir(self.paths.adapter, self.adapter, self.paths.hf, self.family.hf_modules)
         if reference is not None:
             problems += _compare_exports(
                 load_file(self.paths.adapter / "adapter_model.safetensors"),
@@ -412,6 +437,78 @@ class RankRun:
                 )["logits"]
             out["peft merge_and_unload"] = peft_model.merge_and_unload()(ids).logits
         return out
+
+
+def _layer_spec_without_te(spec: Any, local_layer_spec: Any, provider: Any) -> Any:
+    """The layer spec to build with, Transformer Engine left out.
+
+    The GPT default (TE layers) becomes the bridge's ``local_layer_spec``; a bridge's own block spec
+    built by ``partial(fn, use_transformer_engine=HAVE_TE)`` (MLA, shared experts, dense first
+    layers) keeps its structure with TE off; a spec function that edits ``default_layer_spec``
+    (OLMoE) edits the local spec instead; any other family-specific spec is kept as the bridge
+    wrote it, and is :class:`Unsupported` when it cannot be built without TE or names a TE class.
+    """
+    import functools
+    import inspect
+
+    from megatron.bridge.models import gpt_provider
+
+    if spec in (gpt_provider.default_layer_spec, gpt_provider.transformer_engine_layer_spec):
+        return local_layer_spec
+    if isinstance(spec, functools.partial) and "use_transformer_engine" in spec.keywords:
+        return functools.partial(spec.func, *spec.args, **{**spec.keywords, "use_transformer_engine": False})
+    fn = spec.func if isinstance(spec, functools.partial) else spec
+    name = getattr(fn, "__name__", repr(fn))
+    where = inspect.getsourcefile(fn) if inspect.isfunction(fn) else None
+    place = f"{where.split('site-packages/')[-1]}:{inspect.getsourcelines(fn)[1]}" if where else repr(spec)
+    if inspect.isfunction(fn) and fn.__globals__.get("default_layer_spec") is gpt_provider.default_layer_spec:
+        # A spec that edits the GPT default (OLMoE: its own attention class on the TE layer):
+        # the same edit on the local spec.
+        fn.__globals__["default_layer_spec"] = local_layer_spec
+        try:
+            return spec(provider)
+        finally:
+            fn.__globals__["default_layer_spec"] = gpt_provider.default_layer_spec
+    try:
+        built = spec(provider) if callable(spec) else spec
+    except (TypeError, NameError, AttributeError, AssertionError) as exc:
+        # Its TE base spec cannot be built without TE (megatron-core's TE spec provider is None).
+        raise Unsupported(
+            f"needs transformer_engine: the bridge's layer spec {name} ({place}) builds on the TE spec and "
+            f"fails without it: {type(exc).__name__}: {exc} at {_upstream_frame(exc)}"
+        ) from exc
+    te = sorted(_te_classes(built))
+    if te:
+        raise Unsupported(f"needs transformer_engine: the bridge's layer spec {name} ({place}) uses {', '.join(te)}")
+    return spec
+
+
+def _te_classes(spec: Any, seen: set[int] | None = None) -> set[str]:
+    """Names of Transformer Engine classes anywhere in a (block or layer) ModuleSpec tree."""
+    import dataclasses
+
+    seen = set() if seen is None else seen
+    if id(spec) in seen:
+        return set()
+    seen.add(id(spec))
+    out: set[str] = set()
+    if isinstance(spec, type):
+        mod = getattr(spec, "__module__", "") or ""
+        if "transformer_engine" in mod or "te_layers" in mod:
+            out.add(spec.__name__)
+        return out
+    if isinstance(spec, (list, tuple)):
+        for item in spec:
+            out |= _te_classes(item, seen)
+        return out
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        for f in dataclasses.fields(spec):
+            out |= _te_classes(getattr(spec, f.name), seen)
+        return out
+    for attr in ("module", "submodules", "layer_specs"):
+        if hasattr(spec, attr):
+            out |= _te_classes(getattr(spec, attr), seen)
+    return out
 
 
 def _sharded_tensors(section: dict[str, Any]) -> list[Any]:

@@ -10,6 +10,13 @@ Applied only by the CPU backend. Upstream code this answers (megatron-core 0.19.
 - ``megatron/core/tensor_parallel/random.py:229`` ``CudaRNGStatesTracker`` keeps CUDA RNG states
   (``model_parallel_cuda_manual_seed``, ``random.py:446``): a tracker on CPU generators is
   installed before seeding.
+- ``megatron/core/transformer/utils.py:44`` ``get_sliding_window_causal_mask`` builds the
+  sliding-window mask with ``device="cuda"`` (called from ``fused_softmax.py:322`` for every
+  attention with a ``window_size``: Mistral, gpt-oss): the same mask, built on the CPU.
+- ``megatron/core/models/common/language_module/language_module.py:307`` moves the tied
+  embedding/output weight to CUDA (``weight.data.cuda()``) before all-reducing it over the
+  embedding group (tied embeddings under PP > 1): while that method runs, ``Tensor.cuda``
+  leaves tensors on the CPU.
 Other CUDA assumptions are avoided by the CPU backend rather than patched: the default causal
 mask (``megatron/core/transformer/utils.py:39``, ``device="cuda"``) by passing an explicit mask,
 the pipeline schedules by a forward-only pass with point-to-point send/recv, and the alltoall
@@ -52,6 +59,29 @@ def apply() -> None:
             finally:
                 self.states_[name] = torch.get_rng_state()
                 torch.set_rng_state(outer)
+
+    from megatron.core.fusions import fused_softmax
+
+    def sliding_window_causal_mask_on_cpu(sq: int, skv: int, window_size: tuple[int, int]) -> torch.Tensor:
+        m = torch.ones(sq, skv, dtype=torch.bool)
+        mu = torch.triu(m, diagonal=skv - sq - window_size[0])
+        return ~torch.tril(mu, diagonal=skv - sq + window_size[1])
+
+    fused_softmax.get_sliding_window_causal_mask = sliding_window_causal_mask_on_cpu
+
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    setup = LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_embeddings_and_output_layer_on_cpu(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        to_cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *a, **k: t  # type: ignore[method-assign]
+        try:
+            return setup(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = to_cuda  # type: ignore[method-assign]
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer_on_cpu
 
     mpu_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mpu_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
