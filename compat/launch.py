@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compat import forkserver
 from compat.cells import Cell
 from compat.report import CellResult
 from compat.worker import result_path
@@ -182,11 +183,17 @@ def _launch(
     phase = task["phase"]
     task_path = root / f"task-{phase}.json"
     task_path.write_text(json.dumps(task))
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[Any] = []  # subprocess.Popen, or forkserver.Forked
     logs = [root / f"{phase}-rank{r}.log" for r in range(world_size)]
     cut = ""
     try:
+        fork = forkserver.usable(task["backend"])
         for rank in range(world_size):
+            env = _rank_env(rank, world_size, visible)
+            forked = forkserver.spawn(task_path, env, logs[rank], root) if fork else None
+            if forked is not None:
+                procs.append(forked)
+                continue
             with open(logs[rank], "wb") as log:
                 procs.append(
                     subprocess.Popen(
@@ -194,7 +201,7 @@ def _launch(
                         stdin=subprocess.DEVNULL,
                         stdout=log,
                         stderr=subprocess.STDOUT,
-                        env=_rank_env(rank, world_size, visible),
+                        env=env,
                         cwd=root,
                         start_new_session=True,
                     )

@@ -659,8 +659,20 @@ def _load(run: RankRun, saved: dict[str, torch.Tensor] | None) -> tuple[Any, lis
 
 def run_phase(cell: Cell, phase: str, paths: Paths, backend: Backend) -> dict[str, Any]:
     """Run this rank's part of ``phase``; rank 0 returns the metrics of the comparison."""
+    import time
+
+    timings: dict[str, float] = {}
+    clock = time.monotonic()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.monotonic()
+        timings[step] = round(now - clock, 2)
+        clock = now
+
     run = RankRun(cell, paths, backend)
     run.ensure_hf_model()
+    lap("hf model")
     if phase == "save":
         bridge, model, peft, _ = _save(run)
         run.export(bridge, model, peft, paths.reference_adapter)
@@ -668,10 +680,24 @@ def run_phase(cell: Cell, phase: str, paths: Paths, backend: Backend) -> dict[st
     saved = None
     if phase == "roundtrip":
         _, _, _, saved = _save(run)
+        lap("build, fill, save")
     bridge, model, peft = _load(run, saved)
+    lap("build, load, verify")
     run.forward(model)
+    lap("forward")
     run.export(bridge, model, peft, paths.adapter)
+    lap("export")
     megatron_merged = run.merged(bridge, model, peft)
+    lap("merged")
     if run.rank != 0:
         return {}
-    return run.compare_with_peft(paths.reference_adapter if phase == "load" else None, megatron_merged)
+    try:
+        metrics = run.compare_with_peft(paths.reference_adapter if phase == "load" else None, megatron_merged)
+    except CheckFailed as exc:
+        lap("hf side")
+        if len(exc.args) > 1:
+            exc.args[1]["seconds_by_step"] = timings
+        raise
+    lap("hf side")
+    metrics["seconds_by_step"] = timings
+    return metrics
