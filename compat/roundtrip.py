@@ -259,9 +259,16 @@ class RankRun:
     def load_checkpoint(self, model: list, peft: Any) -> None:
         """Load the way users do: the bridge's filter, ``dist_checkpointing.load``, non-strict."""
         from megatron.core import dist_checkpointing
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
         sections = bridge_api.adapter_filter(bridge_api.model_sections(model), peft)
-        loaded = dist_checkpointing.load(sections, str(self.paths.checkpoint))
+        loaded, unloadable = None, []
+        try:
+            loaded = dist_checkpointing.load(sections, str(self.paths.checkpoint))
+        except (Exception, CheckpointException) as exc:  # a damaged checkpoint fails every rank's check
+            unloadable.append(_unloadable(self.paths.checkpoint, exc))
+        agree(unloadable)
+        assert loaded is not None
         problems = []
         for i, chunk in enumerate(model):
             key = "model" if len(model) == 1 else f"model{i}"
@@ -372,6 +379,35 @@ def _sharded_tensors(section: dict[str, Any]) -> list[Any]:
     return out
 
 
+def _unloadable(checkpoint: Path, exc: BaseException) -> str:
+    """Why ``dist_checkpointing.load`` raised, naming the checkpoint file at fault where it can."""
+    files = _damaged_checkpoint_files(checkpoint)
+    cause = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    where = "; ".join(files) if files else f"no file of {checkpoint} is short or missing"
+    return f"cannot load the adapter checkpoint {checkpoint}: {where} (load raised {cause[:300]})"
+
+
+def _damaged_checkpoint_files(checkpoint: Path) -> list[str]:
+    """Shard files that are missing or shorter than the checkpoint's own metadata says."""
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        storage = FileSystemReader(str(checkpoint)).read_metadata().storage_data
+    except Exception as exc:
+        return [f"its metadata {checkpoint / '.metadata'} cannot be read ({type(exc).__name__}: {exc})"]
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    problems = []
+    for name, end in sorted(needed.items()):
+        path = checkpoint / name
+        if not path.exists():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size < end:
+            problems.append(f"{path} is {path.stat().st_size} bytes, its metadata places data up to byte {end}")
+    return problems
+
+
 def _compare_exports(got: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> list[str]:
     """A resharded load must export the very tensors the save layout exported."""
     problems = []
@@ -410,7 +446,9 @@ def _capture_megatron_activations(model: list, store: dict[str, torch.Tensor]) -
             for part, module in (("self_attn", layer.self_attention), ("mlp", layer.mlp), ("output", layer)):
 
                 def hook(_m: Any, _i: Any, out: Any, key: str = f"layer {n} {part}") -> None:
-                    store[key] = _first(out).transpose(0, 1)  # [s, b, h] -> [b, s, h]
+                    # A copy: in inference the bias-dropout-add adds the residual in place into
+                    # this very tensor (megatron/core/fusions/fused_bias_dropout.py:49, 0.19.2).
+                    store[key] = _first(out).transpose(0, 1).clone()  # [s, b, h] -> [b, s, h]
 
                 hooks.append(module.register_forward_hook(hook))
     return hooks
