@@ -134,6 +134,11 @@ def check_adapter_dir(path: Path, adapter: Any, hf_dir: Path) -> list[str]:
                     f"{_PREFIX}{module}.{kind}.weight has shape {parts[kind]}, expected {want_shape} "
                     f"(r={r}, {module} is {out_f}x{in_f})"
                 )
+    for pattern, rank in (config.get("rank_pattern") or {}).items():
+        if rank != adapter.rank:  # the harness trains one rank for every module
+            problems.append(
+                f"adapter_config.json: rank_pattern gives {pattern!r} r={rank}; the adapter has r={adapter.rank}"
+            )
     for key in ("rank_pattern", "alpha_pattern"):
         # peft applies a key to the modules it matches and ignores one that matches none, silently
         orphans = [p for p in config.get(key) or {} if not any(_pattern_matches(p, m) for m in modules)]

@@ -382,21 +382,36 @@ def _sharded_tensors(section: dict[str, Any]) -> list[Any]:
 def _unloadable(checkpoint: Path, exc: BaseException) -> str:
     """Why ``dist_checkpointing.load`` raised, naming the checkpoint file at fault where it can."""
     files = _damaged_checkpoint_files(checkpoint)
-    cause = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    where = "; ".join(files) if files else f"no file of {checkpoint} is short or missing"
-    return f"cannot load the adapter checkpoint {checkpoint}: {where} (load raised {cause[:300]})"
+    where = "; ".join(files) if files else f"no file of {checkpoint} is short, missing or unreadable"
+    return f"cannot load the adapter checkpoint {checkpoint}: {where} (load raised {_cause(exc)})"
+
+
+def _cause(exc: BaseException) -> str:
+    """The first line of the error; for torch's CheckpointException, of the first rank's error."""
+    rank = ""
+    failures = getattr(exc, "failures", None)  # CheckpointException: {rank: (exception, stack)}
+    if isinstance(failures, dict) and failures:
+        r, failure = sorted(failures.items(), key=lambda kv: kv[0])[0]
+        exc, rank = (failure[0] if isinstance(failure, tuple) else failure), f" on checkpoint rank {r}"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}{rank}"
 
 
 def _damaged_checkpoint_files(checkpoint: Path) -> list[str]:
-    """Shard files that are missing or shorter than the checkpoint's own metadata says."""
+    """Shard files that are missing, shorter than the metadata says, or hold a tensor that won't load.
+
+    A tensor item is a ``torch.save`` blob at (offset, length) of its file: each is loaded on its
+    own, so a corrupted one is named with its file, byte range and tensor.
+    """
     try:
         from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        storage = FileSystemReader(str(checkpoint)).read_metadata().storage_data
+        metadata = FileSystemReader(str(checkpoint)).read_metadata()
     except Exception as exc:
         return [f"its metadata {checkpoint / '.metadata'} cannot be read ({type(exc).__name__}: {exc})"]
     needed: dict[str, int] = {}
-    for info in storage.values():
+    for info in metadata.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
     problems = []
     for name, end in sorted(needed.items()):
@@ -405,6 +420,26 @@ def _damaged_checkpoint_files(checkpoint: Path) -> list[str]:
             problems.append(f"{path} is missing")
         elif path.stat().st_size < end:
             problems.append(f"{path} is {path.stat().st_size} bytes, its metadata places data up to byte {end}")
+    if problems:
+        return problems
+    import io
+
+    for index, info in sorted(metadata.storage_data.items(), key=lambda kv: (kv[1].relative_path, kv[1].offset)):
+        is_tensor = isinstance(metadata.state_dict_metadata.get(index.fqn), TensorStorageMetadata)
+        if info.transform_descriptors or not is_tensor:
+            continue
+        with open(checkpoint / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            blob = f.read(info.length)
+        try:
+            torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            problems.append(
+                f"{checkpoint / info.relative_path} bytes {info.offset}-{info.offset + info.length} "
+                f"({index.fqn}) do not load: {type(exc).__name__}: {str(exc).strip()[:120]}"
+            )
+            if len(problems) == 3:
+                break
     return problems
 
 

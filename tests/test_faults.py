@@ -30,7 +30,7 @@ def plant(monkeypatch: pytest.MonkeyPatch, fault: str | None) -> None:
         monkeypatch.setenv("COMPAT_FAULT", fault)
 
 
-def run(family: str, layout: str, backend: str, workdir: Path, timeout: float | None = None):  # noqa: ANN201
+def run(family: str, layout: str, backend: str, workdir: Path, timeout: float | None = None):
     from compat.cells import Cell
     from compat.launch import DEFAULT_TIMEOUT, run_cell
     from compat.layouts import Layout
