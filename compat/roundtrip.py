@@ -393,8 +393,12 @@ def _cause(exc: BaseException) -> str:
     if isinstance(failures, dict) and failures:
         r, failure = sorted(failures.items(), key=lambda kv: kv[0])[0]
         exc, rank = (failure[0] if isinstance(failure, tuple) else failure), f" on checkpoint rank {r}"
+    return f"{type(exc).__name__}: {_first_sentence(exc)}{rank}"
+
+
+def _first_sentence(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200] if text else ''}{rank}"
+    return text[0].split(". ")[0][:160] if text else ""
 
 
 def _damaged_checkpoint_files(checkpoint: Path) -> list[str]:
@@ -415,15 +419,16 @@ def _damaged_checkpoint_files(checkpoint: Path) -> list[str]:
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
     problems = []
     for name, end in sorted(needed.items()):
-        path = checkpoint / name
+        path, shown = checkpoint / name, f"{checkpoint.name}/{name}"
         if not path.exists():
-            problems.append(f"{path} is missing")
+            problems.append(f"{shown} is missing")
         elif path.stat().st_size < end:
-            problems.append(f"{path} is {path.stat().st_size} bytes, its metadata places data up to byte {end}")
+            problems.append(f"{shown} is {path.stat().st_size} bytes, its metadata places data up to byte {end}")
     if problems:
         return problems
     import io
 
+    unreadable = []
     for index, info in sorted(metadata.storage_data.items(), key=lambda kv: (kv[1].relative_path, kv[1].offset)):
         is_tensor = isinstance(metadata.state_dict_metadata.get(index.fqn), TensorStorageMetadata)
         if info.transform_descriptors or not is_tensor:
@@ -434,13 +439,12 @@ def _damaged_checkpoint_files(checkpoint: Path) -> list[str]:
         try:
             torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
         except Exception as exc:
-            problems.append(
-                f"{checkpoint / info.relative_path} bytes {info.offset}-{info.offset + info.length} "
-                f"({index.fqn}) do not load: {type(exc).__name__}: {str(exc).strip()[:120]}"
+            unreadable.append(
+                f"{checkpoint.name}/{info.relative_path} bytes {info.offset}-{info.offset + info.length} "
+                f"({index.fqn}) do not load: {type(exc).__name__}: {_first_sentence(exc)}"
             )
-            if len(problems) == 3:
-                break
-    return problems
+    more = [f"and {len(unreadable) - 2} more tensors"] if len(unreadable) > 2 else []
+    return unreadable[:2] + more
 
 
 def _compare_exports(got: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> list[str]:
