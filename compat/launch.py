@@ -189,8 +189,11 @@ def _verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, st
     where = f"[{phase}] " if phase != "roundtrip" else ""
     errors = [o for o in outcomes if o.record and o.record["status"] == "error"]
     if errors:
+        # The first rank to break is the cause; peers then fail in a collective ("connection closed").
+        errors.sort(key=lambda o: (o.record.get("at", float("inf")), o.rank))
         o = errors[0]
-        return "error", f"{where}rank {o.rank} raised {o.record['reason']}\n{o.record['traceback']}", {}
+        after = "".join(f"\nthen rank {e.rank} raised {e.record['reason'][:200]}" for e in errors[1:])
+        return "error", f"{where}rank {o.rank} raised {o.record['reason']}\n{o.record['traceback']}{after}", {}
     unsupported = [o for o in outcomes if o.record and o.record["status"] == "unsupported"]
     if unsupported:
         return "unsupported", where + unsupported[0].record["reason"], {}
