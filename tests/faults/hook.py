@@ -24,8 +24,12 @@ Patch = Callable[[types.ModuleType], None]
 def patch_attribute(module: types.ModuleType, path: str, wrap: Callable[[Callable], Callable]) -> None:
     """Replace ``module.<path>`` (``Class.method`` or ``function``) by ``wrap(original)``.
 
-    Classmethods and staticmethods are unwrapped for ``wrap`` and re-wrapped after.
+    Classmethods and staticmethods are unwrapped for ``wrap`` and re-wrapped after. An empty
+    ``path`` calls ``wrap(module)`` itself: something done while the module is imported.
     """
+    if not path:
+        wrap(module)
+        return
     *owners, name = path.split(".")
     owner: object = module
     for part in owners:
