@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,7 +62,26 @@ class RankOutcome:
             how = f"was killed by signal {signal.Signals(-rc).name}"
         else:
             how = f"exited with code {rc} without a result"
-        return f"rank {self.rank} {how}; its output ends:\n{self.log[-LOG_TAIL:]}"
+        return f"rank {self.rank} {how}; its output ends:\n{_log_tail(self.log)}"
+
+
+_DUMP_HEADER = re.compile(r"^(?:Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):$", re.MULTILINE)
+
+
+def _log_tail(log: str) -> str:
+    """The end of a rank's log; with a stack dump, the dump from its top (the innermost frame).
+
+    faulthandler prints the innermost frame first, so a plain tail of a deep stack (an import
+    chain) would cut exactly the frame where the rank hung.
+    """
+    headers = list(_DUMP_HEADER.finditer(log))
+    if not headers:
+        return log[-LOG_TAIL:]
+    start = headers[0].start()
+    before, dump = log[max(start - LOG_TAIL // 4, 0) : start], log[start:]
+    if len(dump) > 2 * LOG_TAIL:
+        dump = dump[: 3 * LOG_TAIL // 2] + "\n  ...\n" + dump[-LOG_TAIL // 2 :]
+    return before + dump
 
 
 class Devices:
@@ -242,8 +262,11 @@ def verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, str
     where = f"[{phase}] " if phase != "roundtrip" else ""
     errors = [o for o in outcomes if o.record and o.record["status"] == "error"]
     if errors:
+        # The first rank to break is the cause; peers then fail in a collective ("connection closed").
+        errors.sort(key=lambda o: (o.record.get("at", float("inf")), o.rank))
         o = errors[0]
-        return "error", f"{where}rank {o.rank} raised {o.record['reason']}\n{o.record['traceback']}", {}
+        after = "".join(f"\nthen rank {e.rank} raised {e.record['reason'][:200]}" for e in errors[1:])
+        return "error", f"{where}rank {o.rank} raised {o.record['reason']}\n{o.record['traceback']}{after}", {}
     unsupported = [o for o in outcomes if o.record and o.record["status"] == "unsupported"]
     if unsupported:
         return "unsupported", where + unsupported[0].record["reason"], {}

@@ -71,9 +71,17 @@ def _peft_targets(target_modules: Any, module: str) -> bool:
     return any(module == t or module.endswith("." + t) for t in target_modules)
 
 
+def _pattern_matches(pattern: str, module: str) -> bool:
+    """peft's rule for rank_pattern/alpha_pattern keys (``peft.utils.other.get_pattern_key``)."""
+    try:
+        return re.match(rf"(.*\.)?({pattern})$", module) is not None
+    except re.error:
+        return False
+
+
 def _rank_for(config: dict[str, Any], module: str) -> int:
     for pattern, rank in (config.get("rank_pattern") or {}).items():
-        if re.search(rf"(^|\.){pattern}$", module):
+        if _pattern_matches(pattern, module):
             return rank
     return config["r"]
 
@@ -155,6 +163,20 @@ def check_adapter_dir(
             problems.append(
                 f"use_dora is set but {len(no_magnitude)} of {len(modules)} modules carry no lora_magnitude_vector "
                 f"(peft then re-initialises the magnitudes from the base weights), e.g. {_summarise(no_magnitude)}"
+            )
+    for pattern, rank in (config.get("rank_pattern") or {}).items():
+        # the harness trains one rank for every module, or rank // top-k for experts (normalize_moe_lora)
+        if rank != adapter.rank and not dict(adapter.options).get("normalize_moe_lora"):
+            problems.append(
+                f"adapter_config.json: rank_pattern gives {pattern!r} r={rank}; the adapter has r={adapter.rank}"
+            )
+    for key in ("rank_pattern", "alpha_pattern"):
+        # peft applies a key to the modules it matches and ignores one that matches none, silently
+        orphans = [p for p in config.get(key) or {} if not any(_pattern_matches(p, m) for m in modules)]
+        for pattern in orphans:
+            problems.append(
+                f"adapter_config.json: {key} key {pattern!r} matches no module with adapter tensors "
+                "(peft would ignore it without a warning)"
             )
     targets = config["target_modules"]
     untargeted = sorted(m for m in modules if not _peft_targets(targets, m))

@@ -295,9 +295,16 @@ class RankRun:
     def load_checkpoint(self, model: list, peft: Any) -> None:
         """Load the way users do: the bridge's filter, ``dist_checkpointing.load``, non-strict."""
         from megatron.core import dist_checkpointing
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
         sections = bridge_api.adapter_filter(bridge_api.model_sections(model), peft)
-        loaded = dist_checkpointing.load(sections, str(self.paths.checkpoint))
+        loaded, unloadable = None, []
+        try:
+            loaded = dist_checkpointing.load(sections, str(self.paths.checkpoint))
+        except (Exception, CheckpointException) as exc:  # a damaged checkpoint fails every rank's check
+            unloadable.append(_unloadable(self.paths.checkpoint, exc))
+        agree(unloadable)
+        assert loaded is not None
         problems = []
         for i, chunk in enumerate(model):
             key = "model" if len(model) == 1 else f"model{i}"
@@ -524,6 +531,74 @@ def _sharded_tensors(section: dict[str, Any]) -> list[Any]:
     return out
 
 
+def _unloadable(checkpoint: Path, exc: BaseException) -> str:
+    """Why ``dist_checkpointing.load`` raised, naming the checkpoint file at fault where it can."""
+    files = _damaged_checkpoint_files(checkpoint)
+    where = "; ".join(files) if files else f"no file of {checkpoint} is short, missing or unreadable"
+    return f"cannot load the adapter checkpoint {checkpoint}: {where} (load raised {_cause(exc)})"
+
+
+def _cause(exc: BaseException) -> str:
+    """The first line of the error; for torch's CheckpointException, of the first rank's error."""
+    rank = ""
+    failures = getattr(exc, "failures", None)  # CheckpointException: {rank: (exception, stack)}
+    if isinstance(failures, dict) and failures:
+        r, failure = sorted(failures.items(), key=lambda kv: kv[0])[0]
+        exc, rank = (failure[0] if isinstance(failure, tuple) else failure), f" on checkpoint rank {r}"
+    return f"{type(exc).__name__}: {_first_sentence(exc)}{rank}"
+
+
+def _first_sentence(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0].split(". ")[0][:160] if text else ""
+
+
+def _damaged_checkpoint_files(checkpoint: Path) -> list[str]:
+    """Shard files that are missing, shorter than the metadata says, or hold a tensor that won't load.
+
+    A tensor item is a ``torch.save`` blob at (offset, length) of its file: each is loaded on its
+    own, so a corrupted one is named with its file, byte range and tensor.
+    """
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        metadata = FileSystemReader(str(checkpoint)).read_metadata()
+    except Exception as exc:
+        return [f"its metadata {checkpoint / '.metadata'} cannot be read ({type(exc).__name__}: {exc})"]
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    problems = []
+    for name, end in sorted(needed.items()):
+        path, shown = checkpoint / name, f"{checkpoint.name}/{name}"
+        if not path.exists():
+            problems.append(f"{shown} is missing")
+        elif path.stat().st_size < end:
+            problems.append(f"{shown} is {path.stat().st_size} bytes, its metadata places data up to byte {end}")
+    if problems:
+        return problems
+    import io
+
+    unreadable = []
+    for index, info in sorted(metadata.storage_data.items(), key=lambda kv: (kv[1].relative_path, kv[1].offset)):
+        is_tensor = isinstance(metadata.state_dict_metadata.get(index.fqn), TensorStorageMetadata)
+        if info.transform_descriptors or not is_tensor:
+            continue
+        with open(checkpoint / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            blob = f.read(info.length)
+        try:
+            torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            unreadable.append(
+                f"{checkpoint.name}/{info.relative_path} bytes {info.offset}-{info.offset + info.length} "
+                f"({index.fqn}) do not load: {type(exc).__name__}: {_first_sentence(exc)}"
+            )
+    more = [f"and {len(unreadable) - 2} more tensors"] if len(unreadable) > 2 else []
+    return unreadable[:2] + more
+
+
 def _compare_exports(got: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> list[str]:
     """A resharded load must export the very tensors the save layout exported."""
     problems = []
@@ -562,7 +637,9 @@ def _capture_megatron_activations(model: list, store: dict[str, torch.Tensor]) -
             for part, module in (("self_attn", layer.self_attention), ("mlp", layer.mlp), ("output", layer)):
 
                 def hook(_m: Any, _i: Any, out: Any, key: str = f"layer {n} {part}") -> None:
-                    store[key] = _first(out).transpose(0, 1)  # [s, b, h] -> [b, s, h]
+                    # A copy: in inference the bias-dropout-add adds the residual in place into
+                    # this very tensor (megatron/core/fusions/fused_bias_dropout.py:49, 0.19.2).
+                    store[key] = _first(out).transpose(0, 1).clone()  # [s, b, h] -> [b, s, h]
 
                 hooks.append(module.register_forward_hook(hook))
     return hooks

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -65,6 +66,7 @@ def run_task(task: dict[str, Any], rank: int, world_size: int, local_rank: int) 
             "status": "error",
             "reason": f"{type(exc).__name__}: {exc}",
             "traceback": traceback.format_exc(),
+            "at": time.time(),  # which rank broke first: the others often fail on it in a collective
         }
 
 

@@ -1,0 +1,2 @@
+"""Planted faults: the catalogue (``catalogue.py``), the post-import hook (``hook.py``) and the
+``plant/`` directory whose ``sitecustomize`` plants ``COMPAT_FAULT`` in every rank."""

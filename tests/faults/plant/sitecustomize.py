@@ -1,0 +1,37 @@
+"""Plant the fault named by ``COMPAT_FAULT`` in this process (a cell's rank, or anything else).
+
+Put this directory on PYTHONPATH: Python imports ``sitecustomize`` at start-up, and a cell's ranks
+inherit the caller's environment. Without ``COMPAT_FAULT`` this does nothing. With it, the
+upstream functions the fault names are patched right after their modules are imported; nothing
+upstream is imported here (the harness must apply its Transformer Engine workaround first).
+"""
+
+import os
+
+
+def _plant(name: str) -> None:
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent.parent  # tests/faults
+    modules = {}
+    for short in ("hook", "catalogue"):
+        spec = importlib.util.spec_from_file_location(f"compat_fault_{short}", here / f"{short}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        modules[short] = module
+    hook, catalogue = modules["hook"], modules["catalogue"]
+    fault = catalogue.by_name(name)
+    patches: dict = {}
+    for module_name, path, wrap in fault.patches:
+        patches.setdefault(module_name, []).append(
+            lambda module, path=path, wrap=wrap: hook.patch_attribute(module, path, wrap)
+        )
+    hook.install(patches)
+
+
+if os.environ.get("COMPAT_FAULT"):
+    _plant(os.environ["COMPAT_FAULT"])

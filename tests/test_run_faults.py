@@ -1,0 +1,132 @@
+"""Run faults: a rank that raises, a rank that hangs, two cells at once, Ctrl-C.
+
+The harness must turn each into a result (``error`` with the rank's traceback or stack dump),
+keep running other cells, and leave no process of a cell behind. Processes of a cell are found
+by a unique token put in its environment (ranks inherit it) and looked up in /proc/*/environ.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from faults.catalogue import by_name
+from test_faults import plant, run, unmatched
+
+TOKEN_VAR = "COMPAT_TEST_TOKEN"
+
+
+def processes_with(token: str) -> list[int]:
+    """Pids (other than this one) whose environment holds ``COMPAT_TEST_TOKEN=<token>``."""
+    needle = f"{TOKEN_VAR}={token}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def ranks_with(token: str) -> list[int]:
+    pids = []
+    for pid in processes_with(token):
+        try:
+            if b"compat.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.fixture
+def token(monkeypatch: pytest.MonkeyPatch) -> str:
+    value = uuid.uuid4().hex
+    monkeypatch.setenv(TOKEN_VAR, value)
+    return value
+
+
+def test_rank_that_raises_is_an_error_and_other_cells_still_run(monkeypatch, tmp_path, compat_backend, token):
+    """Rank 1 of llama.tp2 raises; llama.tp1 runs at the same time (it has no rank 1) and passes."""
+    fault = by_name("rank1_raises")
+    plant(monkeypatch, fault.name)
+    from compat.cells import Cell
+    from compat.launch import run_cell
+    from compat.layouts import Layout
+
+    results = {}
+
+    def one(layout: str) -> None:
+        cell = Cell.make("llama", Layout.parse(layout))
+        results[layout] = run_cell(cell, compat_backend, keep=True, workdir=tmp_path)
+
+    threads = [threading.Thread(target=one, args=(layout,)) for layout in ("tp=2", "tp1")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    broken, clean = results["tp=2"], results["tp1"]
+    assert broken.status == "error", broken.reason
+    assert not unmatched(fault, broken.reason), broken.reason
+    assert clean.status == "pass", clean.reason
+    # Two cells at once: each in its own directory, rendezvous and checkpoint inside it.
+    roots = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert [r.name.split("-")[0] for r in roots] == ["llama.tp1", "llama.tp2"], roots
+    for root in roots:
+        task = (root / "task-roundtrip.json").read_text()
+        assert f'"root": "{root}"' in task
+        assert (root / "checkpoint").is_dir()
+    assert not processes_with(token)
+
+
+def test_hung_rank_times_out_with_its_stack_and_leaves_no_process(monkeypatch, tmp_path, compat_backend, token):
+    fault = by_name("rank1_hangs")
+    plant(monkeypatch, fault.name)
+    start = time.monotonic()
+    result = run(fault.family, fault.layout, compat_backend, tmp_path, timeout=fault.timeout)
+    assert result.status == "error", result.reason
+    assert not unmatched(fault, result.reason), result.reason
+    assert "Stack (most recent call first)" in result.reason or "most recent call first" in result.reason
+    assert time.monotonic() - start < fault.timeout + 60
+    assert not processes_with(token), "processes of the timed-out cell survived"
+
+
+def test_ctrl_c_stops_every_rank(tmp_path, token):
+    env = dict(os.environ)
+    out = tmp_path / "results.json"
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "compat", "run", "--family", "llama", "--layout", "tp=2", "--output", str(out)],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(ranks_with(token)) < 2:
+            assert cli.poll() is None, cli.stdout.read().decode() if cli.stdout else ""
+            assert time.monotonic() < deadline, "the ranks never started"
+            time.sleep(0.2)
+        time.sleep(3)  # let them get into their imports
+        cli.send_signal(signal.SIGINT)
+        output, _ = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    text = output.decode(errors="replace")
+    assert cli.returncode == 130, text
+    assert re.search(r"interrupted", text), text
+    assert not processes_with(token), f"rank processes survived Ctrl-C: {processes_with(token)}"
