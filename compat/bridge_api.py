@@ -7,7 +7,9 @@ in is named), never scattered through the round trip:
 - ``megatron.bridge.peft.utils.create_peft_hook`` (applies PEFT and records the params to save):
   used where present, otherwise the same two calls it makes.
 - ``LoRALinear.weight`` (the effective merged weight): absent in 0.4.x/0.5.x, where the same merge
-  is ``megatron.bridge.peft.lora.LoRAMerge().merge(base, out, in, alpha, dim)`` (no ``tp_group``).
+  is ``megatron.bridge.peft.lora.LoRAMerge().merge(base, out, in, alpha, dim)``: 0.4.x takes the
+  TP group from megatron-core's parallel state, 0.5.x requires keyword-only ``tp_size``/``tp_group``
+  (the adapter's own ``tp_group``), 0.6 takes an optional ``tp_group``.
 """
 
 from __future__ import annotations
@@ -129,7 +131,17 @@ def _effective_weight(m: Any) -> Any:
     base = m.to_wrap.weight
     if not m._adapter_enabled:
         return base
+    kwargs: dict[str, Any] = {}
+    params = inspect.signature(LoRAMerge.merge).parameters
+    if "tp_group" in params:
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        group = getattr(m.adapter, "tp_group", None) or parallel_state.get_tensor_model_parallel_group()
+        kwargs["tp_group"] = group
+        if "tp_size" in params:
+            kwargs["tp_size"] = dist.get_world_size(group)
     merged = LoRAMerge().merge(
-        base, m.adapter.linear_out.weight, m.adapter.linear_in.weight, m.adapter.alpha, m.adapter.dim
+        base, m.adapter.linear_out.weight, m.adapter.linear_in.weight, m.adapter.alpha, m.adapter.dim, **kwargs
     )
     return merged.to(device=base.device, dtype=base.dtype)

@@ -231,7 +231,9 @@ def _verdict(row: dict[str, Any], diff: dict[str, list[dict[str, Any]]]) -> str:
     for key, word in (("regressions", "REGRESSION"), ("fixes", "fixed"), ("changed", "changed")):
         if any(r["id"] == row["id"] for r in diff[key]):
             return word
-    return "new" if any(r["id"] == row["id"] for r in diff["new"]) else "ok"
+    if any(r["id"] == row["id"] for r in diff["new"]):
+        return "new"
+    return "ok" if row.get("met", True) else "unmet (not a regression)"
 
 
 def markdown(
@@ -287,6 +289,7 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--accept", action="store_true", help="record these results as accepted for the set")
     g.add_argument("--gate-dir", type=Path, default=REPO / ".gate", help="where environments live (.gate/)")
     g.add_argument("--timeout", type=float, help="seconds per cell launch (passed to compat run)")
+    g.add_argument("-k", dest="select", help="run only cells whose id contains this text (passed to compat run)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -319,6 +322,7 @@ def _gate(args: argparse.Namespace) -> int:
     cmd = [str(python), "-m", "compat", "run", "--matrix", str(args.matrix.resolve())]
     cmd += ["--expected", str(expected.resolve())]
     cmd += ["--output", str(out)] + (["--timeout", str(args.timeout)] if args.timeout else [])
+    cmd += ["-k", args.select] if args.select else []
     start = time.monotonic()
     rc = subprocess.run(cmd, env=env, cwd=REPO).returncode
     run_s = time.monotonic() - start
