@@ -6,6 +6,10 @@ in is named), never scattered through the round trip:
 - ``megatron.bridge.peft.utils.load_peft_adapter_checkpoint``: first in 0.5.
 - ``megatron.bridge.peft.utils.create_peft_hook`` (applies PEFT and records the params to save):
   used where present, otherwise the same two calls it makes.
+- ``LoRALinear.weight`` (the effective merged weight): absent in 0.4.x/0.5.x, where the same merge
+  is ``megatron.bridge.peft.lora.LoRAMerge().merge(base, out, in, alpha, dim)``: 0.4.x takes the
+  TP group from megatron-core's parallel state, 0.5.x requires keyword-only ``tp_size``/``tp_group``
+  (the adapter's own ``tp_group``), 0.6 takes an optional ``tp_group``.
 """
 
 from __future__ import annotations
@@ -109,8 +113,35 @@ def merge_in_place(model: list, peft: Any) -> bool:
     if not wrappers or not all(isinstance(m, LoRALinear) for m in wrappers):
         return False
     with torch.no_grad():
-        merged = [m.weight for m in wrappers]
+        merged = [_effective_weight(m) for m in wrappers]
         for m, weight in zip(wrappers, merged, strict=True):
             m.to_wrap.weight.copy_(weight)
     peft.disable_adapter_layers(model)
     return True
+
+
+def _effective_weight(m: Any) -> Any:
+    """``LoRALinear.weight`` (0.6+), or the same merge through ``LoRAMerge`` (0.4.x/0.5.x)."""
+    from megatron.bridge.peft.lora_layers import LoRALinear
+
+    if isinstance(inspect.getattr_static(LoRALinear, "weight", None), property):
+        return m.weight
+    from megatron.bridge.peft.lora import LoRAMerge
+
+    base = m.to_wrap.weight
+    if not m._adapter_enabled:
+        return base
+    kwargs: dict[str, Any] = {}
+    params = inspect.signature(LoRAMerge.merge).parameters
+    if "tp_group" in params:
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        group = getattr(m.adapter, "tp_group", None) or parallel_state.get_tensor_model_parallel_group()
+        kwargs["tp_group"] = group
+        if "tp_size" in params:
+            kwargs["tp_size"] = dist.get_world_size(group)
+    merged = LoRAMerge().merge(
+        base, m.adapter.linear_out.weight, m.adapter.linear_in.weight, m.adapter.alpha, m.adapter.dim, **kwargs
+    )
+    return merged.to(device=base.device, dtype=base.dtype)

@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-k", dest="select", help="run only cells whose id contains this text")
     run.add_argument("--shard", help="K/N: run the K-th of N interleaved slices of the cells (split long runs)")
     sub.add_parser("families", help="architectures the installed bridge registers, and what the harness builds")
+    from compat import gate
+
+    gate.add_parser(sub)
     return p
 
 
@@ -167,4 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "gate":
+        from compat import gate
+
+        return gate.main(args)
     return _families()

@@ -1,0 +1,358 @@
+"""``python -m compat gate``: run a small matrix on a pinned set of releases, in an isolated
+environment, and compare with the expected outcomes and with the last accepted results.
+
+A pin set is data, ``matrix/pins/NAME.toml``:
+
+```toml
+about = "megatron-bridge 0.5.1 with the megatron-core and transformers of its release"
+[packages]                    # exact versions; torch is never pinned here (shared)
+megatron-bridge = "0.5.1"
+megatron-core = "0.18.2"
+transformers = "5.8.1"
+peft = "0.19.1"
+tokenizers = "0.22.2"         # and whatever else the release needs (pulp, ...)
+```
+
+The environment lives in ``.gate/NAME/venv`` and is reused while the pins file is unchanged
+(keyed by a hash of its bytes and of the interpreter). It sees the calling environment's packages
+at lower priority (a ``.pth`` file naming this interpreter's site-packages), and only the pinned
+packages are installed into it, ``--no-deps``, so they shadow the shared ones (torch is never
+installed per set). The harness is made importable through ``PYTHONPATH`` (repo root first, then
+the caller's own ``PYTHONPATH``); every other variable of the caller's environment is passed on.
+
+Then ``<gate python> -m compat run --matrix ... --output .gate/NAME/results.json`` runs there
+(workers start with ``sys.executable``, so they use the gate interpreter too).
+
+Exit 0: no regression. 1: a regression (a cell expected to pass, or that passed in the accepted
+results ``matrix/pins/accepted/NAME.json``, does not pass now). 2: bad input, or the environment
+could not be built (the message says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import site
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["GateError", "PinSet", "add_parser", "compare", "load_pins", "main"]
+
+EXIT_OK, EXIT_REGRESSION, EXIT_BAD = 0, 1, 2
+REPO = Path(__file__).resolve().parent.parent
+REQUIRED = ("megatron-bridge", "megatron-core", "transformers", "peft")
+SHARED = ("torch",)  # never installed per set
+
+
+class GateError(Exception):
+    """Bad input, or an environment that could not be built: exit 2."""
+
+
+@dataclass(frozen=True)
+class PinSet:
+    name: str
+    path: Path
+    packages: dict[str, str]
+    about: str
+    digest: str
+
+
+def load_pins(path: Path) -> PinSet:
+    from packaging.version import InvalidVersion, Version
+
+    if not path.is_file():
+        raise GateError(f"pins file {path} does not exist")
+    raw = path.read_bytes()
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise GateError(f"{path}: not valid TOML: {exc}") from None
+    unknown = set(data) - {"about", "packages"}
+    if unknown:
+        raise GateError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: about, [packages]")
+    packages = data.get("packages")
+    if not isinstance(packages, dict) or not packages:
+        raise GateError(f'{path}: needs a [packages] table of name = "exact version"')
+    missing = [p for p in REQUIRED if p not in packages]
+    if missing:
+        raise GateError(f"{path}: [packages] must pin {', '.join(missing)} (required: {', '.join(REQUIRED)})")
+    for name, version in packages.items():
+        if name in SHARED:
+            raise GateError(f"{path}: {name} is shared with the calling environment and is not pinned per set")
+        if not isinstance(version, str):
+            raise GateError(f"{path}: {name} = {version!r}: give the exact version as a string")
+        try:
+            Version(version)
+        except InvalidVersion:
+            raise GateError(f'{path}: {name} = {version!r} is not an exact version (e.g. "0.5.1")') from None
+    key = hashlib.sha256(raw + sys.version.encode() + "\n".join(_shared_paths()).encode()).hexdigest()[:16]
+    return PinSet(path.stem, path, dict(packages), str(data.get("about", "")), key)
+
+
+def _shared_paths() -> list[str]:
+    """This interpreter's site-packages: what the gate environment sees below its own pins."""
+    paths = site.getsitepackages()
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        paths.append(site.getusersitepackages())
+    return [p for p in paths if os.path.isdir(p)]
+
+
+# ---------------------------------------------------------------- environment
+
+
+def _venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def _gate_site_packages(python: Path) -> Path:
+    out = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=_clean_env(),
+    )
+    purelib = Path(out.stdout.strip())
+    if not purelib.is_relative_to(python.parent.parent):  # never write outside the gate venv
+        raise GateError(f"the gate interpreter {python} reports site-packages {purelib} outside its venv")
+    return purelib
+
+
+def _installed(python: Path, names: list[str]) -> dict[str, str | None]:
+    code = (
+        "import json, sys\nfrom importlib import metadata\nout = {}\n"
+        "for n in sys.argv[1:]:\n"
+        "    try: out[n] = metadata.version(n)\n"
+        "    except metadata.PackageNotFoundError: out[n] = None\n"
+        "print(json.dumps(out))"
+    )
+    out = subprocess.run([str(python), "-c", code, *names], capture_output=True, text=True, env=_clean_env())
+    if out.returncode != 0:
+        raise GateError(f"the gate interpreter {python} does not start:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def _clean_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    env.pop("PYTHONHOME", None)
+    return env
+
+
+def ensure_env(pins: PinSet, root: Path) -> tuple[Path, bool, float]:
+    """(gate python, whether it was reused, seconds spent); raises GateError when it can't be built."""
+    start = time.monotonic()
+    venv = root / pins.name / "venv"
+    stamp = venv / "gate-pins.sha256"
+    python = _venv_python(venv)
+    if stamp.is_file() and stamp.read_text().strip() == pins.digest and python.exists():
+        return python, True, time.monotonic() - start
+    if venv.exists():
+        shutil.rmtree(venv)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    step = subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], capture_output=True, text=True)
+    if step.returncode != 0:
+        raise GateError(f"could not create {venv}:\n{step.stderr[-2000:]}")
+    # The shared packages come after the gate's own site-packages on sys.path, so pins shadow them.
+    (_gate_site_packages(python) / "_gate_shared.pth").write_text("\n".join(_shared_paths()) + "\n")
+    reqs = [f"{name}=={version}" for name, version in pins.packages.items()]
+    print(f"gate: building {venv} for {pins.name}: pip install --no-deps {' '.join(reqs)}", flush=True)
+    step = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--ignore-installed",
+            "--no-compile",
+            "--disable-pip-version-check",
+            *reqs,
+        ],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+    )
+    if step.returncode != 0:
+        raise GateError(
+            f"could not build the environment for {pins.name} ({pins.path}): pip install failed\n"
+            + (step.stderr or step.stdout)[-3000:]
+        )
+    got = _installed(python, list(pins.packages))
+    wrong = {n: v for n, v in got.items() if v != pins.packages[n]}
+    if wrong:
+        raise GateError(
+            f"the environment for {pins.name} does not resolve the pinned versions: "
+            + ", ".join(f"{n} is {v} (pinned {pins.packages[n]})" for n, v in wrong.items())
+        )
+    stamp.write_text(pins.digest + "\n")
+    return python, False, time.monotonic() - start
+
+
+# ---------------------------------------------------------------- comparison
+
+
+def compare(results: dict[str, Any], accepted: dict[str, Any] | None) -> dict[str, list[dict[str, Any]]]:
+    """Sort cells into regressions, fixes, new, changed (other status changes) and dropped."""
+    before = {c["id"]: c["status"] for c in (accepted or {}).get("cells", [])}
+    out: dict[str, list[dict[str, Any]]] = {k: [] for k in ("regressions", "fixes", "new", "changed", "dropped")}
+    seen = set()
+    for c in results.get("cells", []):
+        seen.add(c["id"])
+        prev = before.get(c["id"])
+        row = {
+            "id": c["id"],
+            "status": c["status"],
+            "expected": c["expected"],
+            "accepted": prev,
+            "reason": c.get("reason") or "",
+        }
+        if c["status"] != "pass" and (c["expected"] == "pass" or prev == "pass"):
+            out["regressions"].append(row)
+        elif c["status"] == "pass" and (c["expected"] != "pass" or (prev is not None and prev != "pass")):
+            out["fixes"].append(row)
+        elif prev is not None and prev != c["status"]:
+            out["changed"].append(row)
+        if accepted is not None and prev is None:
+            out["new"].append(row)
+    out["dropped"] = [{"id": i, "accepted": s} for i, s in before.items() if i not in seen]
+    return out
+
+
+def _verdict(row: dict[str, Any], diff: dict[str, list[dict[str, Any]]]) -> str:
+    for key, word in (("regressions", "REGRESSION"), ("fixes", "fixed"), ("changed", "changed")):
+        if any(r["id"] == row["id"] for r in diff[key]):
+            return word
+    if any(r["id"] == row["id"] for r in diff["new"]):
+        return "new"
+    return "ok" if row.get("met", True) else "unmet (not a regression)"
+
+
+def markdown(
+    pins: PinSet, results: dict[str, Any], accepted: dict[str, Any] | None, diff: dict[str, Any], timing: str
+) -> str:
+    versions = results.get("versions", {})
+    lines = [
+        f"## Gate `{pins.name}`: " + ("**regression**" if diff["regressions"] else "no regression"),
+        "",
+        ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; {results.get('device', '')}",
+        "",
+        timing,
+        "",
+        "| cell | status | expected | accepted | verdict | max diff |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    accepted_status = {c["id"]: c["status"] for c in (accepted or {}).get("cells", [])}
+    for c in results.get("cells", []):
+        d = c.get("max_abs_diff")
+        lines.append(
+            f"| `{c['id']}` | {c['status']} | {c['expected']} | {accepted_status.get(c['id'], '-')} "
+            f"| {_verdict(c, diff)} | {'-' if d is None else f'{d:.1e}'} |"
+        )
+    if accepted is None:
+        lines += ["", f"No accepted results for `{pins.name}` yet (`--accept` writes them)."]
+    for key, title in (
+        ("regressions", "Regressions (expected or previously accepted pass, now not pass)"),
+        ("fixes", "Fixes (expected or accepted not pass, now pass)"),
+        ("new", "New cells (not in the accepted results)"),
+        ("changed", "Other status changes"),
+        ("dropped", "Cells in the accepted results that did not run"),
+    ):
+        if diff[key]:
+            lines += ["", f"### {title}", ""]
+            for r in diff[key]:
+                extra = f" (was {r['accepted']})" if r.get("accepted") else ""
+                now = f": {r['status']}, expected {r['expected']}" if "status" in r else ""
+                lines.append(f"- `{r['id']}`{now}{extra}")
+                if key == "regressions" and r.get("reason"):
+                    lines.append("  ```\n  " + r["reason"][:800].replace("\n", "\n  ") + "\n  ```")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- command
+
+
+def add_parser(sub: Any) -> None:
+    g = sub.add_parser("gate", help="run a matrix on a pinned release set in its own environment and compare")
+    g.add_argument("--pins", type=Path, required=True, help="pin set, matrix/pins/NAME.toml")
+    g.add_argument("--matrix", type=Path, default=REPO / "matrix" / "gate.toml", help="default: matrix/gate.toml")
+    g.add_argument("--expected", type=Path, help="expected outcomes (default: matrix/expected.toml)")
+    g.add_argument("--summary", type=Path, help="also write the comparison as Markdown (CI job summaries)")
+    g.add_argument("--accept", action="store_true", help="record these results as accepted for the set")
+    g.add_argument("--gate-dir", type=Path, default=REPO / ".gate", help="where environments live (.gate/)")
+    g.add_argument("--timeout", type=float, help="seconds per cell launch (passed to compat run)")
+    g.add_argument("-k", dest="select", help="run only cells whose id contains this text (passed to compat run)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        return _gate(args)
+    except GateError as exc:
+        print(f"gate: error: {exc}", file=sys.stderr)
+        return EXIT_BAD
+
+
+def _gate(args: argparse.Namespace) -> int:
+    pins = load_pins(args.pins)
+    if not args.matrix.is_file():
+        raise GateError(f"matrix {args.matrix} does not exist")
+    expected = args.expected or REPO / "matrix" / "expected.toml"
+    if not expected.is_file():
+        raise GateError(f"expected-outcomes file {expected} does not exist")
+    accepted_path = REPO / "matrix" / "pins" / "accepted" / f"{pins.name}.json"
+    accepted = json.loads(accepted_path.read_text()) if accepted_path.is_file() else None
+
+    python, reused, build_s = ensure_env(pins, args.gate_dir)
+    print(f"gate: environment {'reused' if reused else 'built'} in {build_s:.1f} s: {python}", flush=True)
+
+    out = (args.gate_dir / pins.name / "results.json").resolve()
+    out.unlink(missing_ok=True)
+    env = dict(os.environ)  # the caller's environment, PYTHONPATH included, goes through
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env["VIRTUAL_ENV"] = str(python.parent.parent)
+    env["PATH"] = os.pathsep.join((str(python.parent), env.get("PATH", "")))
+    cmd = [str(python), "-m", "compat", "run", "--matrix", str(args.matrix.resolve())]
+    cmd += ["--expected", str(expected.resolve())]
+    cmd += ["--output", str(out)] + (["--timeout", str(args.timeout)] if args.timeout else [])
+    cmd += ["-k", args.select] if args.select else []
+    start = time.monotonic()
+    rc = subprocess.run(cmd, env=env, cwd=REPO).returncode
+    run_s = time.monotonic() - start
+    if rc == EXIT_BAD or not out.is_file():
+        raise GateError(f"`compat run` in the gate environment exited {rc} without results ({' '.join(cmd)})")
+    results = json.loads(out.read_text())
+    want = {n: v for n, v in pins.packages.items() if n in results.get("versions", {})}
+    off = {n: results["versions"][n] for n, v in want.items() if results["versions"][n] != v}
+    if off:
+        raise GateError(f"the run saw other versions than pinned: {off} (pins {want})")
+
+    diff = compare(results, accepted)
+    timing = (
+        f"Environment {'reused' if reused else 'built'} in {build_s:.1f} s; matrix ran in {run_s:.1f} s "
+        f"({len(results.get('cells', []))} cells, {args.matrix.name})."
+    )
+    text = markdown(pins, results, accepted, diff, timing)
+    print()
+    print(text)
+    if args.summary:
+        args.summary.write_text(text)
+    if args.accept:
+        accepted_path.parent.mkdir(parents=True, exist_ok=True)
+        keep = ("id", "status", "expected", "max_abs_diff", "adapter_effect")
+        record = {
+            "pins": pins.packages,
+            "versions": results.get("versions"),
+            "device": results.get("device"),
+            "cells": [{k: c.get(k) for k in keep} for c in results.get("cells", [])],
+        }
+        accepted_path.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"gate: accepted results written to {accepted_path.relative_to(REPO)}")
+    return EXIT_REGRESSION if diff["regressions"] else EXIT_OK
