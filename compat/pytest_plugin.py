@@ -16,7 +16,7 @@ expectation must be updated. An expected ``unsupported`` cell is skipped with it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--compat-expected", type=Path, help="expected outcomes (default: expected.toml beside the matrix)")
     group.addoption("--compat-backend", choices=("auto", "cpu", "cuda"), default=None, help="where ranks run")
     group.addoption("--compat-timeout", type=float, default=None, help="seconds per cell launch")
+    group.addoption("--compat-results", type=Path, default=None, help="write the cells' results.json here")
     parser.addini("compat_matrix", "matrix TOML whose cells become tests", default="matrix/ci.toml")
 
 
@@ -153,10 +154,54 @@ def compat_backend(pytestconfig: pytest.Config) -> str:
 
 
 @pytest.fixture(scope="session")
-def compat_run(pytestconfig: pytest.Config, compat_backend: str, tmp_path_factory: pytest.TempPathFactory) -> CompatRun:
-    """Run a cell: ``compat_run(cell)`` returns a result with ``.result`` and ``.assert_met()``."""
+def _compat_runner(
+    pytestconfig: pytest.Config, compat_backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> CompatRun:
     from compat.expected import load_expectations
 
     s = _settings(pytestconfig)
     expectations = load_expectations(s.expected)
     return CompatRun(compat_backend, s.timeout, expectations, tmp_path_factory.mktemp("cells"))
+
+
+@pytest.fixture
+def compat_run(_compat_runner: CompatRun, request: pytest.FixtureRequest) -> Any:
+    """Run a cell: ``compat_run(cell)`` returns a result with ``.result`` and ``.assert_met()``.
+
+    Each result is also attached to the test's report, so ``--compat-results`` can collect them
+    (on the xdist controller too).
+    """
+
+    def run(cell: Cell, **kwargs: Any) -> CompatResult:
+        result = _compat_runner(cell, **kwargs)
+        request.node.user_properties.append(("compat_result", asdict(result.result)))
+        return result
+
+    return run
+
+
+_collected: list[dict[str, Any]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for key, value in report.user_properties:
+        if key == "compat_result" and report.when == "call":
+            _collected.append(value)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Write the cells' results.json (CONTRACT shape) where --compat-results asks, from the controller."""
+    path = session.config.getoption("--compat-results")
+    if not path or hasattr(session.config, "workerinput") or not _collected:
+        return
+    from compat.report import CellResult, device_name, write_results
+    from compat.versions import installed_versions
+
+    backend = session.config.getoption("--compat-backend") or "cpu"
+    if backend == "auto":
+        from compat.backends import detect
+
+        backend = detect()
+    order = {c.id: i for i, c in enumerate(_load(session.config)[0])}
+    results = sorted((CellResult(**r) for r in _collected), key=lambda r: (order.get(r.id, len(order)), r.id))
+    write_results(Path(path), results, backend, device_name(backend), installed_versions())
