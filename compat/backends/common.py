@@ -20,6 +20,13 @@ TE_FUSIONS = (
 )
 
 
+def turn_off_te_fusions(provider: object) -> None:
+    """The local layer spec runs none of the TE/CUDA fusions: turn them off before finalize()."""
+    for key in TE_FUSIONS:
+        if hasattr(provider, key):
+            setattr(provider, key, False)
+
+
 def causal_mask(input_ids: torch.Tensor) -> torch.Tensor:
     """Boolean mask, True where attention is masked (Megatron's convention)."""
     s = input_ids.shape[1]

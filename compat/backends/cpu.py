@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from compat.backends.common import TE_FUSIONS, causal_mask, position_ids
+from compat.backends.common import causal_mask, position_ids, turn_off_te_fusions
 
 __all__ = ["CpuBackend"]
 
@@ -24,9 +24,7 @@ class CpuBackend:
         return torch.device("cpu")
 
     def configure(self, provider: object) -> None:
-        for key in TE_FUSIONS:
-            if hasattr(provider, key):
-                setattr(provider, key, False)
+        turn_off_te_fusions(provider)
         if getattr(provider, "num_moe_experts", None):
             # The alltoall dispatcher creates a CUDA stream; allgather runs over gloo.
             provider.moe_token_dispatcher_type = "allgather"

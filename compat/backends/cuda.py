@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from compat.backends.common import TE_FUSIONS, causal_mask, position_ids
+from compat.backends.common import causal_mask, position_ids, turn_off_te_fusions
 
 __all__ = ["CudaBackend"]
 
@@ -34,9 +34,7 @@ class CudaBackend:
         from compat.workarounds.transformer_engine import needed as te_missing
 
         if te_missing():
-            for key in TE_FUSIONS:
-                if hasattr(provider, key):
-                    setattr(provider, key, False)
+            turn_off_te_fusions(provider)
         if getattr(provider, "num_moe_experts", None):
             provider.moe_token_dispatcher_type = "alltoall"
 
