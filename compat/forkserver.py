@@ -28,20 +28,21 @@ __all__ = ["Forked", "spawn", "usable"]
 
 _lock = threading.Lock()
 _server: subprocess.Popen[str] | None = None
-_server_env: dict[str, str] | None = None
+# The environment this process started with: a server forks ranks only while it is unchanged, so a
+# cell run under a changed environment (a planted PYTHONPATH, say) never shares a server with others.
+_initial_env = dict(os.environ)
 
 
 def usable(backend: str) -> bool:
     if backend != "cpu" or os.environ.get("COMPAT_FORKSERVER", "1") == "0":
         return False
-    return _server_env is None or _server_env == dict(os.environ)
+    return dict(os.environ) == _initial_env
 
 
 def _start() -> subprocess.Popen[str] | None:
-    global _server, _server_env
+    global _server
     if _server is not None and _server.poll() is None:
         return _server
-    _server_env = dict(os.environ)
     server = subprocess.Popen(
         [sys.executable, "-m", "compat.forkserver"],
         stdin=subprocess.PIPE,
