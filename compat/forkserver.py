@@ -30,13 +30,20 @@ _lock = threading.Lock()
 _server: subprocess.Popen[str] | None = None
 # The environment this process started with: a server forks ranks only while it is unchanged, so a
 # cell run under a changed environment (a planted PYTHONPATH, say) never shares a server with others.
-_initial_env = dict(os.environ)
+_VOLATILE = ("PYTEST_CURRENT_TEST",)  # pytest rewrites it for every test
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _VOLATILE}
+
+
+_initial_env = _env()
 
 
 def usable(backend: str) -> bool:
     if backend != "cpu" or os.environ.get("COMPAT_FORKSERVER", "1") == "0":
         return False
-    return dict(os.environ) == _initial_env
+    return _env() == _initial_env
 
 
 def _start() -> subprocess.Popen[str] | None:
