@@ -22,6 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+# Light (standard library only); imported now so the fork server's baseline environment is the one
+# pytest started with, not whatever the first test to launch a cell had patched in.
+import compat.forkserver  # noqa: F401
+
 if TYPE_CHECKING:
     from compat.cells import Cell
     from compat.expected import Expectations
