@@ -15,6 +15,7 @@ pid on stdout, and when it reaps a child writes ``<log>.exit`` holding its wait 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -59,12 +60,24 @@ def _start() -> subprocess.Popen[str] | None:
         env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
         start_new_session=True,
     )
+    atexit.register(_shutdown, server)
     ready = server.stdout.readline().strip() if server.stdout else ""
     if ready != "ready":
         server.kill()
         return None
     _server = server
     return server
+
+
+def _shutdown(server: subprocess.Popen[str]) -> None:
+    """At exit: close the server's stdin (it stops after its last fork) and wait, so none outlives us."""
+    try:
+        if server.stdin:
+            server.stdin.close()
+        server.wait(timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        server.kill()
+        server.wait()
 
 
 class Forked:

@@ -40,14 +40,27 @@ def processes_with(token: str) -> list[int]:
     return found
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def ranks_with(token: str) -> list[int]:
+    """Rank processes: started cold (``compat.worker``) or forked by the fork server (its children)."""
     pids = []
     for pid in processes_with(token):
-        try:
-            if b"compat.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.append(pid)
-        except OSError:
-            pass
+        cmd = _cmdline(pid)
+        if b"compat.worker" in cmd or (b"compat.forkserver" in cmd and b"compat.forkserver" in _cmdline(_parent(pid))):
+            pids.append(pid)
     return pids
 
 
