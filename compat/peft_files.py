@@ -219,17 +219,32 @@ def _summarise(modules: list[str]) -> str:
 
 
 def check_loaded_by_peft(peft_model: Any, path: Path) -> list[str]:
-    """Each tensor of the file that maps to one peft parameter must hold exactly the file's value."""
+    """Every module of the file must carry a LoRA layer in the loaded model, holding the file's values.
+
+    A module whose own name is not wrapped may sit under a wrapped parent (experts fused by
+    transformers, adapted through ``target_parameters``): the logits judge those values.
+    """
     import torch
     from safetensors.torch import load_file
 
     saved = load_file(str(path / "adapter_model.safetensors"))
     params = dict(peft_model.named_parameters())
-    problems = []
+    wrapped = {name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    problems, unadapted = [], set()
     for key, value in saved.items():
+        module = re.sub(r"\.(lora_A|lora_B)\.weight$|\.lora_magnitude_vector$", "", key)
+        parts = module.split(".")
+        if not any(".".join(parts[:n]) in wrapped for n in range(len(parts), 0, -1)):
+            unadapted.add(module.removeprefix("base_model.model."))
+            continue
         name = re.sub(r"\.(lora_A|lora_B)\.weight$", r".\1.default.weight", key)
-        if name not in params:
-            continue  # converted on load (e.g. experts fused by transformers): the logits judge it
-        if not torch.equal(params[name].detach().cpu().to(value.dtype), value):
+        if name in params and not torch.equal(params[name].detach().cpu().to(value.dtype), value):
             problems.append(f"peft did not load {key}: its parameter {name} differs from the file")
+    if unadapted:
+        config = peft_model.peft_config["default"]
+        problems.append(
+            f"peft applied no LoRA to {len(unadapted)} modules that have tensors in the file, "
+            f"e.g. {_summarise(sorted(unadapted))} (loaded config: target_modules "
+            f"{sorted(config.target_modules or [])}, target_parameters {sorted(config.target_parameters or [])})"
+        )
     return problems

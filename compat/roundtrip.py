@@ -11,6 +11,7 @@ rank together with one reason instead of leaving ranks blocked in the next colle
 
 from __future__ import annotations
 
+import traceback
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -729,6 +730,7 @@ def _load(run: RankRun, saved: dict[str, torch.Tensor] | None) -> tuple[Any, lis
             bridge_api.load_peft_adapter_checkpoint(model, run.paths.checkpoint, peft)
             problems = _compare_values(run.adapter_params(model), restored, "load_peft_adapter_checkpoint:")
         except Exception as exc:  # its failure is a finding, reported on every rank alike
+            traceback.print_exc()  # the full stack stays in this rank's log
             problems = [f"load_peft_adapter_checkpoint raised {type(exc).__name__}: {exc}"]
         agree(problems)
     return bridge, model, peft

@@ -2,6 +2,10 @@
 
 - ``transformer_engine``: megatron-bridge imports Transformer Engine unconditionally in some
   modules (which ones differs by release); applied only when TE is not importable.
+- ``zero_centered_norm``: megatron-core's local norm refuses the (1 + w) norms of Gemma and
+  Nemotron that only TE implements; applied only when TE is not importable.
+- ``mla_core_attention``: multi-latent attention passes key/value head widths that only TE's core
+  attention accepts; applied only when TE is not importable.
 - ``cpu``: megatron-core assumes CUDA in a few places; applied only by the CPU backend.
 
 Workers call :func:`apply` once, before importing megatron.bridge. Nothing here is applied in
@@ -15,12 +19,14 @@ __all__ = ["apply"]
 
 def apply(backend: str) -> list[str]:
     """Apply what this process needs for ``backend``; return the names of what was applied."""
-    from compat.workarounds import cpu, transformer_engine
+    from compat.workarounds import cpu, mla_core_attention, transformer_engine, zero_centered_norm
 
     applied = []
     if transformer_engine.needed():
         transformer_engine.apply()
-        applied.append("transformer_engine")
+        zero_centered_norm.apply()
+        mla_core_attention.apply()
+        applied += ["transformer_engine", "zero_centered_norm", "mla_core_attention"]
     if backend == "cpu":
         cpu.apply()
         applied.append("cpu")

@@ -17,6 +17,12 @@ Applied only by the CPU backend. Upstream code this answers (megatron-core 0.19.
   embedding/output weight to CUDA (``weight.data.cuda()``) before all-reducing it over the
   embedding group (tied embeddings under PP > 1): while that method runs, ``Tensor.cuda``
   leaves tensors on the CPU.
+- ``megatron/core/dist_checkpointing/strategies/fully_parallel.py:195``
+  ``FullyParallelLoadStrategyWrapper.load`` (which megatron-bridge's
+  ``load_peft_adapter_checkpoint`` uses by default, ``megatron/bridge/peft/utils.py:427``) shares the
+  shards read by one data-parallel rank with the others through CUDA tensors
+  (``exchange_utils.py:506`` ``.cuda()``, ``:97-109`` ``device="cuda"``): here every rank reads its own
+  shards through the wrapped strategy, which its docstring names as equivalent.
 Other CUDA assumptions are avoided by the CPU backend rather than patched: the default causal
 mask (``megatron/core/transformer/utils.py:39``, ``device="cuda"``) by passing an explicit mask,
 the pipeline schedules by a forward-only pass with point-to-point send/recv, and the alltoall
@@ -82,6 +88,13 @@ def apply() -> None:
             torch.Tensor.cuda = to_cuda  # type: ignore[method-assign]
 
     LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer_on_cpu
+
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    def load_without_exchange(self, sharded_state_dict, checkpoint_dir, async_strategy="mcore"):  # type: ignore[no-untyped-def]
+        return self.base_strategy.load(sharded_state_dict, checkpoint_dir, async_strategy)
+
+    FullyParallelLoadStrategyWrapper.load = load_without_exchange
 
     mpu_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mpu_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
