@@ -289,6 +289,7 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--accept", action="store_true", help="record these results as accepted for the set")
     g.add_argument("--gate-dir", type=Path, default=REPO / ".gate", help="where environments live (.gate/)")
     g.add_argument("--timeout", type=float, help="seconds per cell launch (passed to compat run)")
+    g.add_argument("--jobs", type=int, help="cells run at once (passed to compat run)")
     g.add_argument("-k", dest="select", help="run only cells whose id contains this text (passed to compat run)")
 
 
@@ -323,6 +324,7 @@ def _gate(args: argparse.Namespace) -> int:
     cmd += ["--expected", str(expected.resolve())]
     cmd += ["--output", str(out)] + (["--timeout", str(args.timeout)] if args.timeout else [])
     cmd += ["-k", args.select] if args.select else []
+    cmd += ["--jobs", str(args.jobs)] if args.jobs else []
     start = time.monotonic()
     rc = subprocess.run(cmd, env=env, cwd=REPO).returncode
     run_s = time.monotonic() - start
