@@ -11,6 +11,7 @@ rank together with one reason instead of leaving ranks blocked in the next colle
 
 from __future__ import annotations
 
+import functools
 import traceback
 import zlib
 from dataclasses import dataclass, field
@@ -46,6 +47,31 @@ class Unsupported(Exception):
     """The cell cannot be built here; the reason names the upstream file and line or the package."""
 
 
+UPSTREAM_PACKAGES = ("megatron", "transformers", "peft", "torch", "safetensors")
+
+
+@functools.cache
+def _upstream_roots() -> tuple[Path, ...]:
+    """Directories holding the upstream packages, wherever they are installed (a venv, --target dir)."""
+    import importlib.util
+
+    roots = set()
+    for name in UPSTREAM_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            roots.add(Path(location).resolve().parent)
+    return tuple(sorted(roots))
+
+
+def _upstream_path(filename: str) -> str | None:
+    """``megatron/core/...py`` for a file of an upstream package, None for any other file."""
+    path = Path(filename).resolve()
+    for root in _upstream_roots():
+        if path.is_relative_to(root) and path.relative_to(root).parts[0] in UPSTREAM_PACKAGES:
+            return path.relative_to(root).as_posix()
+    return None
+
+
 def _is_build_limit(exc: BaseException) -> bool:
     """A model that fails to *build* without TE, in upstream model code, not in the PEFT code.
 
@@ -56,20 +82,20 @@ def _is_build_limit(exc: BaseException) -> bool:
 
     from compat.workarounds.transformer_engine import needed as te_missing
 
-    files = [f.filename for f in traceback.extract_tb(exc.__traceback__)]
-    upstream = [f for f in files if "site-packages" in f]
-    return te_missing() and bool(upstream) and not any("megatron/bridge/peft/" in f for f in files)
+    files = [_upstream_path(f.filename) for f in traceback.extract_tb(exc.__traceback__)]
+    upstream = [f for f in files if f]
+    return te_missing() and bool(upstream) and not any(f.startswith("megatron/bridge/peft/") for f in upstream)
 
 
 def _upstream_frame(exc: BaseException) -> str:
-    """``file:line`` of the innermost frame in site-packages code, relative to site-packages."""
+    """``file:line`` of the innermost frame in upstream code, relative to where it is installed."""
     import traceback
 
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "site-packages" in f.filename]
+    frames = [(path, f.lineno) for f in traceback.extract_tb(exc.__traceback__) if (path := _upstream_path(f.filename))]
     if not frames:
         return "unknown location"
-    f = frames[-1]
-    return f"{f.filename.split('site-packages/')[-1]}:{f.lineno}"
+    path, line = frames[-1]
+    return f"{path}:{line}"
 
 
 @dataclass(frozen=True)
@@ -149,6 +175,7 @@ class RankRun:
         self.adapter = get_adapter(cell.adapter)
         self.dtype = TORCH_DTYPES[cell.dtype]
         self.rank = dist.get_rank()
+        self.merged_export_problem = ""
 
     # -- building -------------------------------------------------------------------------
     def ensure_hf_model(self) -> None:
@@ -169,7 +196,7 @@ class RankRun:
             line = inspect.getsourcelines(AutoBridge.list_supported_models)[1]
             raise Unsupported(
                 f"megatron-bridge {version('megatron-bridge')} registers no bridge for "
-                f"{self.family.architecture} ({where.split('site-packages/')[-1]}:{line}, "
+                f"{self.family.architecture} ({_upstream_path(where) or where}:{line}, "
                 "AutoBridge.list_supported_models)"
             )
         try:
@@ -353,8 +380,17 @@ class RankRun:
         """Export a merged full HF checkpoint, then merge in Megatron itself and run it again.
 
         Returns whether the Megatron-side merge ran (the bridge offers it for plain LoRA wrappers).
+        The merged export raising is a finding (rank 0 reports it with the comparison), not a crash.
         """
-        bridge_api.save_hf_merged(bridge, model, self.paths.merged, self.paths.hf)
+        try:
+            bridge_api.save_hf_merged(bridge, model, self.paths.merged, self.paths.hf)
+        except Exception as exc:
+            traceback.print_exc()  # the full stack stays in this rank's log
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            self.merged_export_problem = (
+                f"the bridge's merged HF export (save_hf_weights, merge_adapter_weights=True) raised "
+                f"{type(exc).__name__}: {first} at {_upstream_frame(exc)}"
+            )
         _barrier()
         if not bridge_api.merge_in_place(model, peft):
             return False
@@ -369,6 +405,7 @@ class RankRun:
         from transformers import AutoModelForCausalLM
 
         problems = check_adapter_dir(self.paths.adapter, self.adapter, self.paths.hf, self.family.hf_modules)
+        problems += [self.merged_export_problem] if self.merged_export_problem else []
         if reference is not None:
             problems += _compare_exports(
                 load_file(self.paths.adapter / "adapter_model.safetensors"),
@@ -436,7 +473,7 @@ class RankRun:
 
         out = {}
         with torch.no_grad():
-            if (self.paths.merged / "config.json").exists():
+            if (self.paths.merged / "config.json").exists() and not self.merged_export_problem:
                 full = AutoModelForCausalLM.from_pretrained(str(self.paths.merged), dtype=self.dtype).eval()
                 out["bridge's merged HF export (save_hf_weights)"] = full(ids).logits
             if megatron_merged:
@@ -456,7 +493,6 @@ def _layer_spec_without_te(spec: Any, local_layer_spec: Any, provider: Any) -> A
     (OLMoE) edits the local spec instead; any other family-specific spec is kept as the bridge
     wrote it, and is :class:`Unsupported` when it cannot be built without TE or names a TE class.
     """
-    import functools
     import inspect
 
     from megatron.bridge.models import gpt_provider
@@ -468,7 +504,7 @@ def _layer_spec_without_te(spec: Any, local_layer_spec: Any, provider: Any) -> A
     fn = spec.func if isinstance(spec, functools.partial) else spec
     name = getattr(fn, "__name__", repr(fn))
     where = inspect.getsourcefile(fn) if inspect.isfunction(fn) else None
-    place = f"{where.split('site-packages/')[-1]}:{inspect.getsourcelines(fn)[1]}" if where else repr(spec)
+    place = f"{_upstream_path(where) or where}:{inspect.getsourcelines(fn)[1]}" if where else repr(spec)
     if inspect.isfunction(fn) and fn.__globals__.get("default_layer_spec") is gpt_provider.default_layer_spec:
         # A spec that edits the GPT default (OLMoE: its own attention class on the TE layer):
         # the same edit on the local spec.
