@@ -7,6 +7,7 @@ import argparse
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any
 
 from compat import launch
 from compat.cells import DTYPES, Cell
@@ -151,18 +152,18 @@ def _families() -> int:
     from compat.status import last_known
 
     archs = registered_architectures()
-    declared = {f.architecture: f for f in families().values()}
+    declared: dict[str, list[Any]] = {}
+    for fam in families().values():  # an architecture may have several families (llama, llama_tied)
+        declared.setdefault(fam.architecture, []).append(fam)
     known = last_known()
-    print(f"{'architecture':34} {'harness family':16} status")
+    print(f"{'architecture':34} {'harness family':20} status")
     for arch in sorted(set(archs) | set(declared)):
-        fam = declared.get(arch)
-        registered = arch in archs
-        if fam is None:
-            print(f"{arch:34} {'-':16} not built by the harness")
+        if arch not in declared:
+            print(f"{arch:34} {'-':20} not built by the harness")
             continue
-        status = known.get(fam.name, "no results yet")
-        note = "" if registered else "  (not registered by the installed bridge: unsupported)"
-        print(f"{arch:34} {fam.name:16} {status}{note}")
+        note = "" if arch in archs else "  (not registered by the installed bridge: unsupported)"
+        for fam in declared[arch]:
+            print(f"{arch:34} {fam.name:20} {known.get(fam.name, 'no results yet')}{note}")
     return EXIT_OK
 
 
