@@ -38,13 +38,23 @@ class Adapter:
     options: tuple[tuple[str, Any], ...] = ()
     hf_scope: str = ""  # regex: the HF modules the targets reach (wildcard targets), "" for all
 
-    def build(self) -> Any:
-        """The bridge's PEFT object for this kind (imports megatron.bridge: call in a worker)."""
+    def peft_class(self) -> Any:
+        """The installed bridge's PEFT class for this kind (imports megatron.bridge: call in a worker)."""
         from importlib import import_module
 
         module, cls = _PEFT_CLASSES[self.peft]
-        peft_cls = getattr(import_module(module), cls)
-        return peft_cls(
+        return getattr(import_module(module), cls)
+
+    def unavailable_options(self) -> list[str]:
+        """Options of this kind that the installed bridge's PEFT class does not take (older releases)."""
+        import inspect
+
+        accepted = inspect.signature(self.peft_class()).parameters
+        return [name for name, _ in self.options if name not in accepted]
+
+    def build(self) -> Any:
+        """The bridge's PEFT object for this kind (imports megatron.bridge: call in a worker)."""
+        return self.peft_class()(
             target_modules=list(self.targets),
             dim=self.rank,
             alpha=self.alpha,

@@ -258,9 +258,23 @@ def _launch(
 
 
 def verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, str, dict[str, Any]]:
-    """(status, reason, metrics) of one phase: errors first, then failed checks, then pass."""
+    """(status, reason, metrics) of one phase: the first rank to stop is the cause.
+
+    Errors come before failed checks, unless a check failed before any error: peers left in a
+    collective by a failing rank then break there ("connection closed"), after the fact.
+    """
     where = f"[{phase}] " if phase != "roundtrip" else ""
     errors = [o for o in outcomes if o.record and o.record["status"] == "error"]
+    fails = [o for o in outcomes if o.record and o.record["status"] == "fail"]
+    first_fail = min(fails, key=lambda o: (o.record.get("at", float("inf")), o.rank), default=None)
+    if (
+        errors
+        and first_fail
+        and first_fail.record.get("at", float("inf")) < min(e.record.get("at", float("inf")) for e in errors)
+    ):
+        # A check failed on one rank while its peers were in a collective, which then broke there.
+        after = "".join(f"\nthen rank {e.rank} raised {e.record['reason'][:200]}" for e in errors)
+        return "fail", where + first_fail.record["reason"] + after, first_fail.record.get("metrics") or {}
     if errors:
         # The first rank to break is the cause; peers then fail in a collective ("connection closed").
         errors.sort(key=lambda o: (o.record.get("at", float("inf")), o.rank))
@@ -270,7 +284,6 @@ def verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, str
     unsupported = [o for o in outcomes if o.record and o.record["status"] == "unsupported"]
     if unsupported:
         return "unsupported", where + unsupported[0].record["reason"], {}
-    fails = [o for o in outcomes if o.record and o.record["status"] == "fail"]
     if fails:
         o = min(fails, key=lambda o: o.rank)
         return "fail", where + o.record["reason"], o.record.get("metrics") or {}

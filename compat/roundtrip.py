@@ -137,10 +137,24 @@ class Outcome:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+_HARNESS_GROUP: Any = None
+
+
+def _harness_group() -> Any:
+    """The harness's own collectives run on a separate gloo communicator.
+
+    A rank that an upstream exception took out of an upstream collective early then waits here,
+    where no upstream collective of its peers can be matched with its own: the cell shows as a
+    hang (stacks dumped) instead of ranks exchanging each other's unrelated buffers. Created by
+    :func:`run_phase` on every rank before anything else, as ``new_group`` requires.
+    """
+    return _HARNESS_GROUP
+
+
 def agree(problems: list[str]) -> None:
     """Exchange problems between all ranks; raise the same :class:`CheckFailed` on every rank."""
     gathered: list[list[str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, problems)
+    dist.all_gather_object(gathered, problems, group=_harness_group())
     merged: list[str] = []
     for rank, rank_problems in enumerate(gathered):
         for problem in rank_problems or []:
@@ -152,7 +166,7 @@ def agree(problems: list[str]) -> None:
 
 
 def _barrier() -> None:
-    dist.barrier()
+    dist.barrier(group=_harness_group())
 
 
 def _is_adapter(name: str) -> bool:
@@ -175,7 +189,6 @@ class RankRun:
         self.adapter = get_adapter(cell.adapter)
         self.dtype = TORCH_DTYPES[cell.dtype]
         self.rank = dist.get_rank()
-        self.merged_export_problem = ""
 
     # -- building -------------------------------------------------------------------------
     def ensure_hf_model(self) -> None:
@@ -199,6 +212,13 @@ class RankRun:
                 f"{self.family.architecture} ({_upstream_path(where) or where}:{line}, "
                 "AutoBridge.list_supported_models)"
             )
+        unavailable = self.adapter.unavailable_options()
+        if unavailable:
+            cls = self.adapter.peft_class()
+            raise Unsupported(
+                f"megatron-bridge {version('megatron-bridge')}'s {cls.__name__} has no option {', '.join(unavailable)} "
+                f"({_upstream_path(inspect.getsourcefile(cls) or '') or cls.__module__})"
+            )
         try:
             return self._build(AutoBridge, local_layer_spec, layout)
         except ImportError as exc:
@@ -207,9 +227,9 @@ class RankRun:
             if not _is_build_limit(exc):
                 raise
             raise Unsupported(
-                "cannot be built here (local layer spec, no Transformer Engine): "
-                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} "
-                f"at {_upstream_frame(exc)}"
+                f"cannot be built here: {type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''} at {_upstream_frame(exc)} "
+                "(model code, local layer spec, no Transformer Engine)"
             ) from exc
 
     def _build(self, AutoBridge: Any, local_layer_spec: Any, layout: Layout) -> tuple[Any, list, Any]:
@@ -305,7 +325,7 @@ class RankRun:
             {t.key for section in sharded.values() if isinstance(section, dict) for t in _sharded_tensors(section)}
         )
         every: list[list[str] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(every, mine)
+        dist.all_gather_object(every, mine, group=_harness_group())
         problems = []
         if self.rank == 0:
             wanted = {k for keys in every for k in keys or []}
@@ -380,17 +400,22 @@ class RankRun:
         """Export a merged full HF checkpoint, then merge in Megatron itself and run it again.
 
         Returns whether the Megatron-side merge ran (the bridge offers it for plain LoRA wrappers).
-        The merged export raising is a finding (rank 0 reports it with the comparison), not a crash.
+        The merged export raising is this cell's finding: a failed check, with what rank 0 finds
+        wrong in the adapter export itself (peers stuck in the export's collectives are then
+        stopped by the launcher, which names the first rank to stop).
         """
         try:
             bridge_api.save_hf_merged(bridge, model, self.paths.merged, self.paths.hf)
         except Exception as exc:
             traceback.print_exc()  # the full stack stays in this rank's log
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            self.merged_export_problem = (
+            problems = [
                 f"the bridge's merged HF export (save_hf_weights, merge_adapter_weights=True) raised "
                 f"{type(exc).__name__}: {first} at {_upstream_frame(exc)}"
-            )
+            ]
+            if self.rank == 0:
+                problems = self.check_adapter_files(None) + problems
+            raise CheckFailed("; ".join(problems)) from exc
         _barrier()
         if not bridge_api.merge_in_place(model, peft):
             return False
@@ -398,19 +423,24 @@ class RankRun:
         return True
 
     # -- rank 0: the HF side ---------------------------------------------------------------
-    def compare_with_peft(self, reference: Path | None, megatron_merged: bool) -> dict[str, Any]:
-        """Check the exported files, load them with ``peft``, compare logits with Megatron's."""
-        from peft import PeftModel
+    def check_adapter_files(self, reference: Path | None) -> list[str]:
+        """What is wrong in the exported files themselves (and against the export at the save layout)."""
         from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM
 
         problems = check_adapter_dir(self.paths.adapter, self.adapter, self.paths.hf, self.family.hf_modules)
-        problems += [self.merged_export_problem] if self.merged_export_problem else []
         if reference is not None:
             problems += _compare_exports(
                 load_file(self.paths.adapter / "adapter_model.safetensors"),
                 load_file(reference / "adapter_model.safetensors"),
             )
+        return problems
+
+    def compare_with_peft(self, reference: Path | None, megatron_merged: bool) -> dict[str, Any]:
+        """Check the exported files, load them with ``peft``, compare logits with Megatron's."""
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        problems = self.check_adapter_files(reference)
         if problems:
             raise CheckFailed("; ".join(problems))
         hf = AutoModelForCausalLM.from_pretrained(str(self.paths.hf), dtype=self.dtype).eval()
@@ -473,7 +503,7 @@ class RankRun:
 
         out = {}
         with torch.no_grad():
-            if (self.paths.merged / "config.json").exists() and not self.merged_export_problem:
+            if (self.paths.merged / "config.json").exists():
                 full = AutoModelForCausalLM.from_pretrained(str(self.paths.merged), dtype=self.dtype).eval()
                 out["bridge's merged HF export (save_hf_weights)"] = full(ids).logits
             if megatron_merged:
@@ -785,6 +815,8 @@ def run_phase(cell: Cell, phase: str, paths: Paths, backend: Backend) -> dict[st
         timings[step] = round(now - clock, 2)
         clock = now
 
+    global _HARNESS_GROUP
+    _HARNESS_GROUP = dist.new_group(backend="gloo")
     run = RankRun(cell, paths, backend)
     run.ensure_hf_model()
     lap("hf model")

@@ -57,7 +57,7 @@ def run_task(task: dict[str, Any], rank: int, world_size: int, local_rank: int) 
         return {"rank": rank, "status": "pass", "metrics": metrics}
     except CheckFailed as exc:
         metrics = exc.args[1] if len(exc.args) > 1 else {}
-        return {"rank": rank, "status": "fail", "reason": str(exc.args[0]), "metrics": metrics}
+        return {"rank": rank, "status": "fail", "reason": str(exc.args[0]), "metrics": metrics, "at": time.time()}
     except Unsupported as exc:
         return {"rank": rank, "status": "unsupported", "reason": str(exc)}
     except BaseException as exc:
