@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-k", dest="select", help="run only cells whose id contains this text")
     run.add_argument("--shard", help="K/N: run the K-th of N interleaved slices of the cells (split long runs)")
     sub.add_parser("families", help="architectures the installed bridge registers, and what the harness builds")
+    rep = sub.add_parser("report", help="a results.json as Markdown (job summaries, docs)")
+    rep.add_argument("results", type=Path, nargs="+", help="results.json files")
     from compat import gate
 
     gate.add_parser(sub)
@@ -171,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "report":
+        from compat.report import markdown, read_results
+
+        print("\n".join(markdown(read_results(path), str(path)) for path in args.results))
+        return EXIT_OK
     if args.command == "gate":
         from compat import gate
 

@@ -208,7 +208,7 @@ def _summarise(modules: list[str]) -> str:
         shape = re.sub(r"\.(\d+)\.", ".#.", m)
         groups.setdefault(shape, set()).add(m)
     out = []
-    for shape, members in sorted(groups.items(), key=lambda kv: -len(kv[1]))[:3]:
+    for shape, members in sorted(groups.items(), key=lambda kv: -len(kv[1]))[:6]:
         numbers = [re.findall(r"\.(\d+)\.", m) for m in members]
         cols = list(zip(*numbers, strict=False)) if numbers and all(len(n) == len(numbers[0]) for n in numbers) else []
         text = shape

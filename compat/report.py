@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
 from compat.cells import Cell
 
-__all__ = ["CellResult", "format_header", "format_row", "read_results", "summary", "write_results"]
+__all__ = ["CellResult", "format_header", "format_row", "markdown", "read_results", "summary", "write_results"]
 
 
 @dataclass
@@ -68,12 +70,13 @@ def device_name(backend: str) -> str:
         import torch
 
         return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-    return f"{platform.machine()} CPU ({platform.processor() or platform.system()})"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.system()})"
 
 
 def write_results(path: Path, results: list[CellResult], backend: str, device: str, versions: dict[str, Any]) -> None:
     """Write atomically: a run that stops half-way never leaves a half-written file."""
     data = {
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": device,
         "backend": backend,
         "versions": versions,
@@ -152,3 +155,34 @@ def print_table(results: list[CellResult], out: IO[str]) -> None:
     for r in results:
         print(format_row(r), file=out)
     print(summary(results), file=out)
+
+
+def markdown(data: dict[str, Any], source: str = "") -> str:
+    """A results.json as Markdown: the run, one row per cell, then each non-pass reason once.
+
+    For job summaries and committed docs; reasons are shortened to (the start of) their first line and
+    shared by the cells that have the same one.
+    """
+    versions = ", ".join(f"{k} {v}" for k, v in data.get("versions", {}).items())
+    lines = [
+        f"{source + ': ' if source else ''}{data.get('device', '')}, {data.get('backend', '')} backend; {versions}",
+        "",
+        "| cell | world | status | expected | max diff | effect | seconds | reason |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    reasons: dict[str, int] = {}
+    for c in data.get("cells", []):
+        note = ""
+        if c["status"] != "pass":
+            first = c["reason"].strip().splitlines()[0][:300] if c["reason"].strip() else ""
+            note = f"[{reasons.setdefault(first, len(reasons) + 1)}]"
+        status = c["status"] + ("" if c["met"] else " (unexpected)")
+        row = (c["id"], c["world_size"], status, c["expected"], _num(c["max_abs_diff"]),
+               _num(c["adapter_effect"]), f"{c['seconds']:.0f}", note)  # fmt: skip
+        lines.append("| " + " | ".join(str(x) for x in row) + " |")
+    if reasons:
+        lines += ["", "Reasons (first line):", ""]
+        lines += [f"{n}. {text}" for text, n in reasons.items()]
+    met = sum(c["met"] for c in data.get("cells", []))
+    lines += ["", f"{len(data.get('cells', []))} cells, {met} met their expected outcome."]
+    return "\n".join(lines) + "\n"

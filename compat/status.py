@@ -16,9 +16,11 @@ RESULTS_DIR = Path("matrix/results")
 def last_known(results_dir: Path = RESULTS_DIR) -> dict[str, str]:
     """family -> ``"tp1 pass, ep2 fail (expected), ..."`` from the newest results file per backend."""
     per_family: dict[str, dict[str, str]] = {}
-    files = sorted(results_dir.glob("*.json"), key=lambda p: p.stat().st_mtime) if results_dir.is_dir() else []
-    for path in files:  # newest last, so newer results overwrite older ones
-        data = json.loads(path.read_text())
+    runs = [(path, json.loads(path.read_text())) for path in sorted(results_dir.glob("*.json"))]
+    # Newest last, so newer results overwrite older ones: by the time a run finished (a clone's
+    # file times are all the same), files from before that field by modification time.
+    runs.sort(key=lambda run: (run[1].get("finished_at", ""), run[0].stat().st_mtime))
+    for path, data in runs:
         for cell in data.get("cells", []):
             note = "" if cell["met"] else " (unexpected)"
             if cell["status"] != "pass" and cell["met"]:
