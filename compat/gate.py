@@ -1,4 +1,4 @@
-"""``python -m compat gate``: run a small matrix on a pinned set of releases, in an isolated
+"""``python -m compat gate``: run the CI matrix (or another) on a pinned set of releases, in an isolated
 environment, and compare with the expected outcomes and with the last accepted results.
 
 A pin set is data, ``matrix/pins/NAME.toml``:
@@ -283,7 +283,7 @@ def markdown(
 def add_parser(sub: Any) -> None:
     g = sub.add_parser("gate", help="run a matrix on a pinned release set in its own environment and compare")
     g.add_argument("--pins", type=Path, required=True, help="pin set, matrix/pins/NAME.toml")
-    g.add_argument("--matrix", type=Path, default=REPO / "matrix" / "gate.toml", help="default: matrix/gate.toml")
+    g.add_argument("--matrix", type=Path, default=REPO / "matrix" / "ci.toml", help="default: matrix/ci.toml")
     g.add_argument("--expected", type=Path, help="expected outcomes (default: matrix/expected.toml)")
     g.add_argument("--summary", type=Path, help="also write the comparison as Markdown (CI job summaries)")
     g.add_argument("--accept", action="store_true", help="record these results as accepted for the set")
