@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -116,13 +116,18 @@ def _run(args: argparse.Namespace) -> int:
 
     pool = ThreadPoolExecutor(max_workers=args.jobs)
     try:
-        futures = [pool.submit(one, c) for c in cells]
-        for future in as_completed(futures):
-            r = future.result()
-            results[r.id] = r
-            print(format_row(r), flush=True)
-            done = sorted(results.values(), key=lambda r: order[r.id])
-            write_results(args.output, done, backend, device, versions)
+        pending = {pool.submit(one, c) for c in cells}
+        while pending:
+            # A timed wait: Ctrl-C may reach a worker thread, and only the main thread raises
+            # KeyboardInterrupt, when it next runs; an untimed wait would hold it until a cell ends.
+            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in finished:
+                r = future.result()
+                results[r.id] = r
+                print(format_row(r), flush=True)
+            if finished:
+                done = sorted(results.values(), key=lambda r: order[r.id])
+                write_results(args.output, done, backend, device, versions)
     except KeyboardInterrupt:
         launch.STOP.set()
         pool.shutdown(wait=True, cancel_futures=True)
