@@ -54,6 +54,21 @@ def _parent(pid: int) -> int:
         return 0
 
 
+def _as_from_a_terminal() -> None:
+    """SIGINT deliverable and default, as in a shell: a test runner's process may pass on a mask or
+    disposition that blocks or ignores it (seen only inside the full xdist suite)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _signal_state(pid: int) -> str:
+    try:
+        lines = (Path("/proc") / str(pid) / "status").read_text().splitlines()
+    except OSError:
+        return "gone"
+    return ", ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 def ranks_with(token: str) -> list[int]:
     """Rank processes: started cold (``compat.worker``) or forked by the fork server (its children)."""
     pids = []
@@ -126,6 +141,7 @@ def test_ctrl_c_stops_every_rank(tmp_path, token):
         cwd=Path(__file__).resolve().parents[1],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        preexec_fn=_as_from_a_terminal,
     )
     try:
         deadline = time.monotonic() + 120
@@ -134,6 +150,7 @@ def test_ctrl_c_stops_every_rank(tmp_path, token):
             assert time.monotonic() < deadline, "the ranks never started"
             time.sleep(0.2)
         time.sleep(1)  # let them get into their imports
+        state = _signal_state(cli.pid)
         cli.send_signal(signal.SIGINT)
         output, _ = cli.communicate(timeout=60)
     finally:
@@ -141,6 +158,6 @@ def test_ctrl_c_stops_every_rank(tmp_path, token):
             cli.kill()
             cli.wait()
     text = output.decode(errors="replace")
-    assert cli.returncode == 130, text
+    assert cli.returncode == 130, f"CLI signal state when interrupted: {state}\n{text}"
     assert re.search(r"interrupted", text), text
     assert not processes_with(token), f"rank processes survived Ctrl-C: {processes_with(token)}"
