@@ -260,33 +260,34 @@ def _launch(
 def verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, str, dict[str, Any]]:
     """(status, reason, metrics) of one phase: the first rank to stop is the cause.
 
-    Errors come before failed checks, unless a check failed before any error: peers left in a
-    collective by a failing rank then break there ("connection closed"), after the fact.
+    Errors, then unsupported, then failed checks, unless a check failed before any error: peers
+    left in a collective by a failing rank then break there ("connection closed"), after the fact.
     """
     where = f"[{phase}] " if phase != "roundtrip" else ""
+
+    def first(group: list[RankOutcome]) -> RankOutcome:
+        return min(group, key=lambda o: (o.record.get("at", float("inf")), o.rank))
+
+    def then(group: list[RankOutcome]) -> str:
+        return "".join(f"\nthen rank {o.rank} raised {o.record['reason'][:200]}" for o in group)
+
     errors = [o for o in outcomes if o.record and o.record["status"] == "error"]
     fails = [o for o in outcomes if o.record and o.record["status"] == "fail"]
-    first_fail = min(fails, key=lambda o: (o.record.get("at", float("inf")), o.rank), default=None)
-    if (
-        errors
-        and first_fail
-        and first_fail.record.get("at", float("inf")) < min(e.record.get("at", float("inf")) for e in errors)
-    ):
-        # A check failed on one rank while its peers were in a collective, which then broke there.
-        after = "".join(f"\nthen rank {e.rank} raised {e.record['reason'][:200]}" for e in errors)
-        return "fail", where + first_fail.record["reason"] + after, first_fail.record.get("metrics") or {}
-    if errors:
+    failed_first = bool(fails) and (
+        not errors or first(fails).record.get("at", float("inf")) < first(errors).record.get("at", float("inf"))
+    )
+    if errors and not failed_first:
         # The first rank to break is the cause; peers then fail in a collective ("connection closed").
-        errors.sort(key=lambda o: (o.record.get("at", float("inf")), o.rank))
-        o = errors[0]
-        after = "".join(f"\nthen rank {e.rank} raised {e.record['reason'][:200]}" for e in errors[1:])
-        return "error", f"{where}rank {o.rank} raised {o.record['reason']}\n{o.record['traceback']}{after}", {}
+        o = first(errors)
+        rest = [e for e in errors if e is not o]
+        return "error", f"{where}rank {o.rank} raised {o.record['reason']}\n{o.record['traceback']}{then(rest)}", {}
     unsupported = [o for o in outcomes if o.record and o.record["status"] == "unsupported"]
-    if unsupported:
+    if unsupported and not errors:
         return "unsupported", where + unsupported[0].record["reason"], {}
     if fails:
-        o = min(fails, key=lambda o: o.rank)
-        return "fail", where + o.record["reason"], o.record.get("metrics") or {}
+        # A check failed first; peers left in a collective by it may then break there.
+        o = first(fails)
+        return "fail", where + o.record["reason"] + then(errors), o.record.get("metrics") or {}
     dead = [o for o in outcomes if o.record is None]
     if dead or cut:
         detail = "\n".join(o.describe_death() for o in dead)
