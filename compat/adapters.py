@@ -6,20 +6,21 @@ PEFT object happens in a worker (it imports megatron.bridge); reading the declar
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
-__all__ = ["Adapter", "AdapterError", "adapters", "get_adapter"]
+from compat.declarations import Declarations
+from compat.specs import SPECS
+
+__all__ = ["Adapter", "AdapterError", "adapters", "add_adapters", "get_adapter"]
 
 _PEFT_CLASSES = {
     "lora": ("megatron.bridge.peft.lora", "LoRA"),
     "canonical_lora": ("megatron.bridge.peft.canonical_lora", "CanonicalLoRA"),
     "dora": ("megatron.bridge.peft.dora", "DoRA"),
 }
-_KEYS = {"peft", "targets", "rank", "alpha", "dropout", "about", "options", "hf_scope"}
+_KEYS = {"peft", "targets", "rank", "alpha", "dropout", "about", "options", "hf_scope", "specs", "moe_only"}
 
 
 class AdapterError(ValueError):
@@ -37,6 +38,8 @@ class Adapter:
     about: str = ""
     options: tuple[tuple[str, Any], ...] = ()
     hf_scope: str = ""  # regex: the HF modules the targets reach (wildcard targets), "" for all
+    specs: tuple[str, ...] = ()  # the layer specs this kind exists for; () for every spec
+    moe_only: bool = False  # configures routed experts: refused for dense families
 
     def peft_class(self) -> Any:
         """The installed bridge's PEFT class for this kind (imports megatron.bridge: call in a worker)."""
@@ -64,6 +67,11 @@ class Adapter:
 
 
 def _parse(data: dict[str, Any], source: str) -> dict[str, Adapter]:
+    unknown_top = set(data) - {"defaults", "adapter"}
+    if unknown_top:
+        raise AdapterError(
+            f"{source}: unknown top-level keys {sorted(unknown_top)}; write [defaults] and [adapter.NAME] tables"
+        )
     out = {}
     for name, spec in data.get("adapter", {}).items():
         unknown = set(spec) - _KEYS
@@ -77,6 +85,9 @@ def _parse(data: dict[str, Any], source: str) -> dict[str, Adapter]:
         rank = spec.get("rank")
         if not isinstance(rank, int) or rank < 1:
             raise AdapterError(f"{source}: adapter {name!r} needs a positive integer rank")
+        specs = spec.get("specs", [])
+        if not isinstance(specs, list) or not set(specs) <= set(SPECS):
+            raise AdapterError(f"{source}: adapter {name!r}: specs must be a list of {', '.join(SPECS)}")
         out[name] = Adapter(
             name=name,
             peft=spec["peft"],
@@ -87,21 +98,26 @@ def _parse(data: dict[str, Any], source: str) -> dict[str, Adapter]:
             about=spec.get("about", ""),
             options=tuple(sorted(spec.get("options", {}).items())),
             hf_scope=spec.get("hf_scope", ""),
+            specs=tuple(specs),
+            moe_only=bool(spec.get("moe_only", False)),
         )
     if not out:
         raise AdapterError(f"{source}: no [adapter.NAME] tables")
     return out
 
 
-@cache
+_DECLARED = Declarations("adapter", "adapters", "adapters.toml", _parse, AdapterError)
+
+
 def adapters() -> dict[str, Adapter]:
-    text = resources.files("compat.data").joinpath("adapters.toml").read_text()
-    return _parse(tomllib.loads(text), "compat/data/adapters.toml")
+    """Every declared adapter kind (built-in, then the user's files), by name."""
+    return _DECLARED.all()
 
 
 def get_adapter(name: str) -> Adapter:
-    try:
-        return adapters()[name]
-    except KeyError:
-        known = ", ".join(sorted(adapters()))
-        raise AdapterError(f"unknown adapter {name!r}; known adapters: {known}") from None
+    return _DECLARED.get(name)
+
+
+def add_adapters(path: Path) -> None:
+    """Add a user's adapter declarations (same schema as ``compat/data/adapters.toml``)."""
+    _DECLARED.add_file(path)

@@ -22,9 +22,11 @@ __all__ = [
     "adapter_filter",
     "has_load_peft_adapter_checkpoint",
     "load_peft_adapter_checkpoint",
+    "merge_in_place",
     "model_sections",
     "peft_hook",
     "save_hf_adapter",
+    "save_hf_merged",
 ]
 
 
@@ -76,8 +78,8 @@ def load_peft_adapter_checkpoint(model: list, path: Path, peft: Any) -> None:
     load(model, str(path), peft, strict=False)
 
 
-def save_hf_merged(bridge: Any, model: list, path: Path, hf_dir: Path) -> bool:
-    """A full HF checkpoint with adapter weights merged, where the bridge offers it.
+def save_hf_merged(bridge: Any, model: list, path: Path, hf_dir: Path) -> str | None:
+    """A full HF checkpoint with adapter weights merged; None when written, else why not (older bridges).
 
     ``save_hf_weights(merge_adapter_weights=True)`` writes the weights; the config is the base
     model's (``save_hf_pretrained`` would also save a tokenizer, which tiny models lack).
@@ -88,36 +90,76 @@ def save_hf_merged(bridge: Any, model: list, path: Path, hf_dir: Path) -> bool:
 
     params = inspect.signature(bridge.save_hf_weights).parameters
     if "merge_adapter_weights" not in params:
-        return False
+        return f"megatron-bridge {_version()}'s AutoBridge.save_hf_weights has no merge_adapter_weights"
     kwargs: dict[str, Any] = {"merge_adapter_weights": True}
     if "show_progress" in params:
         kwargs["show_progress"] = False
     bridge.save_hf_weights(model, str(path), **kwargs)
     if dist.get_rank() == 0:
         shutil.copy(hf_dir / "config.json", path / "config.json")
-    return True
+    return None
 
 
-def merge_in_place(model: list, peft: Any) -> bool:
-    """Merge every LoRA adapter into its base weight with the bridge's own merge, then disable
-    the adapters, so the model computes with merged weights. Collective over TP groups.
+def merge_in_place(model: list, peft: Any) -> str | None:
+    """Merge every LoRA adapter into its base weights with the bridge's own merge, then disable the
+    adapters, so the model computes with merged weights. Collective over TP groups.
 
-    Uses ``LoRALinear.weight`` (megatron/bridge/peft/lora_layers.py, the effective weight via
-    ``LoRAMerge``). Returns False (nothing changed) where some adapter is of another kind
-    (canonical LoRA's split wrappers, DoRA), which the bridge offers no merged weight for.
+    Dense layers (local or TE linears) merge through ``LoRALinear.weight`` (``LoRAMerge`` with the
+    adapter's TP group). Grouped-GEMM experts (TE ``weight0..weightN-1``) merge expert by expert with
+    ``LoRAMerge``: one shared adapter into every expert (the bridge's default), or slice ``i`` of a
+    per-expert (``GroupedExpertLinearAdapter``) or shared-outer adapter into ``weight{i}``. Returns
+    None when merged, else why nothing changed: an adapter kind the bridge offers no merged weight
+    for (canonical LoRA's split wrappers, DoRA), or grouped experts under expert tensor parallelism.
     """
     import torch
     from megatron.bridge.peft.lora_layers import LoRALinear
 
     wrappers = [m for chunk in model for m in chunk.modules() if hasattr(m, "adapter") and hasattr(m, "to_wrap")]
-    if not wrappers or not all(isinstance(m, LoRALinear) for m in wrappers):
-        return False
+    if not wrappers:
+        return "no adapter wrapper found in the model"
+    other = sorted({type(m).__name__ for m in wrappers if not isinstance(m, LoRALinear)})
+    if other:
+        return f"megatron-bridge {_version()} offers no merged weight for {', '.join(other)} (only LoRALinear.weight)"
+    grouped = [m for m in wrappers if not hasattr(m.to_wrap, "weight")]
+    if any(_group_size(getattr(m.adapter, "expert_tp_group", None) or getattr(m.adapter, "tp_group", None)) > 1
+           for m in grouped):  # fmt: skip
+        return "merging grouped-expert adapters under expert tensor parallelism is not implemented here (etp > 1)"
     with torch.no_grad():
-        merged = [_effective_weight(m) for m in wrappers]
-        for m, weight in zip(wrappers, merged, strict=True):
-            m.to_wrap.weight.copy_(weight)
+        merged = [(m, _grouped_weights(m) if m in grouped else [(m.to_wrap.weight, _effective_weight(m))])
+                  for m in wrappers]  # fmt: skip
+        for _, pairs in merged:
+            for base, weight in pairs:
+                base.copy_(weight)
     peft.disable_adapter_layers(model)
-    return True
+    return None
+
+
+def _group_size(group: Any) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group) if group is not None else 1
+
+
+def _grouped_weights(m: Any) -> list[tuple[Any, Any]]:
+    """(weight{i}, merged weight{i}) for each local expert of a TE grouped linear (expert TP 1)."""
+    from megatron.bridge.peft.lora import LoRAMerge
+
+    a = m.adapter
+    lin, lout = a.linear_in.weight, a.linear_out.weight
+    out = []
+    for i in range(m.to_wrap.num_gemms):
+        base = getattr(m.to_wrap, f"weight{i}")
+        merged = LoRAMerge().merge(
+            base, lout[i] if lout.dim() == 3 else lout, lin[i] if lin.dim() == 3 else lin, a.alpha, a.dim, tp_group=None
+        )
+        out.append((base, merged.to(device=base.device, dtype=base.dtype)))
+    return out
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("megatron-bridge")
 
 
 def _effective_weight(m: Any) -> Any:

@@ -1,4 +1,4 @@
-"""A cell: family x layout x load layout x adapter x dtype, with the readable id of CONTRACT.md."""
+"""A cell: family x layout x load layout x adapter x layer spec x dtype, with the readable id of the contract."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Any
 from compat.adapters import get_adapter
 from compat.families import get_family
 from compat.layouts import Layout, check_fits
+from compat.specs import DEFAULT_SPEC, SPECS
 
-__all__ = ["DTYPES", "Cell", "CellError"]
+__all__ = ["DEFAULT_ADAPTER", "DEFAULT_DTYPE", "DEFAULT_SPEC", "DTYPES", "Cell", "CellError"]
 
 DTYPES = ("fp32", "bf16")
 DEFAULT_ADAPTER = "lora"
@@ -27,6 +28,7 @@ class Cell:
     load_layout: Layout
     adapter: str = DEFAULT_ADAPTER
     dtype: str = DEFAULT_DTYPE
+    spec: str = DEFAULT_SPEC
 
     @classmethod
     def make(
@@ -36,12 +38,21 @@ class Cell:
         load_layout: Layout | None = None,
         adapter: str = DEFAULT_ADAPTER,
         dtype: str = DEFAULT_DTYPE,
+        spec: str = DEFAULT_SPEC,
     ) -> Cell:
         """Build and validate: every reason a cell cannot run is raised here, before any launch."""
         fam = get_family(family)
         kind = get_adapter(adapter)
         if dtype not in DTYPES:
             raise CellError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+        if spec not in SPECS:
+            raise CellError(f"unknown layer spec {spec!r}; known: {', '.join(SPECS)}")
+        if kind.specs and spec not in kind.specs:
+            raise CellError(
+                f"adapter {adapter} exists only for the {'/'.join(kind.specs)} spec ({kind.about}), not {spec}"
+            )
+        if kind.moe_only and not fam.is_moe:
+            raise CellError(f"adapter {adapter} configures routed experts, which family {family} does not have")
         load_layout = load_layout or layout
         check_fits(layout, fam)
         check_fits(load_layout, fam)
@@ -53,18 +64,28 @@ class Cell:
                         "shards LoRA A's rank over tensor parallelism (megatron/bridge/peft/utils.py:1019, "
                         "ColumnParallelLinear(in_features, dim))"
                     )
-        return cls(family, layout, load_layout, adapter, dtype)
+        return cls(family, layout, load_layout, adapter, dtype, spec)
 
     @property
     def id(self) -> str:
+        """``family.layout[.to.layout][.adapter][.spec][.dtype]``, naming only axes off their default."""
         parts = [self.family, self.layout.slug]
         if self.reshards:
             parts += ["to", self.load_layout.slug]
         if self.adapter != DEFAULT_ADAPTER:
             parts.append(self.adapter)
+        if self.spec != DEFAULT_SPEC:
+            parts.append(self.spec)
         if self.dtype != DEFAULT_DTYPE:
             parts.append(self.dtype)
         return ".".join(parts)
+
+    @property
+    def phases(self) -> list[tuple[str, Layout]]:
+        """The launches of the cell: save then load when it reshards, else one round trip."""
+        if self.reshards:
+            return [("save", self.layout), ("load", self.load_layout)]
+        return [("roundtrip", self.layout)]
 
     @property
     def reshards(self) -> bool:
@@ -83,6 +104,7 @@ class Cell:
             "load_layout": self.load_layout.as_dict(),
             "adapter": self.adapter,
             "dtype": self.dtype,
+            "spec": self.spec,
         }
 
     @classmethod
@@ -93,6 +115,7 @@ class Cell:
             load_layout=Layout.from_mapping(data["load_layout"]),
             adapter=data["adapter"],
             dtype=data["dtype"],
+            spec=data.get("spec", DEFAULT_SPEC),
         )
 
     def __str__(self) -> str:

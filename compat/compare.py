@@ -13,7 +13,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ADAPTER_EFFECT_MIN", "TOLERANCES", "Comparison", "Tolerance", "compare", "token_agreement"]
+__all__ = [
+    "EFFECT_MIN_SHARE",
+    "TOLERANCES",
+    "WEIGHT_TOLERANCES",
+    "Comparison",
+    "Tolerance",
+    "compare",
+    "effect_problem",
+    "token_agreement",
+]
 
 
 @dataclass(frozen=True)
@@ -32,8 +41,20 @@ TOLERANCES = {
     "bf16": Tolerance(atol=5e-2, rtol=5e-2),
 }
 
-# The adapter must move the logits by more than this, or the cell proves nothing.
-ADAPTER_EFFECT_MIN = 1e-2
+# Weights merged by two code paths (peft merging the adapter export; the bridge's merged export)
+# compute W + (alpha / r) B A in the weights' dtype, in their own order: they may differ by the
+# rounding of one element, an ulp. Measured on the full CPU matrix: 0 in fp32 and in bf16, except
+# bf16 qwen3_moe experts at 4.9e-4 (one ulp of 0.06-0.12: transformers merges the fused gate_up).
+# Allowed: one ulp of the value (bf16 2^-7, fp32 a few 2^-23). A wrong split moves rows by the
+# adapter's own size (the planted q/k swap: 8.9e-2 on weights of about 0.1).
+WEIGHT_TOLERANCES = {
+    "fp32": Tolerance(atol=1e-8, rtol=1e-6),
+    "bf16": Tolerance(atol=1e-8, rtol=2**-7),
+}
+
+# The adapter must move the logits by more than the tolerance, in at least this share of them: the
+# logits without the adapter must fail the very comparison the cell makes, or agreement proves nothing.
+EFFECT_MIN_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -82,6 +103,23 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, tolerance: Tolerance) 
         total=diff.numel(),
         worst_index=index,
         tolerance=tolerance,
+    )
+
+
+def effect_problem(base: torch.Tensor, adapted: torch.Tensor, tolerance: Tolerance) -> str | None:
+    """Why the adapter's effect is too small to prove anything at ``tolerance``, or None.
+
+    The logits without the adapter are compared with the adapted ones under the cell's own
+    tolerance: if too few of them differ, a side that lost the adapter would still agree.
+    """
+    c = compare(base, adapted, tolerance)
+    share = c.mismatched / max(c.total, 1)
+    if share >= EFFECT_MIN_SHARE:
+        return None
+    return (
+        f"the adapter does not change the logits beyond the tolerance: without it {c.mismatched} / {c.total} "
+        f"({100 * share:.1f}%) logits differ by more than {tolerance} (at least {100 * EFFECT_MIN_SHARE:.0f}% must); "
+        f"max |peft - base| = {c.max_abs_diff:.3e}"
     )
 
 

@@ -1,12 +1,15 @@
-"""Expected outcomes per cell and installed versions, read from ``matrix/expected.toml``.
+"""Expected outcomes per cell, layer spec and installed versions, read from ``matrix/expected.toml``.
 
 A cell with no matching entry is expected to pass. An entry names cell ids (exact or fnmatch
-patterns), optional version specifiers, the status it expects and why (an upstream issue, or
-the file and line at fault). The first matching entry wins, so put narrow entries first.
+patterns), optional version specifiers (``when``) and layer specs (``specs``, default every
+spec), the status it expects and why (an upstream issue, or the file and line at fault), and
+``match``: a regular expression the observed reason must contain, so an expected failure that
+starts failing for another reason is not met. The first matching entry wins: narrow ones first.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -16,12 +19,26 @@ from typing import Any
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
 
+from compat.specs import SPECS
 from compat.versions import PACKAGES
 
-__all__ = ["STATUSES", "Expectation", "Expectations", "ExpectedError", "load_expectations"]
+__all__ = ["STATUSES", "Expectation", "Expectations", "Expected", "ExpectedError", "load_expectations"]
 
 STATUSES = ("pass", "fail", "error", "unsupported")
-_KEYS = {"cells", "when", "status", "reason"}
+_KEYS = {"cells", "when", "status", "reason", "match", "specs"}
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a cell is expected to do here: its status, why, and what its reason must say."""
+
+    status: str = "pass"
+    reason: str = ""
+    match: str = ""  # a regular expression the observed reason must contain ("" for any reason)
+
+    def met_by(self, status: str, reason: str) -> bool:
+        """The observed status is the expected one, for the expected reason."""
+        return status == self.status and (not self.match or re.search(self.match, reason, re.DOTALL) is not None)
 
 
 class ExpectedError(ValueError):
@@ -34,9 +51,11 @@ class Expectation:
     status: str
     reason: str
     when: tuple[tuple[str, SpecifierSet], ...] = ()
+    match: str = ""
+    specs: tuple[str, ...] = SPECS
 
-    def matches(self, cell_id: str, versions: dict[str, str | None]) -> bool:
-        if not any(fnmatchcase(cell_id, pattern) for pattern in self.cells):
+    def matches(self, cell_id: str, versions: dict[str, str | None], spec: str = "local") -> bool:
+        if spec not in self.specs or not any(fnmatchcase(cell_id, pattern) for pattern in self.cells):
             return False
         for package, spec in self.when:
             installed = versions.get(package)
@@ -49,13 +68,13 @@ class Expectation:
 class Expectations:
     entries: tuple[Expectation, ...] = ()
 
-    def lookup(self, cell_id: str, versions: dict[str, str | None]) -> Expectation | None:
-        return next((e for e in self.entries if e.matches(cell_id, versions)), None)
+    def lookup(self, cell_id: str, versions: dict[str, str | None], spec: str = "local") -> Expectation | None:
+        return next((e for e in self.entries if e.matches(cell_id, versions, spec)), None)
 
-    def status_for(self, cell_id: str, versions: dict[str, str | None]) -> tuple[str, str]:
-        """(expected status, why) for a cell on these versions; ("pass", "") without an entry."""
-        entry = self.lookup(cell_id, versions)
-        return (entry.status, entry.reason) if entry else ("pass", "")
+    def for_cell(self, cell_id: str, versions: dict[str, str | None], spec: str = "local") -> Expected:
+        """What a cell is expected to do on these versions; a pass without an entry."""
+        entry = self.lookup(cell_id, versions, spec)
+        return Expected(entry.status, entry.reason, entry.match) if entry else Expected()
 
 
 def _parse_entry(raw: dict[str, Any], where: str) -> Expectation:
@@ -81,7 +100,17 @@ def _parse_entry(raw: dict[str, Any], where: str) -> Expectation:
             when.append((package, SpecifierSet(spec)))
         except InvalidSpecifier:
             raise ExpectedError(f"{where}: {package} = {spec!r} is not a version specifier") from None
-    return Expectation(tuple(cells), status, reason, tuple(when))
+    match = raw.get("match", "")
+    if not isinstance(match, str):
+        raise ExpectedError(f"{where}: 'match' must be a regular expression (a string)")
+    try:
+        re.compile(match)
+    except re.error as exc:
+        raise ExpectedError(f"{where}: match {match!r} is not a regular expression: {exc}") from None
+    specs = raw.get("specs", list(SPECS))
+    if not isinstance(specs, list) or not specs or not set(specs) <= set(SPECS):
+        raise ExpectedError(f"{where}: 'specs' must be a non-empty list of {', '.join(SPECS)}")
+    return Expectation(tuple(cells), status, reason, tuple(when), match, tuple(specs))
 
 
 def load_expectations(path: Path | None) -> Expectations:

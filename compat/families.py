@@ -7,14 +7,27 @@ made inside a worker.
 
 from __future__ import annotations
 
-import tomllib
+import hashlib
+import json
+import os
+import shutil
 from dataclasses import dataclass, field
-from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Dims", "Family", "FamilyError", "build_tiny_model", "families", "get_family"]
+from compat.declarations import Declarations
+
+__all__ = [
+    "Dims",
+    "Family",
+    "FamilyError",
+    "add_families",
+    "build_tiny_model",
+    "ensure_tiny_model",
+    "families",
+    "get_family",
+    "tiny_model_dir",
+]
 
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 _FAMILY_KEYS = {"model_type", "architecture", "num_experts", "about", "config", "hf_modules"}
@@ -63,6 +76,11 @@ class Family:
 
 
 def _parse(data: dict[str, Any], source: str) -> dict[str, Family]:
+    unknown_top = set(data) - {"defaults", "family"}
+    if unknown_top:
+        raise FamilyError(
+            f"{source}: unknown top-level keys {sorted(unknown_top)}; write [defaults] and [family.NAME] tables"
+        )
     defaults = data.get("defaults", {})
     declared = data.get("family")
     if not isinstance(declared, dict) or not declared:
@@ -103,19 +121,21 @@ def _parse(data: dict[str, Any], source: str) -> dict[str, Family]:
     return out
 
 
-@cache
+_DECLARED = Declarations("family", "families", "families.toml", _parse, FamilyError)
+
+
 def families() -> dict[str, Family]:
-    """All declared families, by name."""
-    text = resources.files("compat.data").joinpath("families.toml").read_text()
-    return _parse(tomllib.loads(text), "compat/data/families.toml")
+    """Every declared family (built-in, then the user's files), by name."""
+    return _DECLARED.all()
 
 
 def get_family(name: str) -> Family:
-    try:
-        return families()[name]
-    except KeyError:
-        known = ", ".join(sorted(families()))
-        raise FamilyError(f"unknown family {name!r}; known families: {known}") from None
+    return _DECLARED.get(name)
+
+
+def add_families(path: Path) -> None:
+    """Add a user's family declarations (same schema as ``compat/data/families.toml``)."""
+    _DECLARED.add_file(path)
 
 
 def build_tiny_model(family: Family, path: Path, seed: int = 0) -> None:
@@ -128,6 +148,46 @@ def build_tiny_model(family: Family, path: Path, seed: int = 0) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(family.model_type, **family.config)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(path)
+
+
+def _cache_root() -> Path:
+    """``$COMPAT_CACHE``, else ``$XDG_CACHE_HOME/megatron-lora-compat`` (``~/.cache/...``)."""
+    if os.environ.get("COMPAT_CACHE"):
+        return Path(os.environ["COMPAT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megatron-lora-compat"
+
+
+def tiny_model_dir(family: Family, seed: int = 0) -> Path:
+    """Where the family's tiny HF model is cached, read-only, for every cell that uses it.
+
+    The weights depend only on the family's declaration, the seed and the torch and transformers
+    releases that write them, so those make the key: a change to any gives another directory.
+    """
+    from importlib.metadata import version
+
+    key = json.dumps(
+        [family.model_type, family.config, seed, version("torch"), version("transformers")], sort_keys=True
+    )
+    return _cache_root() / "hf" / f"{family.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def ensure_tiny_model(family: Family, path: Path, seed: int = 0) -> None:
+    """Write the tiny model at ``path`` unless it is there; complete or absent, never half-written.
+
+    It is built next to ``path`` and renamed into place, so cells building the same family at
+    once cannot see a partial model: the first rename wins, the others discard their copy.
+    """
+    if (path / "config.json").is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny_model(family, tmp, seed)
+    try:
+        tmp.rename(path)
+    except OSError:  # another process put it there first
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,15 +1,19 @@
-"""Ranks forked from a process that has already imported the stack (CPU backend).
+"""Rank processes forked from a process that has already imported the stack (CPU backend).
 
-Importing megatron.bridge is most of a rank's cost on CPU (about 15 of 25 CPU-seconds). A fork
-server imports it once, with the CPU workarounds applied, and forks each rank from there: every
-rank is still a fresh process with untouched module state (nothing has run but imports), in its
-own session, writing its own log and result like a cold rank. It is used only where that changes
-nothing but time: the CPU backend (no CUDA context may exist before a fork), a server with a
-single thread, and only while the caller's environment is the one the server started with (a
-test that plants code through PYTHONPATH gets cold ranks). ``COMPAT_FORKSERVER=0`` turns it off.
+Importing megatron.bridge is most of a cold rank's cost on CPU (about 15 of 25 CPU-seconds). A
+fork server imports it once, with the CPU workarounds applied, and forks each rank process from
+there: every rank is still a fresh process with untouched module state (nothing has run but
+imports), in its own session, serving its rank group like a cold one (``compat.worker``). It is
+used only where that changes nothing but time: the CPU backend (no CUDA context may exist before
+a fork), a server with a single thread, and an environment that differs from the one the server
+started with at most in what no import reads: ``COMPAT_*`` variables, and ``PYTHONPATH`` entries
+put in front that shadow no module the server imported. Such a child takes the environment and
+imports ``sitecustomize`` from the new entries, as a fresh interpreter would have at start (that is
+how tests plant faults in every rank); any other difference gets cold ranks.
+``COMPAT_FORKSERVER=0`` turns it off. Every wait on the server is bounded.
 
 Protocol: the launcher writes one JSON request per line on the server's stdin
-(``{"task": ..., "env": {...}, "log": ..., "cwd": ...}``); the server answers with the child's
+(``{"group": ..., "env": {...}, "log": ..., "cwd": ...}``); the server answers with the child's
 pid on stdout, and when it reaps a child writes ``<log>.exit`` holding its wait status.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -25,26 +30,49 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Forked", "spawn", "usable"]
+__all__ = ["BASE_ENV", "Forked", "environment", "spawn", "usable"]
 
 _lock = threading.Lock()
 _server: subprocess.Popen[str] | None = None
+START_TIMEOUT = 300.0  # the server imports the whole stack before it answers
+ANSWER_TIMEOUT = 30.0
 # The environment this process started with: a server forks ranks only while it is unchanged, so a
 # cell run under a changed environment (a planted PYTHONPATH, say) never shares a server with others.
 _VOLATILE = ("PYTEST_CURRENT_TEST",)  # pytest rewrites it for every test
 
 
-def _env() -> dict[str, str]:
+def environment() -> dict[str, str]:
+    """This process's environment, less what a test runner rewrites for every test."""
     return {k: v for k, v in os.environ.items() if k not in _VOLATILE}
 
 
-_initial_env = _env()
+BASE_ENV = environment()  # the environment the process started with (imported early by the plugin)
 
 
 def usable(backend: str) -> bool:
     if backend != "cpu" or os.environ.get("COMPAT_FORKSERVER", "1") == "0":
         return False
-    return _env() == _initial_env
+    return forkable(environment())
+
+
+def _paths(env: dict[str, str]) -> list[str]:
+    return [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+
+
+def added_paths(env: dict[str, str]) -> list[str] | None:
+    """PYTHONPATH entries ``env`` puts in front of the base ones; None if it changes them otherwise."""
+    new, old = _paths(env), _paths(BASE_ENV)
+    if len(new) < len(old) or new[len(new) - len(old) :] != old:
+        return None
+    return new[: len(new) - len(old)]
+
+
+def forkable(env: dict[str, str]) -> bool:
+    """Whether a child of the server can take ``env`` (the server checks the new paths' shadowing)."""
+    changed = {k for k in set(env) | set(BASE_ENV) if env.get(k) != BASE_ENV.get(k)}
+    if any(k != "PYTHONPATH" and not k.startswith("COMPAT_") for k in changed):
+        return False
+    return added_paths(env) is not None
 
 
 def _start() -> subprocess.Popen[str] | None:
@@ -57,20 +85,34 @@ def _start() -> subprocess.Popen[str] | None:
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+        # The base environment, whatever the caller has now: a planted fault's env must not reach the server.
+        env={**BASE_ENV, "OMP_NUM_THREADS": BASE_ENV.get("OMP_NUM_THREADS", "1")},
         start_new_session=True,
     )
-    atexit.register(_shutdown, server)
-    ready = server.stdout.readline().strip() if server.stdout else ""
-    if ready != "ready":
+    if _readline(server, START_TIMEOUT) != "ready":
         server.kill()
+        server.wait()
         return None
     _server = server
     return server
 
 
+def _readline(server: subprocess.Popen[str], timeout: float) -> str:
+    """One answer line from the server, or "" if none comes in time (the caller gives up on it)."""
+    assert server.stdout is not None
+    ready, _, _ = select.select([server.stdout], [], [], timeout)
+    return server.stdout.readline().strip() if ready else ""
+
+
+@atexit.register
+def _shutdown_at_exit() -> None:
+    """Registered at import, so it runs after what users of the server registered later (LIFO)."""
+    if _server is not None:
+        _shutdown(_server)
+
+
 def _shutdown(server: subprocess.Popen[str]) -> None:
-    """At exit: close the server's stdin (it stops after its last fork) and wait, so none outlives us."""
+    """Close the server's stdin (it stops after its last fork) and wait, so none outlives us."""
     try:
         if server.stdin:
             server.stdin.close()
@@ -78,6 +120,19 @@ def _shutdown(server: subprocess.Popen[str]) -> None:
     except (OSError, subprocess.TimeoutExpired):
         server.kill()
         server.wait()
+
+
+UNKNOWN_EXIT = 255  # a rank that exited after its server was gone: no one recorded how
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Forked:
@@ -94,6 +149,8 @@ class Forked:
             if text:
                 status = int(text)
                 self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        if self.returncode is None and not _exists(self.pid):  # reaped by another after the server went
+            self.returncode = UNKNOWN_EXIT
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int | None:
@@ -103,20 +160,49 @@ class Forked:
         return self.returncode
 
 
-def spawn(task_path: Path, env: dict[str, str], log: Path, cwd: Path) -> Forked | None:
-    """Fork a rank from the server; None where no server could be started (start it cold)."""
+def spawn(group_dir: Path, env: dict[str, str], log: Path, cwd: Path) -> Forked | None:
+    """Fork a rank process serving ``group_dir``; None where the server is not there (start it cold)."""
+    global _server
     with _lock:
         server = _start()
         if server is None or server.stdin is None or server.stdout is None:
             return None
-        request = {"task": str(task_path), "env": env, "log": str(log), "cwd": str(cwd)}
-        server.stdin.write(json.dumps(request) + "\n")
-        server.stdin.flush()
-        answer = server.stdout.readline().strip()
-    return Forked(int(answer), log) if answer.isdigit() else None
+        request = {"group": str(group_dir), "env": env, "log": str(log), "cwd": str(cwd)}
+        try:
+            server.stdin.write(json.dumps(request) + "\n")
+            server.stdin.flush()
+        except OSError:
+            answer = ""
+        else:
+            answer = _readline(server, ANSWER_TIMEOUT)
+        if answer.startswith("shadows"):  # this environment needs a fresh interpreter
+            return None
+        if not answer.isdigit():  # a server that does not answer is not used again
+            server.kill()
+            _server = None
+            return None
+    return Forked(int(answer), log)
+
+
+def _shadowing(paths: list[str]) -> list[str]:
+    """Modules this process imported that ``paths`` would have provided from elsewhere."""
+    import importlib.machinery
+
+    out = []
+    for name, module in list(sys.modules.items()):
+        origin = getattr(getattr(module, "__spec__", None), "origin", None)
+        if "." in name or not origin:
+            continue
+        spec = importlib.machinery.PathFinder.find_spec(name, paths)
+        if spec is not None and spec.origin != origin:
+            out.append(name)
+    return out
 
 
 def _child(request: dict[str, Any]) -> None:
+    import faulthandler
+    import signal
+
     os.setsid()
     fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
@@ -124,14 +210,23 @@ def _child(request: dict[str, Any]) -> None:
     os.close(fd)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
+    faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # before any planted code runs
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
     sys.stdin = open(0)  # the child's own stdin, for the life of the process
+    added = added_paths(request["env"]) or []
+    if added:  # what a fresh interpreter with this PYTHONPATH would have done at start
+        sys.path[1:1] = added
+        import importlib.util
+
+        if importlib.util.find_spec("sitecustomize") is not None:
+            import sitecustomize  # noqa: F401
     from compat.worker import main
 
     try:
-        main([request["task"]])
+        main([request["group"]])
     finally:
         os._exit(1)  # main() exits itself; reaching here means it raised
 
@@ -165,6 +260,10 @@ def serve() -> None:
     print("ready", file=proto, flush=True)
     for line in sys.stdin:
         request = json.loads(line)
+        shadowed = _shadowing(added_paths(request["env"]) or [])
+        if shadowed:  # a fresh interpreter would import these from the new paths: the caller goes cold
+            print(f"shadows {','.join(shadowed[:5])}", file=proto, flush=True)
+            continue
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # record the pid before reaping it
         pid = os.fork()
         if pid == 0:

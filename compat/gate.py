@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GateError", "PinSet", "add_parser", "compare", "load_pins", "main"]
+__all__ = ["GateError", "PinSet", "add_parser", "check_complete", "compare", "load_pins", "main"]
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD = 0, 1, 2
 REPO = Path(__file__).resolve().parent.parent
@@ -200,6 +200,12 @@ def ensure_env(pins: PinSet, root: Path) -> tuple[Path, bool, float]:
 # ---------------------------------------------------------------- comparison
 
 
+def check_complete(results: dict[str, Any], where: str) -> None:
+    """A run that stopped before every cell ran (interrupted, killed) is no verdict: GateError."""
+    if results.get("complete") is not True:
+        raise GateError(f"the run stopped before every cell ran ({where} is not marked complete): no verdict")
+
+
 def compare(results: dict[str, Any], accepted: dict[str, Any] | None) -> dict[str, list[dict[str, Any]]]:
     """Sort cells into regressions, fixes, new, changed (other status changes) and dropped."""
     before = {c["id"]: c["status"] for c in (accepted or {}).get("cells", [])}
@@ -331,6 +337,7 @@ def _gate(args: argparse.Namespace) -> int:
     if rc == EXIT_BAD or not out.is_file():
         raise GateError(f"`compat run` in the gate environment exited {rc} without results ({' '.join(cmd)})")
     results = json.loads(out.read_text())
+    check_complete(results, f"`compat run` exited {rc}; {out}")
     want = {n: v for n, v in pins.packages.items() if n in results.get("versions", {})}
     off = {n: results["versions"][n] for n, v in want.items() if results["versions"][n] != v}
     if off:

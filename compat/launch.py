@@ -1,234 +1,113 @@
-"""Launching a cell: one process per rank, every wait bounded, nothing left behind.
+"""Running a cell: its phases on a rank group, every wait bounded, a verdict, nothing left behind.
 
-Each rank runs in its own process session, so killing its group takes any child with it.
-Ranks meet through a file store in the cell's own directory (no ports to collide between
-cells running at once). When a rank fails, the others get a short grace period to finish
-(they usually fail the same check together) before they are stopped; when the cell's time
-runs out, every live rank first dumps its Python stacks (faulthandler, SIGUSR1), then is
-killed, and the launcher checks that no process of any rank's group survives.
+Each phase is handed to a group of ``world_size`` rank processes (``compat.pool``) and waited for
+with the cell's deadline. When a rank fails, the others get a short grace period to finish (they
+usually fail the same check together) before the group is stopped; when the deadline passes,
+every live rank first dumps its Python stacks (faulthandler, SIGUSR1) into the cell's logs, then
+is killed, and the launcher checks that no process of any rank's group survives. A group that
+finished cleanly goes back to the pool for the next cell; any other is stopped.
 
-``run_cell`` is the only entry point the CLI and the pytest plugin use; a pool of warm workers
-can later replace ``_launch`` without changing either.
+:func:`run_cell` is the only entry point the CLI, the pytest plugin and the bench use.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
+import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compat import forkserver
+from compat import declarations
 from compat.cells import Cell
-from compat.report import CellResult
-from compat.worker import result_path
+from compat.expected import Expected
+from compat.families import get_family, tiny_model_dir
+from compat.gpus import NoGPUs
+from compat.paths import CellPaths
+from compat.plugins import Plugins
+from compat.pool import GroupKey, Pool, RankGroup, pool
+from compat.results import CellResult
+from compat.specs import unavailable
+from compat.verdict import RankOutcome, verdict
 
-__all__ = ["DEFAULT_TIMEOUT", "STOP", "Devices", "RankOutcome", "gpus", "run_cell", "verdict"]
+__all__ = ["DEFAULT_TIMEOUT", "GRACE_AFTER_FAILURE", "STOP", "run_cell"]
 
 DEFAULT_TIMEOUT = 300.0
 GRACE_AFTER_FAILURE = 20.0
-LOG_TAIL = 4000
+POLL = 0.01
 
 # Set on Ctrl-C: every launch in flight stops its ranks and returns.
 STOP = threading.Event()
 
 
-@dataclass
-class RankOutcome:
-    rank: int
-    returncode: int | None
-    record: dict[str, Any] | None
-    log: str
+def run_cell(
+    cell: Cell,
+    backend: str,
+    expected: Expected | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    workdir: Path | None = None,
+    keep: bool = False,
+    plugins: Plugins | None = None,
+    ranks: Pool | None = None,
+) -> CellResult:
+    """Run a cell to its result; a crash, hang or failed check is a result, never an exception.
 
-    @property
-    def status(self) -> str:
-        if self.record is not None:
-            return self.record["status"]
-        return "error"
-
-    def describe_death(self) -> str:
-        rc = self.returncode
-        if rc is None:
-            how = "was still running"
-        elif rc < 0:
-            how = f"was killed by signal {signal.Signals(-rc).name}"
-        else:
-            how = f"exited with code {rc} without a result"
-        return f"rank {self.rank} {how}; its output ends:\n{_log_tail(self.log)}"
-
-
-_DUMP_HEADER = re.compile(r"^(?:Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):$", re.MULTILINE)
-
-
-def _log_tail(log: str) -> str:
-    """The end of a rank's log; with a stack dump, the dump from its top (the innermost frame).
-
-    faulthandler prints the innermost frame first, so a plain tail of a deep stack (an import
-    chain) would cut exactly the frame where the rank hung.
+    The cell's files go to a directory of its own under ``workdir``; they are removed when the
+    outcome is the expected one (unless ``keep``), and kept, named in the result, otherwise.
     """
-    headers = list(_DUMP_HEADER.finditer(log))
-    if not headers:
-        return log[-LOG_TAIL:]
-    start = headers[0].start()
-    before, dump = log[max(start - LOG_TAIL // 4, 0) : start], log[start:]
-    if len(dump) > 2 * LOG_TAIL:
-        dump = dump[: 3 * LOG_TAIL // 2] + "\n  ...\n" + dump[-LOG_TAIL // 2 :]
-    return before + dump
-
-
-class Devices:
-    """The GPUs of this machine, handed to cells running at once: a launch holds world_size of them."""
-
-    def __init__(self, ids: list[int]) -> None:
-        self.ids = ids
-        self._free = list(ids)
-        self._cv = threading.Condition()
-
-    def take(self, n: int) -> list[int]:
-        """n distinct GPUs (NCCL refuses two ranks of one communicator on one GPU)."""
-        with self._cv:
-            self._cv.wait_for(lambda: len(set(self._free)) >= n)
-            taken = sorted(set(self._free))[:n]
-            for i in taken:
-                self._free.remove(i)
-            return taken
-
-    def give(self, ids: list[int]) -> None:
-        with self._cv:
-            self._free = sorted(self._free + ids)
-            self._cv.notify_all()
-
-
-_devices: Devices | None = None
-_devices_lock = threading.Lock()
-
-
-def gpus() -> Devices:
-    """This process's GPU pool (imports torch once, only for the CUDA backend)."""
-    global _devices
-    with _devices_lock:
-        if _devices is None:
-            import torch
-
-            # Tiny models: several cells may share a GPU (COMPAT_CELLS_PER_GPU), never two ranks of one cell.
-            slots = int(os.environ.get("COMPAT_CELLS_PER_GPU", "1"))
-            _devices = Devices(list(range(torch.cuda.device_count())) * slots)
-        return _devices
-
-
-def _rank_env(rank: int, world_size: int, visible: list[int] | None) -> dict[str, str]:
-    env = dict(os.environ)  # workers inherit the caller's environment, PYTHONPATH included
-    if visible is not None:
-        parent = env.get("CUDA_VISIBLE_DEVICES")
-        physical = parent.split(",") if parent else None
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(physical[i] if physical else str(i) for i in visible)
-    env.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-        PYTHONUNBUFFERED="1",
-    )
-    env.setdefault("OMP_NUM_THREADS", "1")  # N ranks on few cores: no thread oversubscription
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_HUB_OFFLINE", "1")  # tiny models are built locally; never reach a hub
-    return env
-
-
-def _alive(procs: list[subprocess.Popen[bytes]]) -> list[subprocess.Popen[bytes]]:
-    return [p for p in procs if p.poll() is None]
-
-
-def _stop(procs: list[subprocess.Popen[bytes]], dump: bool) -> list[int]:
-    """Dump stacks (if asked), kill every rank's process group, return groups that survived."""
-    live = _alive(procs)
-    if dump and live:
-        for p in live:
-            _signal_group(p.pid, signal.SIGUSR1)
-        time.sleep(1.5)
-    for p in procs:
-        _signal_group(p.pid, signal.SIGKILL)
-    for p in procs:
+    expected = expected or Expected()
+    plugins = plugins or Plugins()
+    ranks = ranks or pool()
+    start = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix=f"{cell.id}-", dir=workdir))
+    paths = CellPaths.under(root, tiny_model_dir(get_family(cell.family)))
+    status, reason, metrics = "pass", "", {}
+    why = unavailable(cell.spec, backend)
+    if why:
+        status, reason = "unsupported", why
+    for phase, layout in [] if why else cell.phases:
+        task = {
+            "cell": cell.to_dict(),
+            "phase": phase,
+            "root": str(root),
+            "hf": str(paths.hf),
+            "backend": backend,
+            "timeout": timeout,
+            "plugins": plugins.as_dict(),
+            "declarations": declarations.files(),
+        }
+        key = GroupKey.now(backend, layout.world_size, {**plugins.named(), **_flat(task["declarations"])})
         try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-    # Killed grandchildren linger until init reaps them: give the groups a few seconds to empty.
-    deadline = time.monotonic() + 10
-    survivors = [p.pid for p in procs if _group_exists(p.pid)]
-    while survivors and time.monotonic() < deadline:
-        time.sleep(0.1)
-        survivors = [pgid for pgid in survivors if _group_exists(pgid)]
-    return survivors
+            group = ranks.acquire(key, gpu_timeout=timeout)
+        except NoGPUs as exc:
+            status, reason = ("unsupported" if "visible here" in str(exc) else "error"), str(exc)
+            break
+        status, reason, metrics = _run_phase(ranks, group, task, paths, timeout)
+        if status != "pass":
+            break
+    result = CellResult.of(cell, status, reason.strip(), time.monotonic() - start, expected, metrics)
+    if result.met and not keep:
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        result.files = str(root)
+    return result
 
 
-def _group_exists(pgid: int) -> bool:
+def _run_phase(
+    ranks: Pool, group: RankGroup, task: dict[str, Any], paths: CellPaths, timeout: float
+) -> tuple[str, str, dict[str, Any]]:
+    phase, world = task["phase"], len(group.procs)
+    results = [paths.result(phase, r) for r in range(world)]
+    paths.task(phase).write_text(json.dumps(task))
+    group.submit(task)
+    deadline, failed_at, cut = time.monotonic() + timeout, None, ""
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _read_record(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _launch(
-    task: dict[str, Any], world_size: int, timeout: float, visible: list[int] | None = None
-) -> tuple[list[RankOutcome], str]:
-    """Run one phase on ``world_size`` fresh processes; return outcomes and why it was cut short."""
-    root = Path(task["root"])
-    phase = task["phase"]
-    task_path = root / f"task-{phase}.json"
-    task_path.write_text(json.dumps(task))
-    procs: list[Any] = []  # subprocess.Popen, or forkserver.Forked
-    logs = [root / f"{phase}-rank{r}.log" for r in range(world_size)]
-    cut = ""
-    try:
-        fork = forkserver.usable(task["backend"])
-        for rank in range(world_size):
-            env = _rank_env(rank, world_size, visible)
-            forked = forkserver.spawn(task_path, env, logs[rank], root) if fork else None
-            if forked is not None:
-                procs.append(forked)
-                continue
-            with open(logs[rank], "wb") as log:
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "compat.worker", str(task_path)],
-                        stdin=subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                        cwd=root,
-                        start_new_session=True,
-                    )
-                )
-        deadline = time.monotonic() + timeout
-        failed_at = None
-        while _alive(procs):
+        while True:
+            records = [_read(p) for p in results]
+            if all(r is not None for r in records):
+                break
             now = time.monotonic()
             if STOP.is_set():
                 cut = "interrupted"
@@ -236,103 +115,44 @@ def _launch(
             if now > deadline:
                 cut = f"timed out after {timeout:.0f}s"
                 break
-            if failed_at is None and any(
-                p.poll() not in (None, 0)
-                or (_read_record(result_path(root, phase, r)) or {}).get("status") not in (None, "pass")
-                for r, p in enumerate(procs)
+            if failed_at is None and (
+                any(records[r] is None for r in group.dead())  # died without a result
+                or any(r is not None and r["status"] != "pass" for r in records)
             ):
                 failed_at = now
             if failed_at is not None and now - failed_at > GRACE_AFTER_FAILURE:
                 cut = f"stopped {GRACE_AFTER_FAILURE:.0f}s after another rank failed"
                 break
-            time.sleep(0.1)
+            time.sleep(POLL)
+    except BaseException:
+        cut = cut or "interrupted"
+        raise
     finally:
-        survivors = _stop(procs, dump=bool(cut) or sys.exc_info()[0] is not None)
+        records = [_read(p) for p in results]
+        trusted = not cut and all(r is not None and r["status"] != "error" and "reset" not in r for r in records)
+        survivors = [] if trusted else ranks.discard(group, dump=bool(cut))
+        if trusted:
+            ranks.release(group, trusted=True)
     if survivors:
         cut += f"; process groups {survivors} survived SIGKILL"
-    outcomes = [
-        RankOutcome(r, p.returncode, _read_record(result_path(root, phase, r)), logs[r].read_text(errors="replace"))
-        for r, p in enumerate(procs)
-    ]
-    return outcomes, cut
+    codes = [p.poll() for p in group.procs]
+    outcomes = [RankOutcome(r, codes[r], records[r], _text(paths.log(phase, r))) for r in range(world)]
+    return verdict(outcomes, cut, phase)
 
 
-def verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, str, dict[str, Any]]:
-    """(status, reason, metrics) of one phase: the first rank to stop is the cause.
-
-    Errors, then unsupported, then failed checks, unless a check failed before any error: peers
-    left in a collective by a failing rank then break there ("connection closed"), after the fact.
-    """
-    where = f"[{phase}] " if phase != "roundtrip" else ""
-
-    def first(group: list[RankOutcome]) -> RankOutcome:
-        return min(group, key=lambda o: (o.record.get("at", float("inf")), o.rank))
-
-    def then(group: list[RankOutcome]) -> str:
-        return "".join(f"\nthen rank {o.rank} raised {o.record['reason'][:200]}" for o in group)
-
-    errors = [o for o in outcomes if o.record and o.record["status"] == "error"]
-    fails = [o for o in outcomes if o.record and o.record["status"] == "fail"]
-    failed_first = bool(fails) and (
-        not errors or first(fails).record.get("at", float("inf")) < first(errors).record.get("at", float("inf"))
-    )
-    if errors and not failed_first:
-        # The first rank to break is the cause; peers then fail in a collective ("connection closed").
-        o = first(errors)
-        rest = [e for e in errors if e is not o]
-        return "error", f"{where}rank {o.rank} raised {o.record['reason']}\n{o.record['traceback']}{then(rest)}", {}
-    unsupported = [o for o in outcomes if o.record and o.record["status"] == "unsupported"]
-    if unsupported and not errors:
-        return "unsupported", where + unsupported[0].record["reason"], {}
-    if fails:
-        # A check failed first; peers left in a collective by it may then break there.
-        o = first(fails)
-        return "fail", where + o.record["reason"] + then(errors), o.record.get("metrics") or {}
-    dead = [o for o in outcomes if o.record is None]
-    if dead or cut:
-        detail = "\n".join(o.describe_death() for o in dead)
-        return "error", f"{where}{cut or 'a rank died'}\n{detail}".rstrip(), {}
-    return "pass", "", outcomes[0].record.get("metrics", {}) if outcomes[0].record else {}
+def _flat(files: dict[str, list[str]]) -> dict[str, str]:
+    return {f"{kind} declarations": ",".join(paths) for kind, paths in files.items()}
 
 
-def run_cell(
-    cell: Cell,
-    backend: str,
-    expected: tuple[str, str] = ("pass", ""),
-    timeout: float = DEFAULT_TIMEOUT,
-    workdir: Path | None = None,
-    keep: bool = False,
-) -> CellResult:
-    """Run a cell to its result; a crash, hang or failed check is a result, never an exception."""
-    start = time.monotonic()
-    root = Path(tempfile.mkdtemp(prefix=f"{cell.id}-", dir=workdir))
-    phases = [("save", cell.layout), ("load", cell.load_layout)] if cell.reshards else [("roundtrip", cell.layout)]
-    status, reason, metrics = "pass", "", {}
-    for phase, layout in phases:
-        task = {"cell": cell.to_dict(), "phase": phase, "root": str(root), "backend": backend, "timeout": timeout}
-        if backend == "cuda":
-            pool = gpus()
-            if layout.world_size > len(set(pool.ids)):
-                status, reason = "unsupported", f"needs {layout.world_size} GPUs, {len(set(pool.ids))} visible here"
-                break
-            visible = pool.take(layout.world_size)
-            try:
-                outcomes, cut = _launch(task, layout.world_size, timeout, visible)
-            finally:
-                pool.give(visible)
-        else:
-            outcomes, cut = _launch(task, layout.world_size, timeout)
-        status, reason, metrics = verdict(outcomes, cut, phase)
-        if status != "pass":
-            break
-    if status != "pass" or keep:
-        reason += f"\n(files kept in {root})" if status != "pass" else ""
-    else:
-        _remove(root)
-    return CellResult.of(cell, status, reason.strip(), time.monotonic() - start, expected, metrics)
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
-def _remove(root: Path) -> None:
-    import shutil
-
-    shutil.rmtree(root, ignore_errors=True)
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""

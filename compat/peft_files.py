@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HF_MODULES", "check_adapter_dir", "check_loaded_by_peft", "expected_modules"]
+__all__ = ["HF_MODULES", "check_adapter_dir", "check_loaded_by_peft", "compare_exports", "expected_modules"]
 
 _KEY = re.compile(
     r"^base_model\.model\.(?P<module>.+)\.(?:(?P<kind>lora_A|lora_B)\.weight|(?P<magnitude>lora_magnitude_vector)(?:\.weight)?)$"
@@ -79,11 +79,11 @@ def _pattern_matches(pattern: str, module: str) -> bool:
         return False
 
 
-def _rank_for(config: dict[str, Any], module: str) -> int:
+def _rank_for(config: dict[str, Any], module: str, default: int) -> int:
     for pattern, rank in (config.get("rank_pattern") or {}).items():
         if _pattern_matches(pattern, module):
             return rank
-    return config["r"]
+    return config.get("r") or default
 
 
 def check_adapter_dir(
@@ -96,11 +96,43 @@ def check_adapter_dir(
     missing = [p.name for p in (config_path, weights_path) if not p.exists()]
     if missing:
         return [f"export wrote no {', '.join(missing)} in {path}"]
-    problems = []
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         return [f"adapter_config.json is not JSON: {exc}"]
+    problems = _config_problems(config, adapter, hf_dir)
+    try:
+        with safe_open(str(weights_path), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:
+        return [*problems, f"adapter_model.safetensors cannot be read: {type(exc).__name__}: {exc}"]
+    modules, unnamed = _modules(shapes)
+    problems += unnamed
+    base = _base_weights(hf_dir)
+    problems += _shape_problems(modules, base, config, adapter.rank)
+    if config.get("use_dora"):
+        no_magnitude = sorted(m for m, parts in modules.items() if "lora_magnitude_vector" not in parts)
+        if no_magnitude:
+            problems.append(
+                f"use_dora is set but {len(no_magnitude)} of {len(modules)} modules carry no lora_magnitude_vector "
+                f"(peft then re-initialises the magnitudes from the base weights), e.g. {_summarise(no_magnitude)}"
+            )
+    problems += _pattern_problems(config, modules, adapter)
+    problems += _target_problems(config, modules)
+    wanted = {m for m in expected_modules(base, adapter.targets, hf_modules) if re.search(adapter.hf_scope, m)}
+    absent = sorted(wanted - set(modules))
+    if absent:
+        problems.append(
+            f"the export has no adapter for {len(absent)} of the {len(wanted)} "
+            f"modules targeted by {list(adapter.targets)}, e.g. {_summarise(absent)}"
+        )
+    stray = sorted(set(modules) - wanted)
+    if stray:
+        problems.append(f"the export has adapters for {len(stray)} modules not targeted, e.g. {_summarise(stray)}")
+    return problems
+
+
+def _config_problems(config: dict[str, Any], adapter: Any, hf_dir: Path) -> list[str]:
     want = {
         "peft_type": "LORA",
         "r": adapter.rank,
@@ -108,29 +140,44 @@ def check_adapter_dir(
         "use_dora": adapter.peft == "dora",
         "base_model_name_or_path": str(hf_dir),
     }
-    for key, value in want.items():
-        if config.get(key) != value:
-            problems.append(f"adapter_config.json: {key} is {config.get(key)!r}, expected {value!r}")
-    try:
-        with safe_open(str(weights_path), "pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as exc:
-        return [*problems, f"adapter_model.safetensors cannot be read: {type(exc).__name__}: {exc}"]
-    if "r" not in config or "target_modules" not in config:
-        return problems
-    base = _base_weights(hf_dir)
+    problems = [
+        f"adapter_config.json: {key} is {config.get(key)!r}, expected {value!r}"
+        for key, value in want.items()
+        if config.get(key) != value
+    ]
+    if not config.get("target_modules") and not config.get("target_parameters"):
+        problems.append(
+            "adapter_config.json has no target_modules (peft would fall back to its default targets for the model "
+            "type, or refuse the config)"
+        )
+    return problems
+
+
+def _modules(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, dict[str, tuple[int, ...]]], list[str]]:
+    """module -> {lora_A/lora_B/lora_magnitude_vector: shape}; and the problem with keys peft cannot load."""
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    unprefixed, other = [], []
     for key, shape in sorted(shapes.items()):
         m = _KEY.match(key)
-        if not m:
-            hint = (
-                " (no 'base_model.model.' prefix: peft would skip it with a warning)"
-                if not key.startswith(_PREFIX)
-                else ""
-            )
-            problems.append(f"tensor {key} is not a LoRA weight name peft loads{hint}")
-            continue
-        modules.setdefault(m["module"], {})[m["kind"] or m["magnitude"]] = shape
+        if m:
+            modules.setdefault(m["module"], {})[m["kind"] or m["magnitude"]] = shape
+        else:
+            (other if key.startswith(_PREFIX) else unprefixed).append(key)
+    problems = []
+    if unprefixed:
+        problems.append(
+            f"{len(unprefixed)} of {len(shapes)} tensors are not LoRA weight names peft loads (no 'base_model.model.' "
+            f"prefix: peft would skip them with a warning), e.g. {unprefixed[:2]}"
+        )
+    if other:
+        problems.append(f"{len(other)} of {len(shapes)} tensors are not LoRA weight names peft loads, e.g. {other[:2]}")
+    return modules, problems
+
+
+def _shape_problems(
+    modules: dict[str, dict[str, tuple[int, ...]]], base: dict[str, tuple[int, ...]], config: dict[str, Any], r0: int
+) -> list[str]:
+    problems = []
     for module, parts in sorted(modules.items()):
         if module not in base:
             problems.append(f"tensor {_PREFIX}{module}.lora_*: the HF model has no module {module}")
@@ -143,13 +190,12 @@ def check_adapter_dir(
             )
             continue
         out_f, in_f = base[module]
-        r = _rank_for(config, module)
-        want_shapes = {"lora_A": (r, in_f), "lora_B": (out_f, r)}
+        r = _rank_for(config, module, r0)
         if "lora_magnitude_vector" in parts and parts["lora_magnitude_vector"] != (out_f,):
             problems.append(
                 f"{module}: lora_magnitude_vector has shape {parts['lora_magnitude_vector']}, expected ({out_f},)"
             )
-        for kind, want_shape in want_shapes.items():
+        for kind, want_shape in {"lora_A": (r, in_f), "lora_B": (out_f, r)}.items():
             if kind not in parts:
                 problems.append(f"{module}: {kind} is missing")
             elif parts[kind] != want_shape:
@@ -157,13 +203,11 @@ def check_adapter_dir(
                     f"{_PREFIX}{module}.{kind}.weight has shape {parts[kind]}, expected {want_shape} "
                     f"(r={r}, {module} is {out_f}x{in_f})"
                 )
-    if config.get("use_dora"):
-        no_magnitude = sorted(m for m, parts in modules.items() if "lora_magnitude_vector" not in parts)
-        if no_magnitude:
-            problems.append(
-                f"use_dora is set but {len(no_magnitude)} of {len(modules)} modules carry no lora_magnitude_vector "
-                f"(peft then re-initialises the magnitudes from the base weights), e.g. {_summarise(no_magnitude)}"
-            )
+    return problems
+
+
+def _pattern_problems(config: dict[str, Any], modules: dict[str, Any], adapter: Any) -> list[str]:
+    problems = []
     for pattern, rank in (config.get("rank_pattern") or {}).items():
         # the harness trains one rank for every module, or rank // top-k for experts (normalize_moe_lora)
         if rank != adapter.rank and not dict(adapter.options).get("normalize_moe_lora"):
@@ -178,7 +222,12 @@ def check_adapter_dir(
                 f"adapter_config.json: {key} key {pattern!r} matches no module with adapter tensors "
                 "(peft would ignore it without a warning)"
             )
-    targets = config["target_modules"]
+    return problems
+
+
+def _target_problems(config: dict[str, Any], modules: dict[str, Any]) -> list[str]:
+    targets = config.get("target_modules") or []
+    problems = []
     untargeted = sorted(m for m in modules if not _peft_targets(targets, m))
     if untargeted:
         problems.append(
@@ -188,16 +237,32 @@ def check_adapter_dir(
         idle = [t for t in targets if not any(_peft_targets([t], m) for m in modules)]
         if idle:
             problems.append(f"target_modules names {idle}, which carry no adapter tensor")
-    wanted = {m for m in expected_modules(base, adapter.targets, hf_modules) if re.search(adapter.hf_scope, m)}
-    absent = sorted(wanted - set(modules))
-    if absent:
+    return problems
+
+
+def compare_exports(got: Path, reference: Path) -> list[str]:
+    """A resharded load must export the very tensors the save layout exported, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(got / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
+    problems = []
+    if set(a) != set(b):
         problems.append(
-            f"the export has no adapter for {len(absent)} of the {len(wanted)} "
-            f"modules targeted by {list(adapter.targets)}, e.g. {_summarise(absent)}"
+            f"export after resharding has other tensors than at the save layout: "
+            f"missing {sorted(set(b) - set(a))[:3]}, extra {sorted(set(a) - set(b))[:3]}"
         )
-    stray = sorted(set(modules) - wanted)
-    if stray:
-        problems.append(f"the export has adapters for {len(stray)} modules not targeted, e.g. {_summarise(stray)}")
+    differ = []
+    for name in sorted(set(a) & set(b)):
+        if a[name].shape != b[name].shape:
+            differ.append(f"{name} (shape {tuple(a[name].shape)}, at the save layout {tuple(b[name].shape)})")
+        elif not torch.equal(a[name], b[name]):
+            differ.append(f"{name} (max |diff| {(a[name].double() - b[name].double()).abs().max():.3e})")
+    if differ:
+        problems.append(
+            f"{len(differ)} of {len(set(a) & set(b))} tensors differ from the export at the save layout, "
+            f"e.g. {'; '.join(differ[:3])}"
+        )
     return problems
 
 
@@ -221,8 +286,9 @@ def _summarise(modules: list[str]) -> str:
 def check_loaded_by_peft(peft_model: Any, path: Path) -> list[str]:
     """Every module of the file must carry a LoRA layer in the loaded model, holding the file's values.
 
-    A module whose own name is not wrapped may sit under a wrapped parent (experts fused by
-    transformers, adapted through ``target_parameters``): the logits judge those values.
+    A module that peft wrapped itself must hold each tensor of the file (lora_A, lora_B, DoRA's
+    magnitude) bit for bit. A module whose own name is not wrapped may sit under a wrapped parent
+    (experts fused by transformers, adapted through ``target_parameters``): the logits judge those.
     """
     import torch
     from safetensors.torch import load_file
@@ -230,16 +296,31 @@ def check_loaded_by_peft(peft_model: Any, path: Path) -> list[str]:
     saved = load_file(str(path / "adapter_model.safetensors"))
     params = dict(peft_model.named_parameters())
     wrapped = {name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
-    problems, unadapted = [], set()
+    unadapted: set[str] = set()
+    absent, differ = [], []
     for key, value in saved.items():
-        module = re.sub(r"\.(lora_A|lora_B)\.weight$|\.lora_magnitude_vector$", "", key)
-        parts = module.split(".")
+        m = _KEY.match(key)
+        module = m["module"] if m else key.rsplit(".", 2)[0]
+        full = _PREFIX + module
+        parts = full.split(".")
         if not any(".".join(parts[:n]) in wrapped for n in range(len(parts), 0, -1)):
-            unadapted.add(module.removeprefix("base_model.model."))
+            unadapted.add(module)
             continue
-        name = re.sub(r"\.(lora_A|lora_B)\.weight$", r".\1.default.weight", key)
-        if name in params and not torch.equal(params[name].detach().cpu().to(value.dtype), value):
-            problems.append(f"peft did not load {key}: its parameter {name} differs from the file")
+        if full not in wrapped or not m:
+            continue  # adapted through a wrapped parent
+        name = f"{full}.{m['kind'] or m['magnitude']}.default.weight"
+        if name not in params:
+            absent.append(f"{key} (no parameter {name})")
+        elif not torch.equal(params[name].detach().cpu().to(value.dtype), value):
+            differ.append(f"{key} (parameter {name})")
+    problems = []
+    if absent:
+        problems.append(f"peft has no parameter for {len(absent)} tensors of the file, e.g. {'; '.join(absent[:2])}")
+    if differ:
+        problems.append(
+            f"peft did not load {len(differ)} tensors of the file: the loaded values differ, "
+            f"e.g. {'; '.join(differ[:2])}"
+        )
     if unadapted:
         config = peft_model.peft_config["default"]
         problems.append(

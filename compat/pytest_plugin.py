@@ -1,22 +1,21 @@
 """pytest plugin (entry point ``pytest11``): matrix cells as tests, and fixtures to run them.
 
-Thin on purpose: it reads options, parametrizes ``compat_cell`` from a matrix file, and calls
-the library. Nothing heavy is imported at load time (torch and megatron only ever load in the
-worker processes a cell launches), so installing the package costs other test suites nothing.
-
-In a test module::
+Thin on purpose: it reads options, parametrizes ``compat_cell`` from a matrix file, and calls the
+library (``compat.run_cell``). Nothing heavy is imported at load time (torch and megatron only ever
+load in the rank processes a cell launches), so installing the package costs other test suites
+nothing. In a test module::
 
     def test_cell(compat_cell, compat_run):
         compat_run(compat_cell).assert_met()
 
-Each cell becomes one test with the cell id as its id. A cell that ``matrix/expected.toml``
-expects to ``fail`` is a strict xfail: when upstream fixes it, the test fails as XPASS and the
+Each cell becomes one test with the cell id as its id. A cell that the expected outcomes say will
+``fail`` (or ``error``) is a strict xfail: when upstream fixes it, the test fails as XPASS and the
 expectation must be updated. An expected ``unsupported`` cell is skipped with its reason.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,9 +28,12 @@ import compat.forkserver  # noqa: F401
 if TYPE_CHECKING:
     from compat.cells import Cell
     from compat.expected import Expectations
-    from compat.report import CellResult
+    from compat.plugins import Plugins
+    from compat.results import CellResult
 
-__all__ = ["CellDidNotPass", "CellErrored", "CellFailed", "CompatRun"]
+__all__ = ["CellDidNotPass", "CellErrored", "CellFailed", "CompatResult", "CompatRunner"]
+
+ROLES = ("exporter", "saver", "loader")
 
 
 class CellDidNotPass(AssertionError):
@@ -53,45 +55,100 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--compat-backend", choices=("auto", "cpu", "cuda"), default=None, help="where ranks run")
     group.addoption("--compat-timeout", type=float, default=None, help="seconds per cell launch")
     group.addoption("--compat-results", type=Path, default=None, help="write the cells' results.json here")
-    parser.addini("compat_matrix", "matrix TOML whose cells become tests", default="matrix/ci.toml")
+    group.addoption("--compat-families", type=Path, help="your family declarations (ini: compat_families)")
+    group.addoption("--compat-adapters", type=Path, help="your adapter declarations (ini: compat_adapters)")
+    parser.addini("compat_matrix", "matrix TOML whose cells become tests (none: no compat_cell tests)", default="")
+    parser.addini("compat_families", "your family declarations (TOML)", default="")
+    parser.addini("compat_adapters", "your adapter declarations (TOML)", default="")
+    for role in ROLES:
+        group.addoption(f"--compat-{role}", help=f"your {role}, 'package.module:function' (ini: compat_{role})")
+        parser.addini(f"compat_{role}", f"your {role}, 'package.module:function'", default="")
 
 
-@dataclass(frozen=True)
-class Settings:
-    matrix: Path
-    expected: Path
-    backend: str
+@dataclass
+class Session:
+    """What the plugin knows in one pytest process: read once, per session (``config.stash``)."""
+
+    cells: list[Cell]
+    expectations: Expectations
     timeout: float | None
+    plugins: Plugins
+    backend_option: str
+    results: list[dict[str, Any]] = field(default_factory=list)
+    _backend: str | None = None
+
+    @property
+    def backend(self) -> str:
+        """``auto`` resolved once (imports torch: not at load time)."""
+        if self._backend is None:
+            from compat.backends import resolve
+
+            self._backend = resolve(self.backend_option)
+        return self._backend
 
 
-def _settings(config: pytest.Config) -> Settings:
-    root = Path(config.rootpath)
-    matrix = config.getoption("--compat-matrix") or root / config.getini("compat_matrix")
-    if not matrix.is_absolute():
-        matrix = Path.cwd() / matrix
-    expected = config.getoption("--compat-expected") or matrix.parent / "expected.toml"
-    return Settings(
-        matrix, expected, config.getoption("--compat-backend") or "auto", config.getoption("--compat-timeout")
-    )
+_SESSION = pytest.StashKey[Session]()
 
 
-def _load(config: pytest.Config) -> tuple[list[Cell], Expectations, float | None]:
-    """Matrix and expectations, read once per process; bad files stop collection with UsageError."""
-    cached = getattr(config, "_compat_loaded", None)
-    if cached is not None:
-        return cached
-    from compat.expected import ExpectedError, load_expectations
-    from compat.matrix import MatrixError, load_matrix
+def _path(config: pytest.Config, option: str, ini: str) -> Path | None:
+    value = config.getoption(option) or config.getini(ini)
+    if not value:
+        return None
+    path = Path(value)
+    return path if path.is_absolute() else Path(config.rootpath) / path
 
-    s = _settings(config)
+
+def _session(config: pytest.Config) -> Session:
+    """Declarations, matrix, expectations and plugins, read once; bad input stops with UsageError."""
+    if _SESSION in config.stash:
+        return config.stash[_SESSION]
+    from compat.adapters import add_adapters
+    from compat.expected import load_expectations
+    from compat.families import add_families
+    from compat.matrix import load_matrix
+    from compat.plugins import Plugins
+
+    matrix_path = _path(config, "--compat-matrix", "compat_matrix")
     try:
-        matrix = load_matrix(s.matrix)
-        expectations = load_expectations(s.expected)
-    except (MatrixError, ExpectedError) as exc:
+        for option, ini, add in (("--compat-families", "compat_families", add_families),
+                                 ("--compat-adapters", "compat_adapters", add_adapters)):  # fmt: skip
+            path = _path(config, option, ini)
+            if path is not None:
+                add(path)
+        matrix = load_matrix(matrix_path) if matrix_path else None
+        expected = config.getoption("--compat-expected") or (
+            matrix_path.parent / "expected.toml" if matrix_path else None
+        )
+        expectations = load_expectations(expected)
+        named = {r: config.getoption(f"--compat-{r}") or config.getini(f"compat_{r}") for r in ROLES}
+        base = matrix.plugins.named() if matrix else {}
+        plugins = Plugins(**{**base, **{r: v for r, v in named.items() if v}})
+    except ValueError as exc:
         raise pytest.UsageError(f"megatron-lora-compat: {exc}") from None
-    loaded = (list(matrix.cells), expectations, s.timeout or matrix.timeout)
-    config._compat_loaded = loaded  # type: ignore[attr-defined]
-    return loaded
+    session = Session(
+        cells=list(matrix.cells) if matrix else [],
+        expectations=expectations,
+        timeout=config.getoption("--compat-timeout") or (matrix.timeout if matrix else None),
+        plugins=plugins,
+        backend_option=config.getoption("--compat-backend") or "auto",
+    )
+    config.stash[_SESSION] = session
+    return session
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cell: a matrix cell (launches rank processes)")
+    session = _session(config)  # bad files and plugin names stop the run here, as usage errors
+    if session.plugins.named():
+        from compat.plugins import PluginError, check
+
+        try:
+            check(session.plugins, session.backend)
+        except PluginError as exc:
+            raise pytest.UsageError(f"megatron-lora-compat: {exc}") from None
+    path = config.getoption("--compat-results")
+    if path:
+        config.pluginmanager.register(ResultsCollector(config, Path(path)), "compat-results-collector")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -99,113 +156,124 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     from compat.versions import installed_versions
 
-    cells, expectations, _ = _load(metafunc.config)
+    session = _session(metafunc.config)
     versions = installed_versions()
     params = []
-    for cell in cells:
-        status, reason = expectations.status_for(cell.id, versions)
+    for cell in session.cells:
+        expected = session.expectations.for_cell(cell.id, versions, cell.spec)
         marks: list[Any] = [pytest.mark.cell]
-        if status == "fail":
-            marks.append(pytest.mark.xfail(raises=CellFailed, strict=True, reason=reason))
-        elif status == "error":
-            marks.append(pytest.mark.xfail(raises=CellErrored, strict=True, reason=reason))
+        if expected.status == "fail":
+            marks.append(pytest.mark.xfail(raises=CellFailed, strict=True, reason=expected.reason))
+        elif expected.status == "error":
+            marks.append(pytest.mark.xfail(raises=CellErrored, strict=True, reason=expected.reason))
         params.append(pytest.param(cell, id=cell.id, marks=marks))
     metafunc.parametrize("compat_cell", params)
 
 
-class CompatRun:
-    """Runs cells with the session's backend, timeout and expectations (the ``compat_run`` fixture)."""
-
-    def __init__(self, backend: str, timeout: float | None, expectations: Expectations, workdir: Path) -> None:
-        self.backend, self.timeout, self.expectations, self.workdir = backend, timeout, expectations, workdir
-
-    def __call__(self, cell: Cell, **kwargs: Any) -> CompatResult:
-        from compat.launch import DEFAULT_TIMEOUT, run_cell
-        from compat.versions import installed_versions
-
-        expected = self.expectations.status_for(cell.id, installed_versions())
-        timeout = kwargs.pop("timeout", None) or self.timeout or DEFAULT_TIMEOUT
-        return CompatResult(run_cell(cell, self.backend, expected, timeout, workdir=self.workdir, **kwargs))
-
-
 @dataclass(frozen=True)
 class CompatResult:
-    """A cell's result with assertions that raise the reason, as assert_close does."""
+    """A cell's result (``.result``, a :class:`compat.CellResult`) with an assertion that raises its reason."""
 
     result: CellResult
 
     def assert_met(self) -> None:
-        """Pass if the cell passed; raise by observed status otherwise (xfail marks match on it)."""
+        """Return if the cell met its expected outcome; raise by observed status otherwise.
+
+        A pass returns; an expected ``unsupported`` skips; a ``fail``/``error`` raises
+        :class:`CellFailed`/:class:`CellErrored` (what strict xfail marks match on), and so does an
+        expected failure whose reason no longer matches the expectation's ``match``.
+        """
         r = self.result
         if r.status == "pass":
             return
         if r.status == "unsupported":
-            if r.expected == "unsupported":
+            if r.met:
                 pytest.skip(f"{r.id}: {r.reason}")
             raise CellDidNotPass(f"{r.id} is unsupported here: {r.reason}")
+        if r.status == r.expected and not r.met:
+            raise CellDidNotPass(
+                f"{r.id} {r.status} as expected, but for another reason: its reason does not match "
+                f"{r.expected_match!r}:\n{r.reason}"
+            )
         err = CellFailed if r.status == "fail" else CellErrored
         raise err(f"{r.id} {r.status}: {r.reason}")
 
 
+class CompatRunner:
+    """The ``compat_run`` fixture: ``compat_run(cell, exporter=..., saver=..., loader=..., timeout=...)``."""
+
+    def __init__(self, session: Session, workdir: Path, node: pytest.Item) -> None:
+        self.session, self.workdir, self.node = session, workdir, node
+
+    def __call__(
+        self,
+        cell: Cell,
+        *,
+        exporter: str | None = None,
+        saver: str | None = None,
+        loader: str | None = None,
+        timeout: float | None = None,
+    ) -> CompatResult:
+        from compat.launch import DEFAULT_TIMEOUT, run_cell
+        from compat.plugins import PluginError, Plugins, check
+        from compat.versions import installed_versions
+
+        s = self.session
+        try:
+            chosen = {"exporter": exporter, "saver": saver, "loader": loader}
+            plugins = Plugins(**{**s.plugins.named(), **{r: v for r, v in chosen.items() if v}})
+            check(plugins, s.backend)
+        except PluginError as exc:
+            raise pytest.UsageError(f"megatron-lora-compat: {exc}") from None
+        expected = s.expectations.for_cell(cell.id, installed_versions(), cell.spec)
+        result = run_cell(
+            cell, s.backend, expected, timeout or s.timeout or DEFAULT_TIMEOUT, workdir=self.workdir, plugins=plugins
+        )
+        self.node.user_properties.append(("compat_result", asdict(result)))
+        return CompatResult(result)
+
+
 @pytest.fixture(scope="session")
 def compat_backend(pytestconfig: pytest.Config) -> str:
-    backend = _settings(pytestconfig).backend
-    if backend == "auto":
-        from compat.backends import detect
-
-        backend = detect()
-    return backend
-
-
-@pytest.fixture(scope="session")
-def _compat_runner(
-    pytestconfig: pytest.Config, compat_backend: str, tmp_path_factory: pytest.TempPathFactory
-) -> CompatRun:
-    from compat.expected import load_expectations
-
-    s = _settings(pytestconfig)
-    expectations = load_expectations(s.expected)
-    return CompatRun(compat_backend, s.timeout, expectations, tmp_path_factory.mktemp("cells"))
+    """The backend cells run on here (``--compat-backend``, ``auto`` resolved)."""
+    return _session(pytestconfig).backend
 
 
 @pytest.fixture
-def compat_run(_compat_runner: CompatRun, request: pytest.FixtureRequest) -> Any:
-    """Run a cell: ``compat_run(cell)`` returns a result with ``.result`` and ``.assert_met()``.
+def compat_run(
+    pytestconfig: pytest.Config, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> CompatRunner:
+    """Run a cell with the session's backend, timeout, expectations and plugins; returns a :class:`CompatResult`.
 
-    Each result is also attached to the test's report, so ``--compat-results`` can collect them
-    (on the xdist controller too).
+    Each result is also attached to the test's report, so ``--compat-results`` collects them (on
+    the xdist controller too). Files of cells that miss their expected outcome are kept under
+    pytest's temporary directory, named in the result.
     """
-
-    def run(cell: Cell, **kwargs: Any) -> CompatResult:
-        result = _compat_runner(cell, **kwargs)
-        request.node.user_properties.append(("compat_result", asdict(result.result)))
-        return result
-
-    return run
+    workdir = tmp_path_factory.getbasetemp() / "cells"
+    workdir.mkdir(exist_ok=True)
+    return CompatRunner(_session(pytestconfig), workdir, request.node)
 
 
-_collected: list[dict[str, Any]] = []
+class ResultsCollector:
+    """Collects the cells' results of this session where the reports arrive (the xdist controller too)
+    and writes ``--compat-results`` at the end, from the controller only."""
 
+    def __init__(self, config: pytest.Config, path: Path) -> None:
+        self.config, self.path = config, path
+        self.results: list[dict[str, Any]] = []
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    for key, value in report.user_properties:
-        if key == "compat_result" and report.when == "call":
-            _collected.append(value)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call":
+            self.results += [value for key, value in report.user_properties if key == "compat_result"]
 
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if hasattr(self.config, "workerinput") or not self.results:
+            return
+        from compat.results import CellResult, device_name, write_results
+        from compat.versions import installed_versions
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Write the cells' results.json (CONTRACT shape) where --compat-results asks, from the controller."""
-    path = session.config.getoption("--compat-results")
-    if not path or hasattr(session.config, "workerinput") or not _collected:
-        return
-    from compat.report import CellResult, device_name, write_results
-    from compat.versions import installed_versions
-
-    backend = session.config.getoption("--compat-backend") or "cpu"
-    if backend == "auto":
-        from compat.backends import detect
-
-        backend = detect()
-    order = {c.id: i for i, c in enumerate(_load(session.config)[0])}
-    results = sorted((CellResult(**r) for r in _collected), key=lambda r: (order.get(r.id, len(order)), r.id))
-    write_results(Path(path), results, backend, device_name(backend), installed_versions())
+        s = _session(self.config)
+        order = {c.id: i for i, c in enumerate(s.cells)}
+        results = sorted((CellResult(**r) for r in self.results), key=lambda r: (order.get(r.id, len(order)), r.id))
+        complete = session.shouldstop is False and session.shouldfail is False
+        write_results(self.path, results, s.backend, device_name(s.backend), installed_versions(), complete=complete)

@@ -1,109 +1,12 @@
-"""Results: one record per cell, ``results.json`` in the shape of CONTRACT.md, and the table."""
+"""Results as people read them: the table printed while cells run, and Markdown for docs and CI."""
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import IO, Any
 
-from compat.cells import Cell
+from compat.results import CellResult
 
-__all__ = ["CellResult", "format_header", "format_row", "markdown", "read_results", "summary", "write_results"]
-
-
-@dataclass
-class CellResult:
-    id: str
-    family: str
-    layout: dict[str, int]
-    load_layout: dict[str, int]
-    world_size: int
-    adapter: str
-    dtype: str
-    status: str
-    expected: str
-    met: bool
-    max_abs_diff: float | None
-    adapter_effect: float | None
-    seconds: float
-    reason: str
-    expected_reason: str = ""
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def of(
-        cls,
-        cell: Cell,
-        status: str,
-        reason: str,
-        seconds: float,
-        expected: tuple[str, str],
-        metrics: dict[str, Any] | None = None,
-    ) -> CellResult:
-        metrics = metrics or {}
-        return cls(
-            id=cell.id,
-            family=cell.family,
-            layout=cell.layout.as_dict(),
-            load_layout=cell.load_layout.as_dict(),
-            world_size=cell.world_size,
-            adapter=cell.adapter,
-            dtype=cell.dtype,
-            status=status,
-            expected=expected[0],
-            met=status == expected[0],
-            max_abs_diff=metrics.get("max_abs_diff"),
-            adapter_effect=metrics.get("adapter_effect"),
-            seconds=round(seconds, 2),
-            reason=reason,
-            expected_reason=expected[1],
-            metrics={k: v for k, v in metrics.items() if k not in ("max_abs_diff", "adapter_effect")},
-        )
-
-
-def device_name(backend: str) -> str:
-    if backend == "cuda":
-        import torch
-
-        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.system()})"
-
-
-def write_results(path: Path, results: list[CellResult], backend: str, device: str, versions: dict[str, Any]) -> None:
-    """Write atomically: a run that stops half-way never leaves a half-written file."""
-    data = {
-        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "device": device,
-        "backend": backend,
-        "versions": versions,
-        # Transformer Engine is not installed here, so only the local layer spec runs.
-        "transformer_engine": _te_version(),
-        "layer_spec": "local",
-        "cells": [asdict(r) for r in results],
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
-
-
-def _te_version() -> str | None:
-    from importlib import metadata
-
-    for dist in ("transformer-engine", "transformer_engine"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def read_results(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
-
+__all__ = ["format_header", "format_row", "markdown", "print_table", "summary"]
 
 _COLUMNS = (
     ("cell", 40),

@@ -1,42 +1,51 @@
-"""Last known status per family and layout: the newest committed results, else expected.toml."""
+"""``compat families``: what the installed bridge registers, what the harness declares, and how it went.
+
+The last known status comes from the committed results (``matrix/results/``, newest wins) as a
+compact family x layout grid; a family with no results says what ``matrix/expected.toml`` expects.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import IO, Any
 
 from compat.expected import load_expectations
+from compat.families import Family, families
+from compat.grid import grid_report
 from compat.versions import installed_versions
 
-__all__ = ["RESULTS_DIR", "last_known"]
+__all__ = ["RESULTS_DIR", "print_families"]
 
 RESULTS_DIR = Path("matrix/results")
 
 
-def last_known(results_dir: Path = RESULTS_DIR) -> dict[str, str]:
-    """family -> ``"tp1 pass, ep2 fail (expected), ..."`` from the newest results file per backend."""
-    per_family: dict[str, dict[str, str]] = {}
-    runs = [(path, json.loads(path.read_text())) for path in sorted(results_dir.glob("*.json"))]
-    # Newest last, so newer results overwrite older ones: by the time a run finished (a clone's
-    # file times are all the same), files from before that field by modification time.
-    runs.sort(key=lambda run: (run[1].get("finished_at", ""), run[0].stat().st_mtime))
-    for path, data in runs:
-        for cell in data.get("cells", []):
-            note = "" if cell["met"] else " (unexpected)"
-            if cell["status"] != "pass" and cell["met"]:
-                note = " (expected)"
-            label = cell["id"].split(".", 1)[1]
-            per_family.setdefault(cell["family"], {})[label] = f"{cell['status']}{note} [{path.stem}]"
+def print_families(out: IO[str], results_dir: Path = RESULTS_DIR) -> None:
+    from compat.registry import registered_architectures
+
+    registered = set(registered_architectures())
+    declared: dict[str, list[Family]] = {}
+    for fam in families().values():  # an architecture may have several families (llama, llama_tied)
+        declared.setdefault(fam.architecture, []).append(fam)
+    print(f"{'architecture':34} {'harness families':40} registered by the installed bridge", file=out)
+    for arch in sorted(registered | set(declared)):
+        names = ", ".join(f.name for f in declared.get(arch, [])) or "- (not built by the harness)"
+        print(f"{arch:34} {names:40} {'yes' if arch in registered else 'no'}", file=out)
+    runs = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    print(file=out)
+    print(f"Last known status (lora, fp32, local spec; newest of {len(runs)} files in {results_dir}):", file=out)
+    print(grid_report(runs, adapters=("lora", "lora_mla")), file=out)
+    untested = sorted(set(families()) - {c["family"] for run in runs for c in run.get("cells", [])})
+    for name, text in _expected(untested).items():
+        print(f"{name}: no results yet; {text}", file=out)
+
+
+def _expected(names: list[str]) -> dict[str, str]:
+    """What expected.toml says of families with no results (their first entry on these versions)."""
     expectations = load_expectations(Path("matrix/expected.toml"))
     versions = installed_versions()
-    out = {}
-    for family, cells in per_family.items():
-        out[family] = ", ".join(f"{k} {v}" for k, v in sorted(cells.items()))
-    for entry in expectations.entries:
-        for pattern in entry.cells:
-            family = pattern.split(".", 1)[0]
-            if family in out or "*" in family:
-                continue
-            if entry.matches(pattern, versions):
-                out[family] = f"expected {entry.status}: {entry.reason}"
+    out: dict[str, Any] = {}
+    for name in names:
+        entry = next((e for e in expectations.entries if e.matches(f"{name}.tp1", versions)), None)
+        out[name] = f"expected {entry.status}: {entry.reason.splitlines()[0]}" if entry else "expected to pass"
     return out

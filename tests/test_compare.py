@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from compat.compare import TOLERANCES, compare
+from compat.compare import TOLERANCES, Tolerance, compare, effect_problem
 
 
 def test_identical_tensors_match():
@@ -37,5 +37,31 @@ def test_difference_within_tolerance_passes_and_just_above_fails():
     assert not compare(expected + 1.1e-5, expected, TOLERANCES["fp32"]).ok
 
 
-def test_bf16_tolerance_is_looser_than_fp32():
-    assert TOLERANCES["bf16"].atol > TOLERANCES["fp32"].atol
+def test_rtol_allows_a_share_of_the_expected_value_and_not_more():
+    tol = Tolerance(atol=0.0, rtol=0.05)
+    expected = torch.tensor([10.0, -4.0, 0.5], dtype=torch.float64)
+    assert compare(expected * 1.049, expected, tol).ok
+    c = compare(expected * 1.051, expected, tol)
+    assert c.mismatched == 3 and c.max_rel_diff == pytest.approx(0.051)
+    assert "up to 0.05 allowed" in c.message("x")
+
+
+def test_atol_and_rtol_add_up():
+    tol = TOLERANCES["bf16"]
+    expected = torch.tensor([2.0], dtype=torch.float64)
+    allowed = tol.atol + tol.rtol * 2.0
+    assert compare(expected + 0.99 * allowed, expected, tol).ok
+    assert not compare(expected + 1.01 * allowed, expected, tol).ok
+
+
+@pytest.mark.parametrize("dtype", sorted(TOLERANCES))
+def test_an_adapter_effect_within_the_tolerance_proves_nothing(dtype):
+    """The floor is the cell's own tolerance: logits without the adapter must fail the comparison."""
+    tol = TOLERANCES[dtype]
+    base = torch.randn(2, 16, 64, dtype=torch.float64)
+    within = base + 0.5 * (tol.atol + tol.rtol * base.abs())
+    problem = effect_problem(base, within, tol)
+    assert problem is not None and "does not change the logits beyond the tolerance" in problem
+    assert f"0 / {base.numel()}" in problem
+    beyond = base + 3 * (tol.atol + tol.rtol * base.abs()) + 0.1
+    assert effect_problem(base, beyond, tol) is None

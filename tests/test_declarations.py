@@ -7,7 +7,7 @@ import pytest
 
 from compat.adapters import adapters
 from compat.cells import Cell
-from compat.expected import ExpectedError, load_expectations
+from compat.expected import Expected, ExpectedError, load_expectations
 from compat.families import FamilyError, _parse, families
 from compat.layouts import Layout
 from compat.matrix import MatrixError, load_matrix, parse_matrix
@@ -26,21 +26,55 @@ def test_family_expert_count_must_agree_with_its_config():
         _parse(bad, "test")
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "matrix").glob("*.toml") if p.name != "expected.toml"))
-def test_committed_matrix_files_are_valid(name):
-    matrix = load_matrix(ROOT / "matrix" / name)
-    assert matrix.cells
-    assert len({c.id for c in matrix.cells}) == len(matrix.cells)
+MATRICES = sorted(p for p in (ROOT / "matrix").glob("*.toml") if p.name != "expected.toml")
 
 
-def test_committed_expectations_are_valid():
-    assert load_expectations(ROOT / "matrix" / "expected.toml").entries
+def test_every_expectation_speaks_for_a_committed_cell():
+    """An entry whose patterns match no cell of any committed matrix is dead data (a renamed cell, a typo)."""
+    cells = [c for path in MATRICES for c in load_matrix(path).cells]
+    assert cells
+    entries = load_expectations(ROOT / "matrix" / "expected.toml").entries
+    dead = [e.cells for e in entries if not any(e.matches(c.id, {}, c.spec) or _pattern_only(e, c) for c in cells)]
+    assert not dead, f"expectations that match no committed cell: {dead}"
+
+
+def _pattern_only(entry, cell) -> bool:
+    """The entry's patterns and specs match the cell (its version bounds are not what this test is about)."""
+    from fnmatch import fnmatchcase
+
+    return cell.spec in entry.specs and any(fnmatchcase(cell.id, p) for p in entry.cells)
 
 
 def test_cell_ids_follow_the_contract():
     assert Cell.make("llama", Layout(tp=2)).id == "llama.tp2"
     assert Cell.make("llama", Layout(tp=2, pp=2), Layout()).id == "llama.tp2-pp2.to.tp1"
     assert Cell.make("qwen3_moe", Layout(tp=2, ep=2), dtype="bf16").id == "qwen3_moe.tp2-ep2.bf16"
+    assert Cell.make("qwen3_moe", Layout(tp=2, ep=2), spec="te").id == "qwen3_moe.tp2-ep2.te"
+    assert Cell.make("llama", Layout(tp=2), adapter="canonical", dtype="bf16", spec="te").id == (
+        "llama.tp2.canonical.te.bf16"
+    )
+
+
+def test_cells_round_trip_through_tasks():
+    cell = Cell.make("qwen3_moe", Layout(ep=2), Layout(), "experts", "bf16", "te")
+    assert Cell.from_dict(cell.to_dict()) == cell
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("llama", Layout(), None, "lora", "fp32", "tpu"), "unknown layer spec 'tpu'"),
+        (("llama", Layout(), None, "lora", "fp16"), "unknown dtype 'fp16'"),
+        (("llama", Layout(), None, "per-expert", "fp32", "te"), "configures routed experts"),
+        (("qwen3_moe", Layout(), None, "per-expert", "fp32", "local"), "exists only for the te spec"),
+        (("llama", Layout(tp=2), None, "r5"), "rank 5, which tp=2 does not divide"),
+    ],
+)
+def test_impossible_cells_are_refused_with_the_reason(args, message):
+    from compat.cells import CellError
+
+    with pytest.raises((CellError, ValueError), match=message):
+        Cell.make(*args)
 
 
 @pytest.mark.parametrize(
@@ -67,6 +101,8 @@ def test_malformed_matrices_are_refused_with_the_reason(text, message):
         ("[[expect]]\ncells = 'llama.*'\nstatus = 'fail'", "needs a reason"),
         ("[[expect]]\ncells = 'x'\nstatus = 'fail'\nreason = 'r'\nwhen = {megatron-bridge = 'abc'}", "not a version"),
         ("[[expect]]\ncells = 'x'\nstatus = 'fail'\nreason = 'r'\nwhen = {numpy = '>1'}", "names 'numpy'"),
+        ("[[expect]]\ncells = 'x'\nstatus = 'fail'\nreason = 'r'\nmatch = '(unclosed'", "not a regular expression"),
+        ("[[expect]]\ncells = 'x'\nstatus = 'fail'\nreason = 'r'\nspecs = ['gpu']", "specs"),
         ("[expect]\ncells = 'x'", "write \\[\\[expect\\]\\]"),
     ],
 )
@@ -77,13 +113,24 @@ def test_malformed_expectations_are_refused(tmp_path, text, message):
         load_expectations(path)
 
 
-def test_first_matching_expectation_wins_and_versions_gate_it(tmp_path):
+def test_first_matching_expectation_wins_and_versions_and_specs_gate_it(tmp_path):
     path = tmp_path / "expected.toml"
     path.write_text(
-        "[[expect]]\ncells = 'qwen3_moe.ep2'\nstatus = 'fail'\nreason = 'bridge bug'\n"
-        "when = { megatron-bridge = '<0.7' }\n"
+        "[[expect]]\ncells = 'qwen3_moe.ep2*'\nspecs = ['local']\nstatus = 'fail'\nreason = 'narrow'\n"
+        "when = { megatron-bridge = '<0.7' }\nmatch = 'experts\\\\.\\\\{2,3\\\\}'\n"
+        "[[expect]]\ncells = 'qwen3_moe.*'\nstatus = 'error'\nreason = 'broad'\n"
     )
     e = load_expectations(path)
-    assert e.status_for("qwen3_moe.ep2", {"megatron-bridge": "0.6.2"}) == ("fail", "bridge bug")
-    assert e.status_for("qwen3_moe.ep2", {"megatron-bridge": "0.7.0"}) == ("pass", "")
-    assert e.status_for("llama.tp2", {"megatron-bridge": "0.6.2"}) == ("pass", "")
+    v6, v7 = {"megatron-bridge": "0.6.2"}, {"megatron-bridge": "0.7.0"}
+    assert e.for_cell("qwen3_moe.ep2", v6, "local") == Expected("fail", "narrow", r"experts\\.\\{2,3\\}")
+    assert e.for_cell("qwen3_moe.ep2", v7, "local").reason == "broad"  # the first entry's versions exclude it
+    assert e.for_cell("qwen3_moe.ep2.te", v6, "te").reason == "broad"  # and its specs exclude the te spec
+    assert e.for_cell("llama.tp2", v6, "local") == Expected()
+
+
+def test_an_expected_failure_for_another_reason_is_not_met():
+    expected = Expected("fail", "experts lost under EP", r"no adapter for \d+ of the \d+ modules")
+    assert expected.met_by("fail", "the export has no adapter for 24 of the 64 modules targeted by [...]")
+    assert not expected.met_by("fail", "64 of 64 tensors are not LoRA weight names peft loads")
+    assert not expected.met_by("error", "the export has no adapter for 24 of the 64 modules")
+    assert Expected("fail", "any reason").met_by("fail", "whatever it says")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from compat.gate import GateError, compare, load_pins
+from compat.gate import GateError, check_complete, compare, load_pins
 
 PINS = Path(__file__).resolve().parent.parent / "matrix" / "pins"
 
@@ -51,3 +51,12 @@ def test_compare_sorts_cells() -> None:
 def test_compare_without_accepted_uses_expected_only() -> None:
     diff = compare(_cells(a=("fail", "fail"), b=("error", "pass")), None)
     assert [r["id"] for r in diff["regressions"]] == ["b"] and not diff["new"] and not diff["fixes"]
+
+
+@pytest.mark.parametrize("results", [{"cells": []}, {"complete": False, "cells": [{"id": "a", "status": "pass"}]}])
+def test_a_partial_run_is_no_verdict(results: dict) -> None:
+    """Before: results were written after every cell, so an interrupted run left a file whose unrun cells
+    counted as dropped, and the gate exited 0."""
+    with pytest.raises(GateError, match="stopped before every cell ran"):
+        check_complete(results, "results.json")
+    check_complete({**results, "complete": True}, "results.json")

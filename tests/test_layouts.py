@@ -1,7 +1,5 @@
 """Layouts: parsing, ids, world size, and refusing what a family cannot be sharded into."""
 
-import math
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -25,12 +23,22 @@ def test_cli_and_id_forms_round_trip(layout):
     assert Layout.parse(layout.slug) == layout
 
 
+@pytest.mark.parametrize(
+    ("layout", "world"),
+    [("tp1", 1), ("tp=2", 2), ("tp=2,pp=2", 4), ("ep=2", 2), ("tp=2,ep=2", 2), ("ep=2,etp=2", 4), ("tp=2,etp=2", 2),
+     ("tp=4,ep=2", 4), ("tp=2,ep=4,pp=2", 8), ("pp=2,vpp=2", 2)],
+)  # fmt: skip
+def test_world_size_of_known_layouts(layout, world):
+    assert Layout.parse(layout).world_size == world
+
+
 @given(layouts())
-def test_world_size_lets_data_parallelism_fill_the_difference(layout):
-    ws = layout.world_size
-    assert ws == layout.pp * math.lcm(layout.tp, layout.ep * layout.etp)
-    per_stage = ws // layout.pp
+def test_world_size_is_the_smallest_data_parallel_fill(layout):
+    """Each stage holds whole TP groups and whole EP x ETP groups, and no smaller world would."""
+    per_stage = layout.world_size // layout.pp
+    assert layout.world_size % layout.pp == 0
     assert per_stage % layout.tp == 0 and per_stage % (layout.ep * layout.etp) == 0
+    assert not any(n % layout.tp == 0 and n % (layout.ep * layout.etp) == 0 for n in range(1, per_stage))
 
 
 @pytest.mark.parametrize(

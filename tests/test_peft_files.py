@@ -60,6 +60,90 @@ def test_a_value_peft_changed_on_load_is_named(tmp_path):
         model.base_model.model.model.layers[1].self_attn.q_proj.lora_B["default"].weight.add_(1.0)
     problems = check_loaded_by_peft(model, path)
     assert problems == [
-        "peft did not load base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight: "
-        "its parameter base_model.model.model.layers.1.self_attn.q_proj.lora_B.default.weight differs from the file"
+        "peft did not load 1 tensors of the file: the loaded values differ, e.g. "
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight "
+        "(parameter base_model.model.model.layers.1.self_attn.q_proj.lora_B.default.weight)"
     ]
+
+
+def _hf_base(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, vocab_size=32,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def _attn_adapter(tmp_path: Path, use_dora: bool = False) -> tuple[Path, Path]:
+    """An adapter as the harness's ``attn`` kind describes it (r=8, alpha=16, q/k/v/o), saved by peft."""
+    hf = _hf_base(tmp_path)
+    base = transformers.LlamaForCausalLM.from_pretrained(hf)
+    config = peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False,
+        use_dora=use_dora,
+    )  # fmt: skip
+    model = peft.get_peft_model(base, config)
+    model.peft_config["default"].base_model_name_or_path = str(hf)
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter", hf
+
+
+def _rewrite(path: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "adapter_model.safetensors")
+    save_file(edit(tensors), path / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def test_a_sound_export_has_no_problems(tmp_path):
+    from compat.adapters import get_adapter
+    from compat.peft_files import check_adapter_dir
+
+    path, hf = _attn_adapter(tmp_path)
+    assert check_adapter_dir(path, get_adapter("attn"), hf) == []
+
+
+def test_without_target_modules_the_tensors_are_still_checked(tmp_path):
+    """Before: a config without target_modules returned early, skipping every tensor, shape and coverage check."""
+    import json
+
+    from compat.adapters import get_adapter
+    from compat.peft_files import check_adapter_dir
+
+    path, hf = _attn_adapter(tmp_path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    del config["target_modules"]
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    _rewrite(path, lambda t: {k: (v[:, :4].contiguous() if k.endswith("layers.0.self_attn.q_proj.lora_A.weight") else v)
+                              for k, v in t.items() if "layers.1.self_attn.v_proj" not in k})  # fmt: skip
+    problems = "\n".join(check_adapter_dir(path, get_adapter("attn"), hf))
+    assert "adapter_config.json has no target_modules" in problems
+    assert "layers.0.self_attn.q_proj.lora_A.weight has shape (8, 4), expected (8, 16)" in problems
+    assert "the export has no adapter for 1 of the 8 modules" in problems and "layers.{1}.self_attn.v_proj" in problems
+
+
+def test_unprefixed_keys_are_one_problem_not_one_per_tensor(tmp_path):
+    from compat.adapters import get_adapter
+    from compat.peft_files import check_adapter_dir
+
+    path, hf = _attn_adapter(tmp_path)
+    _rewrite(path, lambda t: {k.removeprefix("base_model.model."): v for k, v in t.items()})
+    problems = [p for p in check_adapter_dir(path, get_adapter("attn"), hf) if "not LoRA weight names" in p]
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("16 of 16 tensors are not LoRA weight names peft loads (no 'base_model.model.'")
+
+
+def test_dora_magnitudes_are_compared_with_what_peft_loaded(tmp_path):
+    """Before: magnitude keys never matched peft's parameter names, so +5.0 on every magnitude went unseen."""
+    path, hf = _attn_adapter(tmp_path, use_dora=True)
+    model = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(hf), str(path))
+    assert check_loaded_by_peft(model, path) == []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.add_(5.0)
+    problems = check_loaded_by_peft(model, path)
+    assert len(problems) == 1 and problems[0].startswith("peft did not load 8 tensors of the file")
+    assert "lora_magnitude_vector (parameter " in problems[0]

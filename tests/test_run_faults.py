@@ -1,8 +1,10 @@
-"""Run faults: a rank that raises, a rank that hangs, two cells at once, Ctrl-C.
+"""Run faults: a rank that raises, a rank that hangs, upstream code that raises, two cells at once, Ctrl-C.
 
 The harness must turn each into a result (``error`` with the rank's traceback or stack dump),
-keep running other cells, and leave no process of a cell behind. Processes of a cell are found
-by a unique token put in its environment (ranks inherit it) and looked up in /proc/*/environ.
+keep running other cells, and leave no process of a broken cell behind; ranks that finished a
+cell cleanly wait warm in the pool until it shuts down, and then nothing is left either.
+Processes are found by a unique token put in the environment (ranks inherit it) and looked up in
+/proc/*/environ.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 import pytest
 from faults.catalogue import by_name
 from test_faults import plant, run, unmatched
+
+pytestmark = pytest.mark.cell
 
 TOKEN_VAR = "COMPAT_TEST_TOKEN"
 
@@ -69,6 +73,14 @@ def _signal_state(pid: int) -> str:
     return ", ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
 
 
+def idle_ranks() -> set[int]:
+    """Pids of the rank processes waiting warm in this process's pool, and their children."""
+    from compat.pool import pool
+
+    ranks = {p.pid for g in pool()._idle for p in g.procs}
+    return ranks | {pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _parent(pid) in ranks}
+
+
 def ranks_with(token: str) -> list[int]:
     """Rank processes: started cold (``compat.worker``) or forked by the fork server (its children)."""
     pids = []
@@ -116,6 +128,11 @@ def test_rank_that_raises_is_an_error_and_other_cells_still_run(monkeypatch, tmp
         task = (root / "task-roundtrip.json").read_text()
         assert f'"root": "{root}"' in task
         assert (root / "checkpoint").is_dir()
+    # The broken cell's ranks are gone; the clean one's wait warm, and go with the pool.
+    assert set(processes_with(token)) <= idle_ranks()
+    from compat.pool import pool
+
+    pool().shutdown()
     assert not processes_with(token)
 
 
@@ -123,12 +140,23 @@ def test_hung_rank_times_out_with_its_stack_and_leaves_no_process(monkeypatch, t
     fault = by_name("rank1_hangs")
     plant(monkeypatch, fault.name)
     start = time.monotonic()
-    result = run(fault.family, fault.layout, compat_backend, tmp_path, timeout=fault.timeout)
+    result = run(fault, compat_backend, tmp_path)
     assert result.status == "error", result.reason
     assert not unmatched(fault, result.reason), result.reason
-    assert "Stack (most recent call first)" in result.reason or "most recent call first" in result.reason
+    header = r"(Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):\n"
+    dump = re.search(header + r"(.*\n)*?.*in planted_hang", result.reason)
+    assert dump, f"no stack dump reaching the hung frame:\n{result.reason}"
     assert time.monotonic() - start < fault.timeout + 60
     assert not processes_with(token), "processes of the timed-out cell survived"
+
+
+def test_upstream_code_that_raises_is_an_error_not_unsupported(monkeypatch, tmp_path, compat_backend):
+    """Before: any upstream exception while building (weight conversion included) read as "unsupported"."""
+    fault = by_name("conversion_raises")
+    plant(monkeypatch, fault.name)
+    result = run(fault, compat_backend, tmp_path)
+    assert result.status == "error", result.reason
+    assert not unmatched(fault, result.reason), result.reason
 
 
 def test_ctrl_c_stops_every_rank(tmp_path, token):
@@ -161,3 +189,4 @@ def test_ctrl_c_stops_every_rank(tmp_path, token):
     assert cli.returncode == 130, f"CLI signal state when interrupted: {state}\n{text}"
     assert re.search(r"interrupted", text), text
     assert not processes_with(token), f"rank processes survived Ctrl-C: {processes_with(token)}"
+    assert not out.exists() or '"complete": false' in out.read_text(), "an interrupted run's results say complete"

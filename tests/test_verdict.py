@@ -2,7 +2,7 @@
 
 import pytest
 
-from compat.launch import RankOutcome, verdict
+from compat.verdict import RankOutcome, verdict
 
 
 def _rank(rank: int, status: str, at: float, reason: str) -> RankOutcome:
@@ -38,3 +38,27 @@ def test_the_first_rank_to_stop_is_the_cause(ranks, phase, status, starts, then)
     assert got_status == status
     assert reason.startswith(starts)
     assert then in reason
+
+
+def test_unsupported_names_the_reason_and_is_not_an_error():
+    outcomes = [RankOutcome(r, 0, {"rank": r, "status": "unsupported", "reason": "needs transformer_engine"}, "")
+                for r in (0, 1)]  # fmt: skip
+    assert verdict(outcomes, "", "roundtrip") == ("unsupported", "needs transformer_engine", {})
+
+
+def test_a_rank_that_died_without_a_result_is_an_error_with_its_output():
+    outcomes = [_rank(0, "pass", 1.0, ""), RankOutcome(1, -9, None, "line 1\nSegmentation fault in libfoo")]
+    outcomes[0].record.update(metrics={})
+    status, reason, _ = verdict(outcomes, "", "save")
+    assert status == "error"
+    assert reason.startswith("[save] a rank died")
+    assert "rank 1 was killed by signal SIGKILL; its output ends:" in reason and "Segmentation fault" in reason
+
+
+def test_a_timeout_shows_the_stack_dump_from_its_innermost_frame():
+    dump = 'Thread 0x00007f0 (most recent call first):\n  File "x.py", line 3 in planted_hang_forever\n'
+    log = "import noise\n" * 2000 + dump + '  File "y.py", line 9 in <module>\n' * 400
+    outcomes = [_rank(0, "pass", 1.0, ""), RankOutcome(1, -9, None, log)]
+    status, reason, _ = verdict(outcomes, "timed out after 60s", "roundtrip")
+    assert status == "error" and reason.startswith("timed out after 60s")
+    assert "in planted_hang_forever" in reason  # the innermost frame survives the tail

@@ -1,30 +1,8 @@
-"""What both backends share: inputs' masks and positions, and the TE-only fusions to turn off."""
+"""What both backends share: the inputs' attention mask and positions."""
 
 from __future__ import annotations
 
 import torch
-
-# Provider fields for fusions that need Transformer Engine or CUDA kernels; off with the local spec.
-TE_FUSIONS = (
-    "gradient_accumulation_fusion",
-    "apply_rope_fusion",
-    "masked_softmax_fusion",
-    "bias_activation_fusion",
-    "bias_dropout_fusion",
-    "persist_layer_norm",
-    "cross_entropy_loss_fusion",
-    "moe_grouped_gemm",
-    "moe_permute_fusion",
-    "moe_router_fusion",
-    "moe_shared_expert_overlap",
-)
-
-
-def turn_off_te_fusions(provider: object) -> None:
-    """The local layer spec runs none of the TE/CUDA fusions: turn them off before finalize()."""
-    for key in TE_FUSIONS:
-        if hasattr(provider, key):
-            setattr(provider, key, False)
 
 
 def causal_mask(input_ids: torch.Tensor) -> torch.Tensor:

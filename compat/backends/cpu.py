@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from compat.backends.common import causal_mask, position_ids, turn_off_te_fusions
+from compat.backends.common import causal_mask, position_ids
 
 __all__ = ["CpuBackend"]
 
@@ -24,7 +24,6 @@ class CpuBackend:
         return torch.device("cpu")
 
     def configure(self, provider: object) -> None:
-        turn_off_te_fusions(provider)
         if getattr(provider, "num_moe_experts", None):
             # The alltoall dispatcher creates a CUDA stream; allgather runs over gloo.
             provider.moe_token_dispatcher_type = "allgather"

@@ -6,12 +6,10 @@ import os
 
 import torch
 
-from compat.backends.common import causal_mask, position_ids, turn_off_te_fusions
+from compat.backends import CUDA_RANK_ENV
+from compat.backends.common import causal_mask, position_ids
 
 __all__ = ["CudaBackend"]
-
-# The device machines require NVLink multicast off in every process (device README, KINDS.md).
-NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 class CudaBackend:
@@ -19,7 +17,7 @@ class CudaBackend:
     dist_backend = "nccl"
 
     def setup(self, local_rank: int) -> None:
-        for key, value in NCCL_ENV.items():
+        for key, value in CUDA_RANK_ENV.items():  # ranks started by an outside launcher (torchrun) too
             os.environ.setdefault(key, value)
         torch.cuda.set_device(local_rank)
         from compat import workarounds
@@ -31,10 +29,6 @@ class CudaBackend:
         return torch.device("cuda", torch.cuda.current_device())
 
     def configure(self, provider: object) -> None:
-        from compat.workarounds.transformer_engine import needed as te_missing
-
-        if te_missing():
-            turn_off_te_fusions(provider)
         if getattr(provider, "num_moe_experts", None):
             provider.moe_token_dispatcher_type = "alltoall"
 

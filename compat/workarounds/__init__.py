@@ -2,10 +2,12 @@
 
 - ``transformer_engine``: megatron-bridge imports Transformer Engine unconditionally in some
   modules (which ones differs by release); applied only when TE is not importable.
+- ``local_spec``: the layer spec of ``local`` cells, where the bridge asks for TE (used by
+  ``compat.specs`` for those cells alone).
 - ``zero_centered_norm``: megatron-core's local norm refuses the (1 + w) norms of Gemma and
-  Nemotron that only TE implements; applied only when TE is not importable.
+  Nemotron that only TE implements; changes only the local norm, so only ``local`` cells.
 - ``mla_core_attention``: multi-latent attention passes key/value head widths that only TE's core
-  attention accepts; applied only when TE is not importable.
+  attention accepts; changes only the local core attention, so only ``local`` cells.
 - ``cpu``: megatron-core assumes CUDA in a few places; applied only by the CPU backend.
 
 Workers call :func:`apply` once, before importing megatron.bridge. Nothing here is applied in
@@ -24,9 +26,12 @@ def apply(backend: str) -> list[str]:
     applied = []
     if transformer_engine.needed():
         transformer_engine.apply()
-        zero_centered_norm.apply()
-        mla_core_attention.apply()
-        applied += ["transformer_engine", "zero_centered_norm", "mla_core_attention"]
+        applied.append("transformer_engine")
+    # Local-spec classes only (te cells build TE's norm and core attention): needed by local cells
+    # whether or not TE is installed, and a rank may build both kinds.
+    zero_centered_norm.apply()
+    mla_core_attention.apply()
+    applied += ["zero_centered_norm", "mla_core_attention"]
     if backend == "cpu":
         cpu.apply()
         applied.append("cpu")

@@ -11,7 +11,8 @@ is given (``baddbmm``/``bmm`` over the last dimension); only the output width,
 ``hidden_size_per_partition`` (``dot_product_attention.py:78``, from ``kv_channels``), must come
 from ``v_channels``. The softmax scale is MLA's own, passed explicitly.
 
-Applied only when Transformer Engine is absent; a call without the two arguments is unchanged.
+It changes only the local core attention (built by ``local`` cells alone); a call without the two
+arguments is unchanged.
 """
 
 from __future__ import annotations

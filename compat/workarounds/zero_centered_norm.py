@@ -8,8 +8,8 @@ HF checkpoints store ``w`` for a norm that scales by ``1 + w``. TE's norms add t
 kernel; here the torch norm is built as usual and its forward scales by ``1 + w`` (RMSNorm as
 ``transformers``' ``GemmaRMSNorm``, LayerNorm as ``NemotronLayerNorm1P``).
 
-Applied only when Transformer Engine is absent, and it changes nothing for a config without
-``layernorm_zero_centered_gamma``: every other assertion of ``WrappedTorchNorm`` still runs.
+It changes only megatron-core's local norm (built by ``local`` cells alone), and nothing for a config
+without ``layernorm_zero_centered_gamma``: every other assertion of ``WrappedTorchNorm`` still runs.
 """
 
 from __future__ import annotations

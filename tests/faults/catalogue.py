@@ -2,12 +2,14 @@
 
 A fault is data: the smallest cell that shows it, the upstream functions it wraps (patched in
 every rank right after their module is imported, see ``hook.py``), and the patterns the cell's
-``reason`` must contain. ``COMPAT_FAULT=<name>`` with ``tests/faults/plant`` on PYTHONPATH plants
-it. Nothing here imports torch or megatron at module level: the test process reads the catalogue
-to parametrize, and only the ranks ever run the wrappers.
+``reason`` must contain, in every dtype it runs in (``expect``) and in fp32 alone (``fp32``: where
+the fp32 tolerance locates the first divergence). ``COMPAT_FAULT=<name>`` with
+``tests/faults/plant`` on PYTHONPATH plants it. Nothing here imports torch or megatron at module
+level: the test process reads the catalogue to parametrize, and only the ranks run the wrappers.
 
-Check faults (``kind="check"``) must end the cell ``fail``; run faults (``kind="run"``) break
-the run itself (a rank raises, a rank hangs) and are driven by tests/test_run_faults.py.
+Check faults (``kind="check"``) must end the cell ``fail``, in fp32 and in bf16; run faults
+(``kind="run"``) break the run itself (a rank raises or hangs, upstream code raises where it used
+to be taken for a missing component) and are driven by tests/test_run_faults.py.
 """
 
 from __future__ import annotations
@@ -29,16 +31,37 @@ PEFT_BRIDGE = "megatron.bridge.models.conversion.peft_bridge"
 PARAM_MAPPING = "megatron.bridge.models.conversion.param_mapping"
 PEFT_UTILS = "megatron.bridge.peft.utils"
 DIST_CKPT = "megatron.core.dist_checkpointing"
+CKPT_FILTER = "megatron.bridge.training.checkpointing"
+MODEL_BRIDGE = "megatron.bridge.models.conversion.model_bridge"
 
 Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 # What a logits mismatch says (compat/compare.py), with the measured difference and tolerance.
 LOGITS = r"Megatron logits differ from peft\.PeftModel logits: mismatched elements: \d+ / \d+"
+DIFF = (
+    r"greatest absolute difference: \d\.\d+e[-+]\d+ at sequence \d+, position \d+, token \d+ "
+    r"\(up to [\d.e-]+ allowed\)"
+)
 FP32_DIFF = r"greatest absolute difference: \d\.\d+e[-+]\d+ at .* \(up to 1e-05 allowed\)"
 
 
 def diverges_at(layer: int, part: str) -> str:
     return rf"first divergence: layer {layer} {part} \(max \|diff\| \d\.\d+e[-+]\d+, up to 1e-05 allowed\)"
+
+
+def weights_differ(modules: str) -> str:
+    """peft's merged weights differ from the bridge's merged export in the tensors ``modules`` (a regex) names."""
+    return (
+        r"peft merge_and_unload's weights differ from the bridge's merged HF export in \d+ of \d+ tensors, "
+        rf"e\.g\. model\.layers\.{modules}\.weight \(max \|diff\| \d\.\d+e[-+]\d+\)"
+    )
+
+
+def mismatch_at(layer: int, part: str, modules: str = "") -> dict[str, tuple[str, ...]]:
+    """In fp32: a logits mismatch located at ``layer`` ``part`` against 1e-05. In every dtype: the merged
+    weights differ in ``modules`` (where the fault is in the adapter export alone), or the logits do."""
+    common = (weights_differ(modules),) if modules else (LOGITS, DIFF)
+    return {"expect": common, "fp32": (LOGITS, FP32_DIFF, diverges_at(layer, part))}
 
 
 @dataclass(frozen=True)
@@ -49,15 +72,20 @@ class Fault:
     layout: str
     # (module, attribute path inside it, wrapper of the original)
     patches: tuple[tuple[str, str, Wrap], ...]
-    expect: tuple[str, ...] = ()  # regexes the reason must match (re.search, DOTALL)
+    expect: tuple[str, ...] = ()  # regexes the reason must match in every dtype (re.search, DOTALL)
+    fp32: tuple[str, ...] = ()  # and in fp32 cells
     kind: str = "check"
     status: str = "fail"
     timeout: float | None = None
+    dtypes: tuple[str, ...] = ("fp32", "bf16")
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
         return self.name
+
+    def patterns(self, dtype: str) -> tuple[str, ...]:
+        return self.expect + (self.fp32 if dtype == "fp32" else ())
 
 
 # -- helpers the wrappers share (run inside a rank) ----------------------------------------------
@@ -275,6 +303,93 @@ def _corrupt(directory: Path) -> None:
         f.write(bytes([0x5A]) * (size // 4))
 
 
+def _first_adapter(section: dict[str, Any]) -> str | None:
+    """The first adapter tensor of a loaded state-dict section."""
+    return next((k for k in sorted(section) if ".adapter." in k and hasattr(section[k], "add_")), None)
+
+
+def _perturb_loaded(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``dist_checkpointing.load`` hands back one adapter tensor off by 1e-3 (a loader that corrupts)."""
+
+    @functools.wraps(original)
+    def load(sharded_state_dict: Any, checkpoint_dir: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+        for section in out.values():
+            key = _first_adapter(section) if isinstance(section, dict) else None
+            if key:
+                section[key].add_(1e-3)
+                break
+        return out
+
+    return load
+
+
+def _filter_keeps_a_base_tensor(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The PEFT filter lets the first base-model tensor of each rank through into the checkpoint."""
+
+    @functools.wraps(original)
+    def apply(state_dict: dict[str, Any], peft: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(state_dict, peft, *args, **kwargs)
+        for name, section in state_dict.items():
+            if not isinstance(section, dict) or name not in out:
+                continue
+            base = [k for k in sorted(section) if ".adapter." not in k and "_extra_state" not in k]
+            if base:
+                out[name][base[0]] = section[base[0]]
+                break
+        return out
+
+    return apply
+
+
+def _filter_drops_fc1_lora_a(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The PEFT filter loses the MLP fc1 LoRA-A of every layer: neither saved nor loaded (dropping one layer
+    alone is refused by megatron-core's own sharding validation at save)."""
+
+    @functools.wraps(original)
+    def apply(state_dict: dict[str, Any], peft: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(state_dict, peft, *args, **kwargs)
+        for section in out.values():
+            for key in [k for k in section if k.endswith("mlp.linear_fc1.adapter.linear_in.weight")]:
+                del section[key]
+        return out
+
+    return apply
+
+
+def _bridge_loader_corrupts(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``load_peft_adapter_checkpoint`` leaves one adapter parameter off by 1e-3 after loading."""
+
+    @functools.wraps(original)
+    def load(model: list, *args: Any, **kwargs: Any) -> Any:
+        out = original(model, *args, **kwargs)
+        import torch
+
+        with torch.no_grad():
+            next(p for name, p in model[0].named_parameters() if ".adapter." in name).add_(1e-3)
+        return out
+
+    return load
+
+
+def _perturb_when_alone(w: dict[str, Any]) -> dict[str, Any]:
+    """In a one-rank launch only (the load of a tp2 -> tp1 cell): layer 3 o_proj's lora_A off by 1e-3."""
+    if os.environ.get("WORLD_SIZE") != "1":
+        return w
+    key = next(k for k in w if _layer(k, 3) and k.endswith("o_proj.lora_A.weight"))
+    return {**w, key: w[key] + 1e-3}
+
+
+def _conversion_raises(original: Callable[..., Any]) -> Callable[..., Any]:
+    """HF -> Megatron weight conversion raises, as a conversion regression would."""
+
+    @functools.wraps(original)
+    def load_weights_hf_to_megatron(*args: Any, **kwargs: Any) -> Any:
+        raise AttributeError("planted fault: 'NoneType' object has no attribute 'megatron_module'")
+
+    return load_weights_hf_to_megatron
+
+
 # -- run faults ----------------------------------------------------------------------------------
 def _only_rank(rank: int, action: Callable[[], None]) -> Wrap:
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -328,7 +443,7 @@ FAULTS: tuple[Fault, ...] = (
         "llama",
         "tp1",
         (_export(_swap_qk_rows),),
-        (LOGITS, FP32_DIFF, diverges_at(1, "self_attn")),
+        **mismatch_at(1, "self_attn", r"1\.self_attn\.[qk]_proj"),
     ),
     Fault(
         "gqa_groups_interleaved",
@@ -336,7 +451,7 @@ FAULTS: tuple[Fault, ...] = (
         "llama",
         "tp1",
         (_export(_interleave_gqa),),
-        (LOGITS, FP32_DIFF, diverges_at(3, "self_attn")),
+        **mismatch_at(3, "self_attn", r"3\.self_attn\.q_proj"),
     ),
     Fault(
         "gate_up_swapped",
@@ -344,7 +459,7 @@ FAULTS: tuple[Fault, ...] = (
         "llama",
         "tp1",
         (_export(_swap_gate_up),),
-        (LOGITS, FP32_DIFF, diverges_at(2, "mlp")),
+        **mismatch_at(2, "mlp", r"2\.mlp\.(gate|up)_proj"),
     ),
     Fault(
         "lora_ab_exchanged",
@@ -383,7 +498,7 @@ FAULTS: tuple[Fault, ...] = (
         "qwen3_moe",
         "tp1",
         (_export(_duplicate_expert),),
-        (LOGITS, FP32_DIFF, diverges_at(1, "mlp")),
+        **mismatch_at(1, "mlp", r"1\.mlp\.experts\.2\.(gate|up|down)_proj"),
     ),
     Fault(
         "experts_permuted",
@@ -391,7 +506,7 @@ FAULTS: tuple[Fault, ...] = (
         "qwen3_moe",
         "tp1",
         (_export(_permute_experts),),
-        (LOGITS, FP32_DIFF, diverges_at(0, "mlp")),
+        **mismatch_at(0, "mlp", r"0\.mlp\.experts\.\d\.(gate|up|down)_proj"),
     ),
     Fault(
         "tp_shards_reversed",
@@ -399,7 +514,7 @@ FAULTS: tuple[Fault, ...] = (
         "llama",
         "tp=2",
         ((PARAM_MAPPING, "MegatronParamMapping.gather_from_tp_ranks", _reverse_tp_gather),),
-        (LOGITS, FP32_DIFF, diverges_at(0, "self_attn")),
+        **mismatch_at(0, "self_attn"),
     ),
     Fault(
         "pp_stage_missing",
@@ -442,7 +557,7 @@ FAULTS: tuple[Fault, ...] = (
             (PEFT_UTILS, "ParallelLinearAdapter.forward", _zero_adapter_forward),
             _export(_zero_b),
         ),
-        (r"the adapter does not change the logits: max \|peft - base\| = 0\.000e\+00 \(must exceed 0\.01\)",),
+        (r"the adapter does not change the logits beyond the tolerance: without it 0 / \d+ \(0\.0%\) logits differ",),
     ),
     Fault(
         "keys_unprefixed",
@@ -450,7 +565,7 @@ FAULTS: tuple[Fault, ...] = (
         "llama",
         "tp1",
         ((PEFT_BRIDGE, "convert_adapter_weights_to_peft_state", _strip_prefix),),
-        (r"tensor model\.layers\.0\.\S+ is not a LoRA weight name peft loads \(no 'base_model\.model\.' prefix",),
+        (r"\d+ of \d+ tensors are not LoRA weight names peft loads \(no 'base_model\.model\.' prefix",),
     ),
     Fault(
         "rank_pattern_orphan",
@@ -487,7 +602,64 @@ FAULTS: tuple[Fault, ...] = (
         (_saved(truncate(lambda d: d / "adapter_model.safetensors")),),
         (r"adapter_model\.safetensors cannot be read",),
     ),
+    Fault(
+        "loaded_adapter_corrupted",
+        "the checkpoint load hands back one adapter tensor off by 1e-3",
+        "llama",
+        "tp1",
+        ((DIST_CKPT, "load", _perturb_loaded),),
+        (r"rank 0: adapter not restored: \S+adapter\S+ \(chunk 0\): max \|diff\| \d\.\d+e-03, expected bit-exact",),
+    ),
+    Fault(
+        "base_tensor_in_checkpoint",
+        "the PEFT filter lets a base-model tensor into the adapter checkpoint",
+        "llama",
+        "tp=2",
+        ((CKPT_FILTER, "apply_peft_adapter_filter_to_state_dict", _filter_keeps_a_base_tensor),),
+        (r"rank 0: checkpoint holds \d+ base-model tensors, e\.g\. \['\S+'",),
+    ),
+    Fault(
+        "adapter_left_out_of_checkpoint",
+        "the PEFT filter drops the MLP fc1 LoRA-A of every layer from the checkpoint",
+        "llama",
+        "tp1",
+        ((CKPT_FILTER, "apply_peft_adapter_filter_to_state_dict", _filter_drops_fc1_lora_a),),
+        (
+            r"rank 0: checkpoint lacks 4 of \d+ adapter shards, e\.g\. "
+            r"\['decoder\.layers\.mlp\.linear_fc1\.adapter\.linear_in\.weight at offset \(0, 0, 0\)'",
+        ),
+    ),
+    Fault(
+        "bridge_loader_corrupts",
+        "the bridge's own loader (load_peft_adapter_checkpoint) restores one value wrongly",
+        "llama",
+        "tp1",
+        ((PEFT_UTILS, "load_peft_adapter_checkpoint", _bridge_loader_corrupts),),
+        (r"load_peft_adapter_checkpoint: \S+adapter\S+ \(chunk 0\): max \|diff\| \d\.\d+e-03, expected bit-exact",),
+    ),
+    Fault(
+        "reshard_export_differs",
+        "after resharding tp2 -> tp1 the export differs from the one at the save layout",
+        "llama",
+        "tp=2:tp1",
+        (_export(_perturb_when_alone),),
+        (
+            r"\[load\] 1 of \d+ tensors differ from the export at the save layout, e\.g\. "
+            r"base_model\.model\.model\.layers\.3\.self_attn\.o_proj\.lora_A\.weight \(max \|diff\| \d\.\d+e-03\)",
+        ),
+    ),
     # -- run faults: tests/test_run_faults.py ------------------------------------------------------
+    Fault(
+        "conversion_raises",
+        "HF -> Megatron weight conversion raises an AttributeError (a regression, not a missing component)",
+        "llama",
+        "tp1",
+        ((MODEL_BRIDGE, "MegatronModelBridge.load_weights_hf_to_megatron", _conversion_raises),),
+        (r"^rank 0 raised AttributeError: planted fault", r"in load_weights_hf_to_megatron"),
+        kind="run",
+        status="error",
+        dtypes=("fp32",),
+    ),
     Fault(
         "rank1_raises",
         "rank 1 raises in save_hf_adapter",
@@ -497,6 +669,7 @@ FAULTS: tuple[Fault, ...] = (
         (r"rank 1 raised RuntimeError: planted fault", r"Traceback", r"in planted_raise"),
         kind="run",
         status="error",
+        dtypes=("fp32",),
     ),
     Fault(
         "rank1_hangs",
@@ -508,6 +681,7 @@ FAULTS: tuple[Fault, ...] = (
         kind="run",
         status="error",
         timeout=60,
+        dtypes=("fp32",),
     ),
 )
 

@@ -1,0 +1,50 @@
+"""What the Megatron side hands to HF: the adapter export, and the merged forms of the adapter.
+
+The export is an *exporter*, a callable ``export(bridge, model, peft, path, base)`` run on every
+rank where ``AutoBridge.save_hf_adapter`` runs by default (``compat.plugins`` names others). The
+merged forms are the other ways the same adapter reaches users: the bridge's merged full HF
+export, and Megatron computing with the adapter merged into its weights. Each form is run, or
+skipped with the reason, and that is reported; a merged export that raises is a failed check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from compat import bridge_api
+from compat.findings import CheckFailed
+from compat.upstream import describe
+
+__all__ = ["MEGATRON_MERGED", "MERGED_EXPORT", "MERGED_WEIGHTS", "PEFT_MERGED", "default_exporter", "merged_export"]
+
+MERGED_EXPORT = "bridge's merged HF export (save_hf_weights)"
+MEGATRON_MERGED = "Megatron with adapters merged by the bridge"
+PEFT_MERGED = "peft merge_and_unload"
+MERGED_WEIGHTS = "peft's merged weights vs the bridge's merged HF export"
+
+
+def default_exporter(bridge: Any, model: list, peft: Any, path: Path, base: Path) -> None:
+    """``AutoBridge.save_hf_adapter``, as users call it after training."""
+    bridge_api.save_hf_adapter(bridge, model, path, peft, base)
+
+
+def merged_export(bridge: Any, model: list, path: Path, hf_dir: Path, adapter_problems: Any) -> str | None:
+    """The bridge's merged full HF checkpoint; None when written, else why it was skipped.
+
+    Raising is this cell's finding, a failed check on the raising rank with what is wrong in the
+    adapter export itself (``adapter_problems()``, rank 0 only); peers left in the export's
+    collectives are stopped by the launcher, which names the first rank to stop.
+    """
+    import torch.distributed as dist
+
+    try:
+        return bridge_api.save_hf_merged(bridge, model, path, hf_dir)
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()  # the full stack stays in this rank's log
+        problems = adapter_problems() if dist.get_rank() == 0 else []
+        raise CheckFailed(
+            "; ".join([*problems, f"the bridge's merged HF export (merge_adapter_weights=True) raised {describe(exc)}"])
+        ) from exc

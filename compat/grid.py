@@ -1,0 +1,165 @@
+"""A compact family x layout text grid of the last known status, for ``compat families``.
+
+One long line per family stops being readable past a handful of layouts; a grid lets the eye run down a
+column (one layout across all families) as well as along a row. The helpers here (layout slug, column
+label, outcome class) are shared with the heatmap and the HTML report so that all three name a cell alike.
+"""
+
+from __future__ import annotations
+
+import re
+from math import lcm
+from typing import Any
+
+__all__ = [
+    "LAYOUT_KEYS",
+    "column_label",
+    "family_grid",
+    "grid_from_results",
+    "grid_report",
+    "is_plain",
+    "layout_slug",
+    "left_out",
+    "outcome",
+    "short_status",
+    "slug_sort_key",
+]
+
+LAYOUT_KEYS = ("tp", "pp", "ep", "etp", "vpp")
+
+NOT_RUN = "-"
+_SHORT = {"pass": "pass", "fail": "fail*", "error": "err*", "unsupported": "unsup"}
+_UNMET = {"pass": "PASS", "fail": "FAIL", "error": "ERR", "unsupported": "UNSUP"}
+
+
+def layout_slug(layout: dict[str, int] | None) -> str:
+    """The id fragment of a layout (non-1 keys joined by '-', ``tp1`` if none), as ``Layout.slug`` writes it.
+
+    Recomputed here rather than taken from ``compat.layouts`` so that reports read any results file, even
+    one whose layout the current ``Layout`` would reject.
+    """
+    layout = layout or {}
+    parts = [f"{k}{layout[k]}" for k in LAYOUT_KEYS if int(layout.get(k, 1)) != 1]
+    parts += [f"{k}{v}" for k, v in sorted(layout.items()) if k not in LAYOUT_KEYS and int(v) != 1]
+    return "-".join(parts) or "tp1"
+
+
+def column_label(cell: dict[str, Any]) -> str:
+    """``tp2`` for a cell saved and loaded at one layout, ``tp2.to.tp1`` for a resharding cell."""
+    save = layout_slug(cell.get("layout"))
+    load = layout_slug(cell.get("load_layout") or cell.get("layout"))
+    return save if load == save else f"{save}.to.{load}"
+
+
+def _parse_slug(slug: str) -> tuple[Any, ...]:
+    # World size, then simpler layouts first (fewer parallel dimensions, tp before pp before ep ...).
+    values = dict.fromkeys(LAYOUT_KEYS, 1)
+    for part in slug.split("-"):
+        m = re.fullmatch(r"([a-z]+?)(\d+)", part)
+        if m and m.group(1) in values:
+            values[m.group(1)] = int(m.group(2))
+    tp, pp, ep, etp, _ = (values[k] for k in LAYOUT_KEYS)
+    dims = [i for i, k in enumerate(LAYOUT_KEYS) if values[k] != 1]
+    return (pp * lcm(tp, ep * etp), len(dims), dims, [values[k] for k in LAYOUT_KEYS])
+
+
+def slug_sort_key(label: str) -> tuple[Any, ...]:
+    """Order columns: plain layouts by world size, simplest first; resharding columns after them."""
+    save, sep, load = label.partition(".to.")
+    return (bool(sep), _parse_slug(save), _parse_slug(load) if sep else (), label)
+
+
+def is_plain(cell: dict[str, Any], adapters: tuple[str, ...] = ("lora",)) -> bool:
+    """The default cell of a family and layout: plain LoRA, fp32, local layer spec, no resharding."""
+    return (
+        cell.get("adapter", "lora") in adapters
+        and cell.get("dtype", "fp32") == "fp32"
+        and cell.get("spec", "local") == "local"
+        and ".to." not in column_label(cell)
+    )
+
+
+def outcome(cell: dict[str, Any]) -> str:
+    """One of ``pass``, ``expected-fail``, ``expected-error``, ``unsupported``, ``unmet``: what a colour shows."""
+    if not cell.get("met", False):
+        return "unmet"
+    status = cell.get("status", "")
+    return {"pass": "pass", "fail": "expected-fail", "error": "expected-error"}.get(status, "unsupported")
+
+
+def short_status(cell: dict[str, Any]) -> str:
+    """``pass``, ``fail*`` (expected), ``FAIL`` (unexpected): upper case marks a cell that missed its expectation."""
+    status = cell.get("status", "?")
+    table = _SHORT if cell.get("met", False) else _UNMET
+    return table.get(status, status if cell.get("met", False) else status.upper())
+
+
+def _newest_first_last(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # Stable: runs without "finished_at" (older files) count as oldest, in the order given.
+    return sorted(runs, key=lambda run: str(run.get("finished_at") or ""))
+
+
+def grid_from_results(runs: list[dict[str, Any]], adapters: tuple[str, ...] = ("lora",)) -> dict[str, dict[str, str]]:
+    """family -> {layout slug -> short status} from results files; a newer run (``finished_at``) wins a cell.
+
+    Only plain cells go in (see ``is_plain``): the grid answers "does this family work at this layout";
+    adapter, dtype, TE and resharding variants are in ``compat report`` and the heatmap. A family that ran
+    only variants keeps its (empty) row, so that it does not vanish from the listing.
+    """
+    rows: dict[str, dict[str, str]] = {}
+    for run in _newest_first_last(runs):
+        for cell in run.get("cells", []):
+            row = rows.setdefault(cell["family"], {})
+            if is_plain(cell, adapters):
+                row[column_label(cell)] = short_status(cell)
+    return rows
+
+
+def left_out(runs: list[dict[str, Any]], adapters: tuple[str, ...] = ("lora",)) -> int:
+    """How many distinct cell ids the grid leaves out (not plain), for its footer."""
+    return len({c["id"] for run in runs for c in run.get("cells", []) if not is_plain(c, adapters)})
+
+
+def family_grid(rows: dict[str, dict[str, str]], footer: str = "", width: int = 120) -> str:
+    """Families as rows, layouts as columns; columns wrap into blocks of at most ``width`` characters.
+
+    A family with an empty mapping still gets a row (all ``-``): declared but never run.
+    """
+    columns = sorted({label for row in rows.values() for label in row}, key=slug_sort_key)
+    fam_w = max([len("family"), *(len(f) for f in rows)])
+    widths = {c: max(len(c), *(len(row.get(c, NOT_RUN)) for row in rows.values())) for c in columns}
+    blocks: list[list[str]] = [[]]
+    used = fam_w
+    for c in columns:
+        if blocks[-1] and used + 2 + widths[c] > width:
+            blocks.append([])
+            used = fam_w
+        blocks[-1].append(c)
+        used += 2 + widths[c]
+    lines: list[str] = []
+    for block in blocks:
+        if lines:
+            lines.append("")
+        lines.append("  ".join(["family".ljust(fam_w), *(c.ljust(widths[c]) for c in block)]).rstrip())
+        lines.append("  ".join(["-" * fam_w, *("-" * widths[c] for c in block)]))
+        for family, row in rows.items():
+            squares = (row.get(c, NOT_RUN).ljust(widths[c]) for c in block)
+            lines.append("  ".join([family.ljust(fam_w), *squares]).rstrip())
+    lines.append("")
+    lines.append("* expected non-pass (matrix/expected.toml); UPPER CASE: did not meet its expected outcome; - not run")
+    if footer:
+        lines.append(footer)
+    return "\n".join(lines) + "\n"
+
+
+def grid_report(runs: list[dict[str, Any]], adapters: tuple[str, ...] = ("lora",)) -> str:
+    """The grid of ``runs`` with a footer that counts what it leaves out, ready to print."""
+    rows = grid_from_results(runs, adapters)
+    n = left_out(runs, adapters)
+    footer = (
+        f"{n} other cell{'s' if n != 1 else ''} (other adapters, bf16, TE spec or resharding) left out; "
+        "see `compat report`"
+        if n
+        else ""
+    )
+    return family_grid(rows, footer)

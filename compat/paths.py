@@ -1,0 +1,75 @@
+"""The files of one cell, in one directory that no other cell shares: every name is spelled here.
+
+The launcher writes the task, the ranks write their logs, result records, the adapter
+checkpoint, the exports and their activations; rank 0 reads what the others wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CellPaths", "write_json_atomic"]
+
+
+@dataclass(frozen=True)
+class CellPaths:
+    """Where a cell's launches read and write."""
+
+    root: Path
+    hf: Path  # the tiny HF base model: per cell, or a read-only cached copy shared by cells
+
+    @classmethod
+    def under(cls, root: Path, hf: Path | None = None) -> CellPaths:
+        return cls(Path(root), Path(hf) if hf is not None else Path(root) / "hf")
+
+    # -- written by the launcher and the ranks --------------------------------------------------
+    def task(self, phase: str) -> Path:
+        return self.root / f"task-{phase}.json"
+
+    def log(self, phase: str, rank: int) -> Path:
+        return self.root / f"{phase}-rank{rank}.log"
+
+    def result(self, phase: str, rank: int) -> Path:
+        return self.root / f"{phase}-rank{rank}.json"
+
+    # -- what the round trip writes ----------------------------------------------------------
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def reference_adapter(self) -> Path:
+        """The export at the save layout, which a resharded load must reproduce bit for bit."""
+        return self.root / "adapter-at-save-layout"
+
+    @property
+    def merged(self) -> Path:
+        """The full HF checkpoint the bridge exports with adapter weights merged."""
+        return self.root / "merged-hf"
+
+    @property
+    def peft_merged(self) -> Path:
+        """peft's merge of the adapter export, saved in checkpoint naming to compare with :attr:`merged`."""
+        return self.root / "peft-merged-hf"
+
+    def activations(self, tag: str, pp_rank: int) -> Path:
+        """One pipeline stage's activations of a Megatron forward (``tag``: adapter or merged)."""
+        return self.root / f"megatron-{tag}-pp{pp_rank}.pt"
+
+    def all_activations(self, tag: str) -> list[Path]:
+        return sorted(self.root.glob(f"megatron-{tag}-pp*.pt"))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write through a temporary file and rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, default=str))
+    tmp.replace(path)

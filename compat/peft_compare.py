@@ -1,0 +1,173 @@
+"""Rank 0's side of a cell: the export as ``peft`` loads it, against Megatron's logits.
+
+The exported files are checked first (``compat.peft_files``); then the HF base model and
+``peft.PeftModel`` are built from the files alone, their logits compared with Megatron's at every
+position, the adapter's effect shown to exceed the tolerance, and every merged form of the
+adapter compared with the unmerged one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compat.activations import capture_hf, first_divergence, input_ids, load_megatron
+from compat.adapters import get_adapter
+from compat.cells import Cell
+from compat.compare import TOLERANCES, WEIGHT_TOLERANCES, Tolerance, compare, effect_problem, token_agreement
+from compat.export import MEGATRON_MERGED, MERGED_EXPORT, MERGED_WEIGHTS, PEFT_MERGED
+from compat.families import get_family
+from compat.findings import CheckFailed
+from compat.model_build import TORCH_DTYPES
+from compat.paths import CellPaths
+from compat.peft_files import check_adapter_dir, check_loaded_by_peft, compare_exports
+from compat.upstream import first_line
+
+__all__ = ["adapter_problems", "compare_with_peft"]
+
+_WHERE = ("sequence", "position", "token")
+
+
+def adapter_problems(cell: Cell, paths: CellPaths, reference: bool) -> list[str]:
+    """What is wrong in the exported files themselves (and against the export at the save layout)."""
+    family = get_family(cell.family)
+    problems = check_adapter_dir(paths.adapter, get_adapter(cell.adapter), paths.hf, family.hf_modules)
+    if reference and not problems:
+        problems += compare_exports(paths.adapter, paths.reference_adapter)
+    return problems
+
+
+def compare_with_peft(cell: Cell, paths: CellPaths, reference: bool, skipped: dict[str, str]) -> dict[str, Any]:
+    """Metrics of the comparison; :class:`CheckFailed` (with the metrics) if any check fails.
+
+    ``skipped``: merged forms the Megatron side could not produce, with the reason.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    problems = adapter_problems(cell, paths, reference)
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    dtype, tol = TORCH_DTYPES[cell.dtype], TOLERANCES[cell.dtype]
+    hf = AutoModelForCausalLM.from_pretrained(str(paths.hf), dtype=dtype).eval()
+    ids = input_ids(get_family(cell.family).dims.vocab_size)
+    with torch.no_grad():
+        base_logits = hf(ids).logits
+    try:
+        peft_model = PeftModel.from_pretrained(hf, str(paths.adapter)).eval()
+    except Exception as exc:  # peft refusing the files is this cell's finding, not a crash
+        raise CheckFailed(
+            f"peft.PeftModel.from_pretrained refused the export: {type(exc).__name__}: {first_line(exc, 600, lines=3)}"
+        ) from exc
+    problems += check_loaded_by_peft(peft_model, paths.adapter)
+    hf_acts: dict[str, torch.Tensor] = {}
+    hooks = capture_hf(peft_model, hf_acts)
+    with torch.no_grad():
+        peft_logits = peft_model(ids).logits
+    for h in hooks:
+        h.remove()
+    meg = load_megatron(paths, "adapter")
+    cmp = compare(meg["logits"], peft_logits, tol)
+    metrics: dict[str, Any] = {
+        "max_abs_diff": cmp.max_abs_diff,
+        "max_rel_diff": cmp.max_rel_diff,
+        "adapter_effect": float((peft_logits.double() - base_logits.double()).abs().max()),
+    }
+    if cell.dtype != "fp32":
+        metrics["top1_agreement"] = token_agreement(meg["logits"], peft_logits)
+    if not cmp.ok:
+        where = first_divergence(meg, hf_acts, tol)
+        problems.append(
+            cmp.message("Megatron logits differ from peft.PeftModel logits", _WHERE)
+            + (f"; first divergence: {where}" if where else "")
+        )
+    effect = effect_problem(base_logits, peft_logits, tol)
+    if effect:
+        problems.append(effect)
+    metrics["merged"] = _merged_forms(peft_model, ids, paths, dtype, tol, peft_logits, skipped, problems)
+    if problems:
+        raise CheckFailed("; ".join(problems), metrics)
+    return metrics
+
+
+def _merged_forms(
+    peft_model: Any,
+    ids: torch.Tensor,
+    paths: CellPaths,
+    dtype: torch.dtype,
+    tol: Tolerance,
+    reference: torch.Tensor,
+    skipped: dict[str, str],
+    problems: list[str],
+) -> dict[str, dict[str, Any]]:
+    """Each merged form: compared with the unmerged adapter's logits (pass/fail), or skipped with why."""
+    from transformers import AutoModelForCausalLM
+
+    logits: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        if MERGED_EXPORT not in skipped:
+            full = AutoModelForCausalLM.from_pretrained(str(paths.merged), dtype=dtype).eval()
+            logits[MERGED_EXPORT] = full(ids).logits
+        if MEGATRON_MERGED not in skipped:
+            logits[MEGATRON_MERGED] = load_megatron(paths, "merged")["logits"]
+        merged_model = peft_model.merge_and_unload()  # last: it edits the model
+        logits[PEFT_MERGED] = merged_model(ids).logits
+    out: dict[str, dict[str, Any]] = {
+        name: {"status": "skipped", "max_abs_diff": None, "reason": why} for name, why in skipped.items()
+    }
+    for name, value in logits.items():
+        c = compare(value, reference, tol)
+        out[name] = {"status": "pass" if c.ok else "fail", "max_abs_diff": c.max_abs_diff, "reason": ""}
+        if not c.ok:
+            out[name]["reason"] = c.message(f"{name} logits differ from peft.PeftModel logits", _WHERE)
+            problems.append(out[name]["reason"])
+    if MERGED_EXPORT not in skipped:
+        out[MERGED_WEIGHTS] = _merged_weights(merged_model, paths, dtype)
+        if out[MERGED_WEIGHTS]["status"] != "pass":
+            problems.append(out[MERGED_WEIGHTS]["reason"])
+    return out
+
+
+def _merged_weights(merged_model: Any, paths: CellPaths, dtype: torch.dtype) -> dict[str, Any]:
+    """peft's merged weights against the bridge's merged HF export, tensor by tensor.
+
+    Two exports of one adapter, by two code paths of the bridge (adapter export then peft's merge;
+    the bridge's own merge): they must agree as weights, which no forward-pass noise blurs, so a
+    wrong split (q/k, gate/up) shows in bf16 as clearly as in fp32, named by tensor.
+    """
+    tol = WEIGHT_TOLERANCES[{torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]]
+    # In checkpoint naming, as the bridge writes it (transformers fuses MoE experts only in memory).
+    merged_model.save_pretrained(paths.peft_merged)
+    exported, ours = _safetensors(paths.merged), _safetensors(paths.peft_merged)
+    problems, worst = [], 0.0
+    missing, extra = sorted(set(exported) - set(ours)), sorted(set(ours) - set(exported))
+    if missing or extra:
+        problems.append(
+            f"the merged exports hold other tensors: {len(missing)} only in the bridge's (e.g. {missing[:2]}), "
+            f"{len(extra)} only in peft's (e.g. {extra[:2]})"
+        )
+    differ = []
+    for name in sorted(set(exported) & set(ours)):
+        c = compare(exported[name], ours[name].to(exported[name].dtype), tol)
+        worst = max(worst, c.max_abs_diff)
+        if not c.ok:
+            differ.append((c.max_abs_diff, name))
+    if differ:
+        shown = ", ".join(f"{n} (max |diff| {d:.3e})" for d, n in sorted(differ, reverse=True)[:3])
+        problems.append(
+            f"peft merge_and_unload's weights differ from the bridge's merged HF export in {len(differ)} of "
+            f"{len(set(exported) & set(ours))} tensors, e.g. {shown} (up to {tol} allowed)"
+        )
+    status = "fail" if problems else "pass"
+    return {"status": status, "max_abs_diff": worst, "reason": "; ".join(problems)}
+
+
+def _safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out

@@ -1,0 +1,154 @@
+"""Code of the user's that a cell runs in place of the bridge's: an exporter, a saver, a loader.
+
+Each is named ``"package.module:function"`` and imported in the ranks from the caller's
+``sys.path``/``PYTHONPATH``:
+
+- exporter ``export(bridge, model, peft, path, base)``: writes an HF PEFT adapter directory at
+  ``path`` (``base``: the HF base model it adapts). Default: ``AutoBridge.save_hf_adapter``.
+- saver ``save(bridge, model, peft, path)``: writes the adapter checkpoint of this rank's model
+  chunks to ``path``. Default: the bridge's PEFT filter and ``dist_checkpointing.save``.
+- loader ``load(bridge, model, peft, path)``: restores it into a model at any layout. Default:
+  the same filter, ``dist_checkpointing.load``, non-strict ``load_state_dict``.
+
+All three run on every rank of the cell, where the defaults run (so they may use collectives):
+``bridge`` is the ``AutoBridge``, ``model`` this rank's list of Megatron model chunks, ``peft`` the
+bridge's PEFT object, ``path``/``base`` :class:`pathlib.Path` objects. Every check of the cell
+applies to what they wrote. :func:`check` refuses a name that does not import or is not callable
+before any rank starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["ROLES", "PluginError", "Plugins", "Resolved", "check", "load_callable"]
+
+ROLES = ("exporter", "saver", "loader")
+
+
+class PluginError(ValueError):
+    """A plugin name that is malformed, does not import, or is not callable: bad input."""
+
+
+@dataclass(frozen=True)
+class Plugins:
+    """The names of a cell's plugins; None is the default (the bridge's own path)."""
+
+    exporter: str | None = None
+    saver: str | None = None
+    loader: str | None = None
+
+    def __post_init__(self) -> None:
+        for role in ROLES:
+            name = getattr(self, role)
+            if name is not None:
+                _split(name, role)
+
+    def as_dict(self) -> dict[str, str | None]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Plugins:
+        return cls(**{k: v for k, v in (data or {}).items() if k in ROLES})
+
+    def named(self) -> dict[str, str]:
+        return {role: name for role, name in self.as_dict().items() if name}
+
+    def resolve(self) -> Resolved:
+        """The callables (in a rank: imports the user's modules and the bridge's defaults)."""
+        from compat.checkpoint import default_loader, default_saver
+        from compat.export import default_exporter
+
+        return Resolved(
+            exporter=load_callable(self.exporter, "exporter") if self.exporter else default_exporter,
+            saver=load_callable(self.saver, "saver") if self.saver else default_saver,
+            loader=load_callable(self.loader, "loader") if self.loader else default_loader,
+            checks_bridge_loader=self.saver is None,
+        )
+
+
+@dataclass(frozen=True)
+class Resolved:
+    exporter: Callable[..., None]
+    saver: Callable[..., None]
+    loader: Callable[..., None]
+    # The bridge's own loader must read the default saver's checkpoint too; another format, not.
+    checks_bridge_loader: bool
+
+
+def _split(name: str, role: str) -> tuple[str, str]:
+    module, sep, attr = name.partition(":")
+    if not sep or not module or not attr or not all(p.isidentifier() for p in [*module.split("."), *attr.split(".")]):
+        raise PluginError(
+            f"{role} {name!r} is not 'package.module:function' (e.g. 'myproject.checkpoint:export_adapter')"
+        )
+    return module, attr
+
+
+def load_callable(name: str, role: str = "plugin") -> Callable[..., Any]:
+    """Import ``package.module:function`` and return it; :class:`PluginError` says what is wrong."""
+    module_name, attr = _split(name, role)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise PluginError(
+            f"{role} {name!r}: module {module_name!r} does not import ({type(exc).__name__}: {exc}); "
+            "is its directory on PYTHONPATH (ranks import it from the caller's path)?"
+        ) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise PluginError(f"{role} {name!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise PluginError(f"{role} {name!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+_checked: set[tuple[str, str]] = set()
+
+
+def check(plugins: Plugins, backend: str) -> None:
+    """Import every named plugin as a rank would, in a child process; :class:`PluginError` if one fails.
+
+    A child process, because user code importing megatron needs the rank's workarounds (which
+    are never applied in the caller's process). Checked once per name and backend per process.
+    """
+    todo = {role: name for role, name in plugins.named().items() if (name, backend) not in _checked}
+    if not todo:
+        return
+    proc = subprocess.run(
+        [sys.executable, "-m", "compat.plugins", backend, json.dumps(todo)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""} if backend == "cpu" else None,
+        timeout=600,
+    )
+    errors = [line.removeprefix("error: ") for line in proc.stdout.splitlines() if line.startswith("error: ")]
+    if errors:
+        raise PluginError("; ".join(errors))
+    if proc.returncode != 0:
+        raise PluginError(f"importing {', '.join(todo.values())} failed:\n{proc.stderr[-3000:]}")
+    _checked.update((name, backend) for name in todo.values())
+
+
+def _child(backend: str, todo: dict[str, str]) -> int:
+    from compat import workarounds
+
+    workarounds.apply(backend)
+    for role, name in todo.items():
+        try:
+            load_callable(name, role)
+        except PluginError as exc:
+            print(f"error: {exc}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1], json.loads(sys.argv[2])))

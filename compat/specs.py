@@ -1,0 +1,67 @@
+"""Layer specs: what the Megatron model of a cell is built from.
+
+- ``local``: megatron-core's own layers (SequentialMLP experts), no Transformer Engine: runs
+  anywhere, CPU included, and is what the CPU matrix covers.
+- ``te``: the bridge's own choice, Transformer Engine layers and, for MoE, grouped-GEMM experts
+  (TEGroupedMLP): what production training on GPUs runs, and the bridge code behind it (LoRA
+  around TE linears, grouped-expert adapters and their EP gather).
+
+:func:`unavailable` says, without importing anything heavy, why a spec cannot run here, so such a
+cell is ``unsupported`` before any rank starts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+__all__ = ["SPECS", "TE_FUSIONS", "configure", "unavailable"]
+
+SPECS = ("local", "te")
+DEFAULT_SPEC = "local"
+
+# Provider fields for fusions that need Transformer Engine or CUDA kernels: off with the local spec.
+TE_FUSIONS = (
+    "gradient_accumulation_fusion",
+    "apply_rope_fusion",
+    "masked_softmax_fusion",
+    "bias_activation_fusion",
+    "bias_dropout_fusion",
+    "persist_layer_norm",
+    "cross_entropy_loss_fusion",
+    "moe_grouped_gemm",
+    "moe_permute_fusion",
+    "moe_router_fusion",
+    "moe_shared_expert_overlap",
+)
+
+
+def unavailable(spec: str, backend: str) -> str | None:
+    """Why ``spec`` cannot run on ``backend`` here, or None."""
+    if spec != "te":
+        return None
+    if backend != "cuda":
+        return "the te spec runs Transformer Engine kernels, which need a CUDA GPU (this cell ran on the CPU backend)"
+    if importlib.util.find_spec("transformer_engine") is None:
+        return "the te spec needs Transformer Engine, which is not installed here (docs/gpu.md: scripts/gpu-setup)"
+    return None
+
+
+def configure(spec: str, provider: Any, local_layer_spec: Any) -> None:
+    """Set the provider's layer spec and fusions for ``spec`` (before ``finalize()``)."""
+    if spec == "local":
+        from compat.workarounds.local_spec import layer_spec_without_te
+
+        provider.transformer_layer_spec = layer_spec_without_te(
+            provider.transformer_layer_spec, local_layer_spec, provider
+        )
+        for key in TE_FUSIONS:
+            if hasattr(provider, key):
+                setattr(provider, key, False)
+        return
+    # te: the bridge's own layer spec and fusions; grouped-GEMM experts for MoE, as in training.
+    if getattr(provider, "num_moe_experts", None):
+        provider.moe_grouped_gemm = True
+    # Without APEX, TE-spec models fail to build with gradient_accumulation_fusion on
+    # ("fused_weight_gradient_mlp_cuda module is not found"); it only matters for training.
+    provider.gradient_accumulation_fusion = False

@@ -1,0 +1,103 @@
+"""The pytest plugin as a downstream repository uses it, driven through ``pytester``.
+
+Collection ids, the registered ``cell`` marker, strict xfail, usage errors for bad files and bad
+plugin names, an exporter injected through the ini file, and ``--compat-results`` written by the
+xdist controller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+# Imported here, outside the runs: pytester's in-process runs drop modules they imported, and torch's
+# C extension cannot be imported twice in one process.
+torch = pytest.importorskip("torch")
+
+pytest_plugins = ["pytester"]
+
+MATRIX = '[[cells]]\nfamilies = ["llama"]\nlayouts = ["tp1", "tp=2"]\n'
+TEST = "def test_cell(compat_cell, compat_run):\n    compat_run(compat_cell).assert_met()\n"
+
+# A checkpoint manager's exporter with a bug a person could write: it drops one module's lora_B.
+EXPORTER = """
+from safetensors.torch import load_file, save_file
+
+from compat.export import default_exporter
+
+
+def drops_one_lora_b(bridge, model, peft, path, base):
+    default_exporter(bridge, model, peft, path, base)
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        tensors = load_file(path / "adapter_model.safetensors")
+        del tensors["base_model.model.model.layers.2.mlp.down_proj.lora_B.weight"]
+        save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    dist.barrier()
+"""
+
+
+@pytest.fixture
+def repo(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makefile(".toml", m=MATRIX)
+    pytester.makepyfile(test_m=TEST)
+    return pytester
+
+
+def test_cells_are_tests_named_by_their_ids(repo):
+    result = repo.runpytest("--collect-only", "-q", "--compat-matrix", "m.toml")
+    result.stdout.fnmatch_lines(["test_m.py::test_cell[[]llama.tp1[]]", "test_m.py::test_cell[[]llama.tp2[]]"])
+    assert result.ret == 0
+
+
+def test_the_cell_marker_is_registered(repo):
+    repo.makepyfile(test_marked="import pytest\n\n@pytest.mark.cell\ndef test_x():\n    pass\n")
+    result = repo.runpytest("--strict-markers", "-W", "error::pytest.PytestUnknownMarkWarning", "test_marked.py")
+    result.assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--compat-matrix", "nope.toml"], "matrix file * does not exist"),
+        (["--compat-matrix", "m.toml", "--compat-families", "nope.toml"], "*family declarations file * does not exist"),
+        (["--compat-matrix", "m.toml", "--compat-exporter", "nosuchpackage.mod:export"], "*does not import*"),
+        (["--compat-matrix", "m.toml", "--compat-exporter", "not a name"], "*is not 'package.module:function'*"),
+    ],
+)
+def test_bad_input_is_a_usage_error(repo, args, message):
+    result = repo.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*megatron-lora-compat: {message}"])
+
+
+@pytest.mark.cell
+def test_an_expected_failure_that_passes_fails_the_suite(repo):
+    """Strict xfail: when upstream fixes an expected failure, the suite says so."""
+    repo.makefile(".toml", expected='[[expect]]\ncells = "llama.tp1"\nstatus = "fail"\nreason = "planted"\n')
+    result = repo.runpytest("--compat-matrix", "m.toml", "-k", "tp1")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*XPASS(strict)*planted*"])
+
+
+@pytest.mark.cell
+def test_an_exporter_named_in_the_ini_is_judged_by_every_check(repo, monkeypatch):
+    repo.makepyfile(myexport=EXPORTER)
+    repo.makeini("[pytest]\ncompat_matrix = m.toml\ncompat_exporter = myexport:drops_one_lora_b\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(repo.path), os.environ.get("PYTHONPATH", "")]))
+    result = repo.runpytest("-k", "tp1")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*llama.tp1 fail: model.layers.2.mlp.down_proj: lora_B is missing*"])
+
+
+@pytest.mark.cell
+def test_results_json_is_written_by_the_xdist_controller(repo):
+    result = repo.runpytest("--compat-matrix", "m.toml", "-n", "2", "--compat-results", "r.json", "-p", "xdist")
+    result.assert_outcomes(passed=2)
+    data = json.loads((repo.path / "r.json").read_text())
+    assert data["complete"] is True and data["backend"] == "cpu"
+    assert [c["id"] for c in data["cells"]] == ["llama.tp1", "llama.tp2"]
+    assert all(c["status"] == "pass" and c["spec"] == "local" for c in data["cells"])

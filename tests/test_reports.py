@@ -1,0 +1,220 @@
+"""Reports of a results.json: heatmap PNG, HTML page, diff of two runs, family x layout text grid."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from compat.grid import family_grid, grid_from_results, grid_report, layout_slug
+from compat.heatmap import heatmap
+from compat.html_report import html_report
+from compat.results_diff import diff, diff_markdown
+
+FULL = Path(__file__).resolve().parent.parent / "matrix/results/cpu-x86_64-16cores-full-2026-11-26.json"
+ONE = {"tp": 1, "pp": 1, "ep": 1, "etp": 1, "vpp": 1}
+
+
+def _cell(family: str, status: str = "pass", met: bool = True, diff_: float | None = 2.4e-7, **kw: Any) -> dict:
+    layout = {**ONE, **kw.pop("layout", {})}
+    load = {**ONE, **kw.pop("load_layout", layout)}
+    adapter, dtype = kw.pop("adapter", "lora"), kw.pop("dtype", "fp32")
+    slug, load_slug = layout_slug(layout), layout_slug(load)
+    cid = ".".join(
+        [family, slug]
+        + ([f"to.{load_slug}"] if load_slug != slug else [])
+        + ([adapter] if adapter != "lora" else [])
+        + (["te"] if kw.get("spec") == "te" else [])
+        + ([dtype] if dtype != "fp32" else [])
+    )
+    expected = status if met else "pass"
+    return {
+        "id": cid,
+        "family": family,
+        "layout": layout,
+        "load_layout": load,
+        "world_size": 1,
+        "adapter": adapter,
+        "dtype": dtype,
+        "status": status,
+        "expected": expected,
+        "met": met,
+        "max_abs_diff": diff_,
+        "adapter_effect": 0.6,
+        "seconds": 3.0,
+        "reason": "",
+        "expected_reason": "",
+        "metrics": {},
+        **kw,
+    }
+
+
+@pytest.fixture
+def results() -> dict[str, Any]:
+    cells = [
+        _cell("llama"),
+        _cell("llama", layout={"tp": 2}),
+        _cell("llama", layout={"tp": 2}, load_layout=ONE),
+        _cell("llama", dtype="bf16", diff_=5.9e-3),
+        _cell("qwen3_moe"),
+        _cell(
+            "qwen3_moe", "fail", diff_=None, layout={"ep": 2}, reason="export has no adapter <script>alert(1)</script>"
+        ),
+        _cell(
+            "qwen3_moe", "error", met=False, diff_=None, layout={"tp": 2}, reason="rank 1 raised\nKeyError: 'x' & co"
+        ),
+        _cell("gemma3", "unsupported", diff_=None, reason="needs transformer_engine"),
+        _cell("gemma3", spec="te", dtype="bf16"),
+    ]
+    return {
+        "finished_at": "2026-11-26T11:00:00+00:00",
+        "device": "x86_64 CPU, 16 cores",
+        "backend": "cpu",
+        "versions": {"torch": "2.11.0", "peft": "0.21.2"},
+        "transformer_engine": None,
+        "cells": cells,
+    }
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_heatmap_panels_and_png(results: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "h.png"
+    titles = heatmap(results, out)
+    assert titles == ["lora / fp32 / local", "lora / bf16 / local", "lora / bf16 / te"]
+    w, h = _png_size(out)
+    assert 600 <= w <= 4000 and 300 <= h <= 4000, (w, h)
+
+
+def test_heatmap_of_committed_full_run(tmp_path: Path) -> None:
+    data = json.loads(FULL.read_text())
+    out = tmp_path / "full.png"
+    titles = heatmap(data, out)
+    assert titles[0] == "lora / fp32 / local"
+    assert {"lora / bf16 / local", "dora / fp32 / local", "moe-normalized / fp32 / local"} <= set(titles)
+    assert len(titles) == len({(c["adapter"], c["dtype"], c.get("spec", "local")) for c in data["cells"]})
+    w, h = _png_size(out)
+    assert w > 1500 and h > 700, (w, h)  # 9 panels, one of 4 families x 24 columns
+    assert out.stat().st_size > 50_000
+
+
+def test_heatmap_of_no_cells(tmp_path: Path) -> None:
+    assert heatmap({"cells": []}, tmp_path / "empty.png") == []
+    _png_size(tmp_path / "empty.png")
+
+
+def test_html_escapes_and_lists_every_cell(results: dict[str, Any], tmp_path: Path) -> None:
+    png = tmp_path / "h.png"
+    heatmap(results, png)
+    page = html_report(results, "matrix/results/x.json", png)
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "KeyError: &#x27;x&#x27; &amp; co" in page
+    for cell in results["cells"]:
+        assert f">{cell['id']}</td>" in page, cell["id"]
+    assert page.count("<details>") == 3  # the expected fail, the unmet error, the unsupported cell
+    assert "data:image/png;base64,iVBORw0KGgo" in page  # the PNG signature, base64
+    assert re.search(r"<span[^>]*>1 unmet</span>", page)
+    assert "2.11.0" in page and "x86_64 CPU, 16 cores" in page
+    assert 'src="http' not in page and "<link" not in page  # self-contained
+    # the unmet cell comes first in the table
+    assert page.index(">qwen3_moe.tp2</td>") < page.index(">llama.tp1</td>")
+
+
+def test_html_flags_incomplete_run(results: dict[str, Any]) -> None:
+    assert "Incomplete run" not in html_report(results, "a.json", None)
+    assert "Incomplete run" in html_report({**results, "complete": False}, "a.json", None)
+
+
+def test_diff_finds_planted_changes(results: dict[str, Any]) -> None:
+    after = copy.deepcopy(results)
+    by_id = {c["id"]: c for c in after["cells"]}
+    by_id["llama.tp2"].update(status="fail", met=False, max_abs_diff=0.07)
+    by_id["llama.tp1.bf16"]["max_abs_diff"] = 5.9e-1  # 100x
+    by_id["llama.tp1"]["max_abs_diff"] = 4.0e-7  # < 10x: noise, not reported
+    after["cells"].remove(by_id["gemma3.tp1"])
+    after["cells"].append(_cell("qwen2"))
+    after["versions"]["torch"] = "2.12.0"
+    d = diff(results, after)
+    assert [(c.id, c.old_status, c.new_status, c.old_met, c.new_met) for c in d.status_changed] == [
+        ("llama.tp2", "pass", "fail", True, False)
+    ]
+    assert [m.id for m in d.diff_moved] == ["llama.tp2", "llama.tp1.bf16"]
+    assert d.diff_moved[1].factor == pytest.approx(100)
+    assert d.added == ("qwen2.tp1",) and d.removed == ("gemma3.tp1",)
+    assert d.versions_changed == (("torch", "2.11.0", "2.12.0"),)
+    md = diff_markdown(d, "old.json", "new.json")
+    assert md.startswith("**old.json → new.json:** 1 status change (1 newly unmet, 0 newly met); 1 added; 1 removed")
+    assert "| llama.tp2 | pass → fail | met → **unmet** |" in md
+    assert "| llama.tp1.bf16 | 5.90e-03 | 5.90e-01 | 100x |" in md
+    assert "| llama.tp2 | 2.40e-07 | 7.00e-02 |" in md
+    assert "llama.tp1 |" not in md.replace("llama.tp1.bf16 |", "")
+    assert "torch 2.11.0 → 2.12.0" in md
+
+
+def test_diff_none_to_number_and_identical(results: dict[str, Any]) -> None:
+    same = diff(results, copy.deepcopy(results))
+    assert not same.changed and same.status_changed == () and same.diff_moved == ()
+    assert same.summary == f"no changes in {len(results['cells'])} common cells"
+    after = copy.deepcopy(results)
+    next(c for c in after["cells"] if c["id"] == "qwen3_moe.ep2")["max_abs_diff"] = 1e-3
+    moved = diff(results, after).diff_moved
+    assert [(m.id, m.old, m.new) for m in moved] == [("qwen3_moe.ep2", None, 1e-3)]
+    assert "| qwen3_moe.ep2 | - | 1.00e-03 | new |" in diff_markdown(diff(results, after))
+
+
+def test_grid_from_results_newest_wins_and_plain_only(results: dict[str, Any]) -> None:
+    older = copy.deepcopy(results)
+    older["finished_at"] = "2026-11-01T00:00:00+00:00"
+    for c in older["cells"]:
+        c.update(status="fail", met=False)
+    older["cells"].append(_cell("mistral", layout={"pp": 2}))
+    rows = grid_from_results([results, older])  # order given must not matter: finished_at decides
+    assert rows["llama"] == {"tp1": "pass", "tp2": "pass"}
+    assert rows["qwen3_moe"] == {"tp1": "pass", "ep2": "fail*", "tp2": "ERR"}
+    assert rows["gemma3"] == {"tp1": "unsup"}
+    assert rows["mistral"] == {"pp2": "pass"}
+
+
+def test_family_grid_one_row_per_family(results: dict[str, Any]) -> None:
+    text = grid_report([results])
+    lines = text.splitlines()
+    assert lines[0].split() == ["family", "tp1", "tp2", "ep2"]
+    body = [line.split() for line in lines[2:5]]
+    assert body == [
+        ["llama", "pass", "pass", "-"],
+        ["qwen3_moe", "pass", "ERR", "fail*"],
+        ["gemma3", "unsup", "-", "-"],
+    ]
+    assert lines[5] == ""
+    assert text.rstrip().endswith(
+        "3 other cells (other adapters, bf16, TE spec or resharding) left out; see `compat report`"
+    )
+
+
+def test_family_grid_wraps_wide_grids() -> None:
+    rows = {"llama": {f"tp{2**i}": "pass" for i in range(12)}, "gemma": {}}
+    text = family_grid(rows, width=60)
+    headers = [line for line in text.splitlines() if line.startswith("family")]
+    assert len(headers) >= 2
+    assert max(len(line) for line in text.splitlines()[:-1]) <= 60
+    assert sum(line.startswith("gemma ") for line in text.splitlines()) == len(headers)  # empty row kept
+
+
+def test_grid_of_committed_full_run() -> None:
+    data = json.loads(FULL.read_text())
+    text = grid_report([data])
+    families = {c["family"] for c in data["cells"]}
+    rows = [line.split()[0] for line in text.splitlines() if line.split() and line.split()[0] in families]
+    assert sorted(rows) == sorted(families)
+    assert "qwen3_moe  pass" in text
