@@ -48,6 +48,12 @@ def main(args: argparse.Namespace) -> int:
         return 2
     print(f"bench on {config.device} ({config.backend}); {config.versions_line()}")
     print(f"{len(config.cells)} cells, one at a time; modes: {', '.join(modes)}", flush=True)
+    if "fork" in modes:  # started once per run, before any cell: not a cell's cost
+        from compat import forkserver
+
+        start = time.monotonic()
+        forkserver.start()
+        print(f"fork server started in {time.monotonic() - start:.1f} s (once per run)", flush=True)
     figures = {mode: _run_mode(mode, config) for mode in modes}
     text = table(figures, [c.id for c in config.cells])
     print(text)

@@ -142,7 +142,7 @@ def _group_size(group: Any) -> int:
 
 def _grouped_weights(m: Any) -> list[tuple[Any, Any]]:
     """(weight{i}, merged weight{i}) for each local expert of a TE grouped linear (expert TP 1)."""
-    from megatron.bridge.peft.lora import LoRAMerge
+    from megatron.bridge.peft.lora_merge import LoRAMerge
 
     a = m.adapter
     lin, lout = a.linear_in.weight, a.linear_out.weight

@@ -62,6 +62,12 @@ def build(cell: Cell, hf_dir: Path, layout: Layout, backend: Backend) -> Built:
         return _build(cell, family, adapter, hf_dir, layout, backend, AutoBridge)
     except ModuleNotFoundError as exc:
         raise Unsupported(f"needs the package {exc.name}: imported at {describe(exc)}") from exc
+    except ImportError as exc:
+        # Upstream code raising ImportError itself names an optional package it needs ("FLA is not
+        # installed"); a name missing from a module ("cannot import name") is an API change: an error.
+        if str(exc).startswith("cannot import name") or not upstream_frames(exc):
+            raise
+        raise Unsupported(f"needs a package that is not installed here: {describe(exc)}") from exc
     except NotImplementedError as exc:
         if not upstream_frames(exc):
             raise
@@ -77,7 +83,7 @@ def _build(
     dtype = TORCH_DTYPES[cell.dtype]
     bridge = AutoBridge.from_hf_pretrained(str(hf_dir), torch_dtype=dtype)
     provider = bridge.to_megatron_provider(load_weights=True)
-    specs.configure(cell.spec, provider, local_layer_spec)
+    specs.configure(cell.spec, provider, local_layer_spec, cell.dtype)
     provider.tensor_model_parallel_size = layout.tp
     provider.pipeline_model_parallel_size = layout.pp
     provider.virtual_pipeline_model_parallel_size = layout.vpp if layout.vpp > 1 else None

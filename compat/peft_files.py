@@ -177,10 +177,14 @@ def _modules(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, dict[str, tu
 def _shape_problems(
     modules: dict[str, dict[str, tuple[int, ...]]], base: dict[str, tuple[int, ...]], config: dict[str, Any], r0: int
 ) -> list[str]:
-    problems = []
+    problems, unknown = [], sorted(m for m in modules if m not in base)
+    if unknown:
+        problems.append(
+            f"{len(unknown)} of {len(modules)} modules with adapter tensors are not modules of the HF model, "
+            f"e.g. {_summarise(unknown)}"
+        )
     for module, parts in sorted(modules.items()):
         if module not in base:
-            problems.append(f"tensor {_PREFIX}{module}.lora_*: the HF model has no module {module}")
             continue
         if len(base[module]) != 2:
             problems.append(

@@ -47,7 +47,7 @@ def unavailable(spec: str, backend: str) -> str | None:
     return None
 
 
-def configure(spec: str, provider: Any, local_layer_spec: Any) -> None:
+def configure(spec: str, provider: Any, local_layer_spec: Any, dtype: str) -> None:
     """Set the provider's layer spec and fusions for ``spec`` (before ``finalize()``)."""
     if spec == "local":
         from compat.workarounds.local_spec import layer_spec_without_te
@@ -65,3 +65,11 @@ def configure(spec: str, provider: Any, local_layer_spec: Any) -> None:
     # Without APEX, TE-spec models fail to build with gradient_accumulation_fusion on
     # ("fused_weight_gradient_mlp_cuda module is not found"); it only matters for training.
     provider.gradient_accumulation_fusion = False
+    if dtype == "fp32":
+        # TE has no flash or fused attention kernels for fp32 (it falls back to unfused attention:
+        # transformer_engine/pytorch/attention/dot_product_attention/utils.py, 2.20), so a provider
+        # that forces one (Gemma, Gemma 3: attention_backend = flash) builds no attention in fp32.
+        from megatron.core.transformer.enums import AttnBackend
+
+        if getattr(provider, "attention_backend", None) in (AttnBackend.flash, AttnBackend.fused):
+            provider.attention_backend = AttnBackend.auto

@@ -19,8 +19,13 @@ from __future__ import annotations
 __all__ = ["apply"]
 
 
+_applied: dict[str, list[str]] = {}
+
+
 def apply(backend: str) -> list[str]:
-    """Apply what this process needs for ``backend``; return the names of what was applied."""
+    """Apply what this process needs for ``backend`` (once: a forked rank inherits the server's)."""
+    if backend in _applied:
+        return _applied[backend]
     from compat.workarounds import cpu, mla_core_attention, transformer_engine, zero_centered_norm
 
     applied = []
@@ -35,4 +40,5 @@ def apply(backend: str) -> list[str]:
     if backend == "cpu":
         cpu.apply()
         applied.append("cpu")
+    _applied[backend] = applied
     return applied
