@@ -12,7 +12,7 @@ matrix: venv
 
 test: venv
 	$(PY) -m ruff check compat tests conftest.py
-	$(PY) -m pytest -n $(JOBS) --compat-results results.json
+	$(PY) -m pytest -n $(JOBS) --dist loadgroup --compat-results results.json
 
 lint: venv
 	$(PY) -m ruff check compat tests conftest.py

@@ -38,13 +38,22 @@ _server: subprocess.Popen[str] | None = None
 START_TIMEOUT = 300.0  # the server imports the whole stack before it answers
 LOG = Path(tempfile.gettempdir()) / f"compat-forkserver-{os.getpid()}.log"
 ANSWER_TIMEOUT = 30.0
-# The environment this process started with: a server forks ranks only while it is unchanged, so a
-# cell run under a changed environment (a planted PYTHONPATH, say) never shares a server with others.
-_VOLATILE = ("PYTEST_CURRENT_TEST",)  # pytest rewrites it for every test
+# What no import reads, or what the stack's own imports set (transformers sets the Inductor cache
+# directory when imported): differences here do not make another environment.
+_VOLATILE = ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")
+# Set by the launcher for each rank and read only after start-up (torch.distributed's init, stdio).
+_PER_RANK = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "PYTHONUNBUFFERED")
+# What every rank starts with unless the caller says otherwise: the server starts with it too.
+RANK_DEFAULTS = {
+    "OMP_NUM_THREADS": "1",  # N ranks on few cores: no thread oversubscription
+    "GLOO_SOCKET_IFNAME": "lo",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",  # tiny models are built locally; never reach a hub
+}
 
 
 def environment() -> dict[str, str]:
-    """This process's environment, less what a test runner rewrites for every test."""
+    """This process's environment, less what a test runner or the stack's imports rewrite."""
     return {k: v for k, v in os.environ.items() if k not in _VOLATILE}
 
 
@@ -52,29 +61,36 @@ BASE_ENV = environment()  # the environment the process started with (imported e
 
 
 def usable(backend: str) -> bool:
-    if backend != "cpu" or os.environ.get("COMPAT_FORKSERVER", "1") == "0":
-        return False
-    return forkable(environment())
+    """Whether ranks of ``backend`` may be asked of the server (it still refuses an environment it
+    cannot give a child: :func:`refusal`)."""
+    return backend == "cpu" and os.environ.get("COMPAT_FORKSERVER", "1") != "0"
 
 
 def _paths(env: dict[str, str]) -> list[str]:
     return [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
 
 
-def added_paths(env: dict[str, str]) -> list[str] | None:
-    """PYTHONPATH entries ``env`` puts in front of the base ones; None if it changes them otherwise."""
-    new, old = _paths(env), _paths(BASE_ENV)
+def added_paths(env: dict[str, str], base: dict[str, str]) -> list[str] | None:
+    """PYTHONPATH entries ``env`` puts in front of ``base``'s; None if it changes them otherwise."""
+    new, old = _paths(env), _paths(base)
     if len(new) < len(old) or new[len(new) - len(old) :] != old:
         return None
     return new[: len(new) - len(old)]
 
 
-def forkable(env: dict[str, str]) -> bool:
-    """Whether a child of the server can take ``env`` (the server checks the new paths' shadowing)."""
-    changed = {k for k in set(env) | set(BASE_ENV) if env.get(k) != BASE_ENV.get(k)}
-    if any(k != "PYTHONPATH" and not k.startswith("COMPAT_") for k in changed):
-        return False
-    return added_paths(env) is not None
+def refusal(env: dict[str, str], base: dict[str, str]) -> str:
+    """Why a child of a server whose environment is ``base`` cannot stand for a fresh interpreter
+    started with ``env`` ("" if it can): only ``COMPAT_*`` variables, per-rank variables and new
+    PYTHONPATH entries in front may differ, and those entries may shadow no module already imported."""
+    changed = {k for k in set(env) | set(base) if env.get(k) != base.get(k)} - set(_VOLATILE) - set(_PER_RANK)
+    other = sorted(k for k in changed if k != "PYTHONPATH" and not k.startswith("COMPAT_"))
+    if other:
+        return f"environment differs in {', '.join(other[:5])}"
+    added = added_paths(env, base)
+    if added is None:
+        return "PYTHONPATH differs in more than new entries in front"
+    shadowed = _shadowing(added)
+    return f"PYTHONPATH shadows {', '.join(shadowed[:5])}" if shadowed else ""
 
 
 def start() -> bool:
@@ -94,7 +110,7 @@ def _start() -> subprocess.Popen[str] | None:
         stderr=open(LOG, "wb"),  # what the server prints (its imports' warnings, a failure): kept
         text=True,
         # The base environment, whatever the caller has now: a planted fault's env must not reach the server.
-        env={**BASE_ENV, "OMP_NUM_THREADS": BASE_ENV.get("OMP_NUM_THREADS", "1")},
+        env={**RANK_DEFAULTS, **BASE_ENV},
         start_new_session=True,
     )
     if _readline(server, START_TIMEOUT) != "ready":
@@ -185,7 +201,7 @@ def spawn(group_dir: Path, env: dict[str, str], log: Path, cwd: Path) -> Forked 
             answer = ""
         else:
             answer = _readline(server, ANSWER_TIMEOUT)
-        if answer.startswith("shadows"):  # this environment needs a fresh interpreter
+        if answer.startswith("cold"):  # this environment needs a fresh interpreter
             return None
         if not answer.isdigit():  # a server that does not answer is not used again
             server.kill()
@@ -226,7 +242,7 @@ def _child(request: dict[str, Any]) -> None:
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
     sys.stdin = open(0)  # the child's own stdin, for the life of the process
-    added = added_paths(request["env"]) or []
+    added = added_paths(request["env"], request["base"]) or []
     if added:  # what a fresh interpreter with this PYTHONPATH would have done at start
         sys.path[1:1] = added
         import importlib.util
@@ -274,12 +290,14 @@ def serve() -> None:
 
     signal.signal(signal.SIGCHLD, reap)
     print("ready", file=proto, flush=True)
+    base = environment()  # what this server's interpreter started with, and its imports set
     for line in sys.stdin:
         request = json.loads(line)
-        shadowed = _shadowing(added_paths(request["env"]) or [])
-        if shadowed:  # a fresh interpreter would import these from the new paths: the caller goes cold
-            print(f"shadows {','.join(shadowed[:5])}", file=proto, flush=True)
+        why = refusal(request["env"], base)
+        if why:  # a fresh interpreter would differ: the caller starts this rank cold
+            print(f"cold: {why}", file=proto, flush=True)
             continue
+        request["base"] = base
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # record the pid before reaping it
         pid = os.fork()
         if pid == 0:

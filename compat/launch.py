@@ -78,7 +78,8 @@ def run_cell(
             "plugins": plugins.as_dict(),
             "declarations": declarations.files(),
         }
-        key = GroupKey.now(backend, layout.world_size, {**plugins.named(), **_flat(task["declarations"])})
+        named = {**plugins.named(), **_flat(task["declarations"])}
+        key = GroupKey.now(backend, layout.world_size, named, plugins.search_paths())
         try:
             group = ranks.acquire(key, gpu_timeout=timeout)
         except NoGPUs as exc:
@@ -136,7 +137,9 @@ def _run_phase(
     if survivors:
         cut += f"; process groups {survivors} survived SIGKILL"
     codes = [p.poll() for p in group.procs]
-    outcomes = [RankOutcome(r, codes[r], records[r], _text(paths.log(phase, r))) for r in range(world)]
+    # A rank that never reached the cell printed into its group's log (start-up, planted code).
+    logs = [group.logs.get(r, "") + _text(paths.log(phase, r)) for r in range(world)]
+    outcomes = [RankOutcome(r, codes[r], records[r], logs[r]) for r in range(world)]
     return verdict(outcomes, cut, phase)
 
 

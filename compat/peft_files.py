@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,9 @@ def check_adapter_dir(
     modules, unnamed = _modules(shapes)
     problems += unnamed
     base = _base_weights(hf_dir)
+    wrapped = _param_wrappers(config, modules, base)
+    problems += wrapped.problems
+    modules = {m: parts for m, parts in modules.items() if m not in wrapped.modules}
     problems += _shape_problems(modules, base, config, adapter.rank)
     if config.get("use_dora"):
         no_magnitude = sorted(m for m, parts in modules.items() if "lora_magnitude_vector" not in parts)
@@ -120,6 +124,7 @@ def check_adapter_dir(
     problems += _pattern_problems(config, modules, adapter)
     problems += _target_problems(config, modules)
     wanted = {m for m in expected_modules(base, adapter.targets, hf_modules) if re.search(adapter.hf_scope, m)}
+    wanted -= wrapped.covered
     absent = sorted(wanted - set(modules))
     if absent:
         problems.append(
@@ -130,6 +135,44 @@ def check_adapter_dir(
     if stray:
         problems.append(f"the export has adapters for {len(stray)} modules not targeted, e.g. {_summarise(stray)}")
     return problems
+
+
+@dataclass(frozen=True)
+class _Wrapped:
+    """Modules adapted through peft's ParamWrapper (``target_parameters``): fused 3-D expert tensors."""
+
+    modules: set[str]  # file module names, ``.base_layer`` nesting included
+    covered: set[str]  # the base's 3-D parameters they adapt
+    problems: list[str]
+
+
+def _param_wrappers(
+    config: dict[str, Any], modules: dict[str, dict[str, tuple[int, ...]]], base: dict[str, tuple[int, ...]]
+) -> _Wrapped:
+    """peft nests one ParamWrapper per targeted parameter of a module (``experts.lora_A``,
+    ``experts.base_layer.lora_A``, ...): each parent must carry one LoRA pair per parameter that
+    ``target_parameters`` names in it. Their shapes are peft's to judge as it loads them."""
+    names = config.get("target_parameters") or []
+    params = [p for p in base if len(base[p]) == 3 and any(p == n or p.endswith("." + n) for n in names)]
+    parents: dict[str, list[str]] = {}
+    for p in params:
+        parents.setdefault(p.rsplit(".", 1)[0], []).append(p)
+    depths: dict[str, set[int]] = {}
+    for m in modules:
+        stripped = re.sub(r"(\.base_layer)+$", "", m)
+        if stripped in parents:
+            depths.setdefault(stripped, set()).add(m.count(".base_layer"))
+    problems = [
+        f"{parent} carries {len(depths.get(parent, ()))} LoRA pairs, but target_parameters names "
+        f"{len(ps)} of its parameters ({', '.join(p.rsplit('.', 1)[1] for p in sorted(ps))})"
+        for parent, ps in sorted(parents.items())
+        if parent in depths and len(depths[parent]) != len(ps)
+    ]
+    return _Wrapped(
+        modules={m for m in modules if re.sub(r"(\.base_layer)+$", "", m) in depths},
+        covered={p for parent in depths for p in parents[parent]},
+        problems=problems,
+    )
 
 
 def _config_problems(config: dict[str, Any], adapter: Any, hf_dir: Path) -> list[str]:
@@ -288,48 +331,59 @@ def _summarise(modules: list[str]) -> str:
 
 
 def check_loaded_by_peft(peft_model: Any, path: Path) -> list[str]:
-    """Every module of the file must carry a LoRA layer in the loaded model, holding the file's values.
+    """What ``peft`` did with the file: every tensor must land in a LoRA parameter, every LoRA parameter
+    must get a value, and a module peft wrapped under the file's own name must hold the file's values.
 
-    A module that peft wrapped itself must hold each tensor of the file (lora_A, lora_B, DoRA's
-    magnitude) bit for bit. A module whose own name is not wrapped may sit under a wrapped parent
-    (experts fused by transformers, adapted through ``target_parameters``): the logits judge those.
+    Placement is peft's own verdict: the file is loaded once more as a second adapter and
+    ``load_adapter`` returns the keys it could not place (after transformers' and peft's conversions
+    of fused experts and renamed modules) and the parameters it found no value for.
     """
     import torch
     from safetensors.torch import load_file
 
+    problems = []
+    result = peft_model.load_adapter(str(path), adapter_name=_CHECK)
+    try:
+        dropped = sorted({_module_of(k) for k in result.unexpected_keys})
+        unset = sorted({_module_of(k) for k in result.missing_keys if f".{_CHECK}." in k})
+    finally:
+        peft_model.delete_adapter(_CHECK)
+        peft_model.set_adapter("default")
+    if dropped:
+        config = peft_model.peft_config["default"]
+        problems.append(
+            f"peft applied no LoRA to {len(dropped)} modules that have tensors in the file, "
+            f"e.g. {_summarise(dropped)} (loaded config: target_modules "
+            f"{sorted(config.target_modules or [])}, target_parameters {sorted(config.target_parameters or [])})"
+        )
+    if unset:
+        problems.append(
+            f"peft found no value in the file for the LoRA of {len(unset)} modules (they keep their initial "
+            f"values), e.g. {_summarise(unset)}"
+        )
     saved = load_file(str(path / "adapter_model.safetensors"))
     params = dict(peft_model.named_parameters())
     wrapped = {name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
-    unadapted: set[str] = set()
-    absent, differ = [], []
+    differ = []
     for key, value in saved.items():
         m = _KEY.match(key)
-        module = m["module"] if m else key.rsplit(".", 2)[0]
-        full = _PREFIX + module
-        parts = full.split(".")
-        if not any(".".join(parts[:n]) in wrapped for n in range(len(parts), 0, -1)):
-            unadapted.add(module)
-            continue
-        if full not in wrapped or not m:
-            continue  # adapted through a wrapped parent
-        name = f"{full}.{m['kind'] or m['magnitude']}.default.weight"
-        if name not in params:
-            absent.append(f"{key} (no parameter {name})")
-        elif not torch.equal(params[name].detach().cpu().to(value.dtype), value):
+        full = _PREFIX + m["module"] if m else ""
+        name = f"{full}.{m['kind'] or m['magnitude']}.default.weight" if m else ""
+        if full in wrapped and name in params and not torch.equal(params[name].detach().cpu().to(value.dtype), value):
             differ.append(f"{key} (parameter {name})")
-    problems = []
-    if absent:
-        problems.append(f"peft has no parameter for {len(absent)} tensors of the file, e.g. {'; '.join(absent[:2])}")
     if differ:
         problems.append(
             f"peft did not load {len(differ)} tensors of the file: the loaded values differ, "
             f"e.g. {'; '.join(differ[:2])}"
         )
-    if unadapted:
-        config = peft_model.peft_config["default"]
-        problems.append(
-            f"peft applied no LoRA to {len(unadapted)} modules that have tensors in the file, "
-            f"e.g. {_summarise(sorted(unadapted))} (loaded config: target_modules "
-            f"{sorted(config.target_modules or [])}, target_parameters {sorted(config.target_parameters or [])})"
-        )
     return problems
+
+
+_CHECK = "compat_check"
+
+
+def _module_of(key: str) -> str:
+    """``model.layers.0.mlp.experts`` of any LoRA key, file or in-memory naming, adapter name or not."""
+    key = key.removeprefix(_PREFIX)
+    key = re.sub(rf"\.(lora_A|lora_B|lora_magnitude_vector)(\.(default|{_CHECK}))?(\.weight)?$", "", key)
+    return key

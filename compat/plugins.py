@@ -20,15 +20,17 @@ before any rank starts.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["ROLES", "PluginError", "Plugins", "Resolved", "check", "load_callable"]
+__all__ = ["ROLES", "PluginError", "Plugins", "Resolved", "check", "load_callable", "with_paths"]
 
 ROLES = ("exporter", "saver", "loader")
 
@@ -60,6 +62,27 @@ class Plugins:
 
     def named(self) -> dict[str, str]:
         return {role: name for role, name in self.as_dict().items() if name}
+
+    def search_paths(self) -> list[str]:
+        """The directories of this process's ``sys.path`` the named modules import from.
+
+        Ranks are other processes: these go in front of their PYTHONPATH, so they import the code the
+        caller sees (a package installed or not, a test directory pytest put on ``sys.path``).
+        """
+        out = []
+        for name in self.named().values():
+            top = name.partition(":")[0].split(".")[0]
+            try:
+                spec = importlib.util.find_spec(top)
+            except (ImportError, ValueError):
+                continue
+            origin = (spec.submodule_search_locations or [None])[0] if spec else None
+            origin = origin or (spec.origin if spec else None)
+            if origin and origin not in ("built-in", "frozen"):
+                path = str(Path(origin).resolve().parent)
+                if path not in out:
+                    out.append(path)
+        return out
 
     def resolve(self) -> Resolved:
         """The callables (in a rank: imports the user's modules and the bridge's defaults)."""
@@ -123,11 +146,14 @@ def check(plugins: Plugins, backend: str) -> None:
     todo = {role: name for role, name in plugins.named().items() if (name, backend) not in _checked}
     if not todo:
         return
+    env = {**os.environ, "PYTHONPATH": with_paths(os.environ.get("PYTHONPATH", ""), plugins.search_paths())}
+    if backend == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(
         [sys.executable, "-m", "compat.plugins", backend, json.dumps(todo)],
         capture_output=True,
         text=True,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""} if backend == "cpu" else None,
+        env=env,
         timeout=600,
     )
     errors = [line.removeprefix("error: ") for line in proc.stdout.splitlines() if line.startswith("error: ")]
@@ -136,6 +162,12 @@ def check(plugins: Plugins, backend: str) -> None:
     if proc.returncode != 0:
         raise PluginError(f"importing {', '.join(todo.values())} failed:\n{proc.stderr[-3000:]}")
     _checked.update((name, backend) for name in todo.values())
+
+
+def with_paths(pythonpath: str, paths: list[str]) -> str:
+    """``paths`` in front of a PYTHONPATH value, each once, relative entries made absolute."""
+    entries = [*paths, *(os.path.abspath(p) for p in pythonpath.split(os.pathsep) if p)]
+    return os.pathsep.join(dict.fromkeys(entries))
 
 
 def _child(backend: str, todo: dict[str, str]) -> int:

@@ -43,11 +43,12 @@ class GroupKey:
     world_size: int
     env: tuple[tuple[str, str], ...]
     plugins: tuple[tuple[str, str], ...]
+    paths: tuple[str, ...] = ()  # put in front of the ranks' PYTHONPATH (where the plugins import from)
 
     @classmethod
-    def now(cls, backend: str, world_size: int, plugins: dict[str, str]) -> GroupKey:
+    def now(cls, backend: str, world_size: int, plugins: dict[str, str], paths: list[str] | None = None) -> GroupKey:
         env = tuple(sorted(forkserver.environment().items()))
-        return cls(backend, world_size, env, tuple(sorted(plugins.items())))
+        return cls(backend, world_size, env, tuple(sorted(plugins.items())), tuple(paths or ()))
 
 
 class RankGroup:
@@ -60,6 +61,7 @@ class RankGroup:
         self.dir = Path(tempfile.mkdtemp(prefix=f"group{next(self._ids)}-w{key.world_size}-", dir=root))
         self.seq = 0
         self.cells = 0
+        self.logs: dict[int, str] = {}  # filled when the group is stopped
         self.procs: list[Any] = []  # subprocess.Popen or forkserver.Forked
         fork = mode != "cold" and forkserver.usable(key.backend)
         for rank in range(key.world_size):
@@ -196,10 +198,15 @@ def _retire(group: RankGroup) -> None:
 
 
 def _close(group: RankGroup, dump: bool = False) -> list[int]:
-    """Stop a group's processes, give its GPUs back and remove its directory; the groups that survived."""
+    """Stop a group's processes, give its GPUs back and remove its directory; the groups that survived.
+
+    What each rank printed outside a cell (before its first task: start-up, planted code) is kept
+    in ``group.logs`` for the verdict.
+    """
     import shutil
 
     survivors = group.stop(dump)
+    group.logs = {r: _text(group.dir / f"rank{r}.log") for r in range(len(group.procs))}
     if group.visible is not None:
         from compat.gpus import gpus
 
@@ -220,8 +227,12 @@ def _rank_env(rank: int, key: GroupKey, visible: list[int] | None, once: bool) -
     env = dict(os.environ)  # ranks inherit the caller's environment, PYTHONPATH included
     for name, value in rank_env(key.backend).items():
         env.setdefault(name, value)
-    if env.get("PYTHONPATH"):  # ranks run in their own directory: relative entries mean the caller's
-        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
+    from compat.plugins import with_paths
+
+    # Ranks run in their own directory: relative entries mean the caller's.
+    env["PYTHONPATH"] = with_paths(env.get("PYTHONPATH", ""), list(key.paths))
+    if not env["PYTHONPATH"]:
+        del env["PYTHONPATH"]
     if visible is not None:
         parent = env.get("CUDA_VISIBLE_DEVICES")
         physical = parent.split(",") if parent else None
@@ -235,10 +246,8 @@ def _rank_env(rank: int, key: GroupKey, visible: list[int] | None, once: bool) -
         COMPAT_LAUNCHER_PID=str(os.getpid()),
         COMPAT_RANK_ONCE="1" if once else "0",
     )
-    env.setdefault("OMP_NUM_THREADS", "1")  # N ranks on few cores: no thread oversubscription
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_HUB_OFFLINE", "1")  # tiny models are built locally; never reach a hub
+    for name, value in forkserver.RANK_DEFAULTS.items():
+        env.setdefault(name, value)
     return env
 
 
@@ -253,6 +262,13 @@ def _popen(group_dir: Path, env: dict[str, str], log: Path) -> subprocess.Popen[
             cwd=group_dir,
             start_new_session=True,  # its own process group: killing it takes any child with it
         )
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def _group_exists(pgid: int) -> bool:

@@ -81,7 +81,7 @@ def run_phase(
         return {}
     extra = {"skipped_checks": skipped_checks} if skipped_checks else {}
     try:
-        metrics = compare_with_peft(cell, paths, reference=phase == "load", skipped=skipped)
+        metrics = compare_with_peft(cell, paths, phase == "load", skipped, backend.device)
     except CheckFailed as exc:
         lap("hf side")
         raise CheckFailed(exc.reason, {**exc.metrics, **extra, "seconds_by_step": lap.seconds}) from exc
@@ -179,6 +179,12 @@ def _merged(
     from compat import bridge_api
 
     skipped: dict[str, str] = {}
+    if hasattr(built.peft, "disable_adapter_layers") and hasattr(built.peft, "enable_adapter_layers"):
+        # The base model alone, for telling a conversion mismatch from an adapter one.
+        built.peft.disable_adapter_layers(built.model)
+        megatron_forward(built.model, backend, built.hidden_size, vocab, paths, "base")
+        built.peft.enable_adapter_layers(built.model)
+        comm.barrier()
     why = merged_export(
         built.bridge, built.model, paths.merged, paths.hf, lambda: adapter_problems(cell, paths, reference)
     )

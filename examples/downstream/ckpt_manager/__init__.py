@@ -1,0 +1,1 @@
+"""A checkpoint manager's adapter export, in the shape an RL framework has one (verl's, say)."""
