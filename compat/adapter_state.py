@@ -48,11 +48,13 @@ def snapshot(params: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: p.detach().cpu().clone() for k, p in params.items()}
 
 
-def _shard(name: str, p: torch.Tensor) -> str:
+def _shard(name: str, p: torch.Tensor, ep_replicated: set[int]) -> str:
     """Which shard a tensor is: equal on its replicas, distinct across the ranks that shard it.
 
     Megatron marks tensor-parallel shards (``tensor_model_parallel``); anything else, such as
-    DoRA's magnitude of a row-parallel layer, is replicated over TP and must agree there.
+    DoRA's magnitude of a row-parallel layer, is replicated over TP and must agree there. Expert
+    adapters differ per EP rank (their experts do), except one adapter shared by the grouped-GEMM
+    experts of every EP rank (the bridge's default under TE), which the bridge keeps equal there.
     """
     from megatron.core import parallel_state as ps
 
@@ -60,16 +62,30 @@ def _shard(name: str, p: torch.Tensor) -> str:
     sharded = getattr(p, "tensor_model_parallel", False)
     if is_expert(name):
         etp = ps.get_expert_tensor_parallel_rank() if sharded else 0
-        return f"pp{pp}-ep{ps.get_expert_model_parallel_rank()}-etp{etp}"
+        ep = 0 if id(p) in ep_replicated else ps.get_expert_model_parallel_rank()
+        return f"pp{pp}-ep{ep}-etp{etp}"
     return f"pp{pp}-tp{ps.get_tensor_model_parallel_rank() if sharded else 0}"
+
+
+def _ep_replicated(model: list) -> set[int]:
+    """Parameters of adapters shared across EP ranks (``ParallelLinearAdapter`` on grouped experts: broadcast
+    from EP rank 0 when built and all-reduced over EP in training, megatron/bridge/peft/utils.py:1069-1071)."""
+    return {
+        id(p)
+        for chunk in model
+        for m in chunk.modules()
+        if callable(getattr(m, "_uses_grouped_expert_sharding", None)) and m._uses_grouped_expert_sharding()
+        for p in m.parameters()
+    }
 
 
 def fill(model: list, seed: int) -> dict[str, torch.Tensor]:
     """Write seeded values into every adapter parameter; return a CPU copy of them."""
     values = {}
+    replicated = _ep_replicated(model)
     with torch.no_grad():
         for key, p in adapter_params(model).items():
-            g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{_shard(key, p)}/{key}".encode()))
+            g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{_shard(key, p, replicated)}/{key}".encode()))
             p.copy_((torch.randn(p.shape, generator=g) * ADAPTER_SCALE).to(p.dtype))
             values[key] = p.detach().cpu().clone()
     return values
