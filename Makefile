@@ -11,13 +11,14 @@ matrix: venv
 	$(PY) -m compat run --matrix matrix/ci.toml --jobs $(JOBS) --output results.json
 
 test: venv
-	$(PY) -m ruff check compat tests conftest.py
+	$(PY) -m ruff check compat tests conftest.py examples
 	$(PY) -m pytest -n $(JOBS) --dist loadgroup --compat-results results.json
+	cd examples/downstream && ../../$(PY) -m pytest -n $(JOBS) -p no:cacheprovider
 
 lint: venv
-	$(PY) -m ruff check compat tests conftest.py
-	$(PY) -m ruff format --check compat tests conftest.py
+	$(PY) -m ruff check compat tests conftest.py examples
+	$(PY) -m ruff format --check compat tests conftest.py examples
 
 format: venv
-	$(PY) -m ruff format compat tests conftest.py
-	$(PY) -m ruff check --fix compat tests conftest.py
+	$(PY) -m ruff format compat tests conftest.py examples
+	$(PY) -m ruff check --fix compat tests conftest.py examples

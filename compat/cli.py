@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("results", type=Path, nargs="+", help="results.json files")
     rep.add_argument("--html", type=Path, help="write a self-contained HTML page (of the first file)")
     rep.add_argument("--heatmap", type=Path, help="write a family x layout heatmap PNG (of the first file)")
+    rep.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="one table: the first file's cells, with the same cells of the other files beside them",
+    )
+    rep.add_argument("--labels", help="comma-separated column names for --side-by-side (default: file names)")
     dif = sub.add_parser("diff", help="what changed between two results files (status, max diff)")
     dif.add_argument("before", type=Path)
     dif.add_argument("after", type=Path)
@@ -162,7 +168,16 @@ def _report(args: argparse.Namespace) -> int:
     from compat.results import read_results
 
     runs = [read_results(path) for path in args.results]
-    print("\n".join(markdown(data, str(path)) for data, path in zip(runs, args.results, strict=True)))
+    if args.side_by_side:
+        from compat.side_by_side import side_by_side
+
+        labels = args.labels.split(",") if args.labels else [path.stem for path in args.results]
+        if len(labels) != len(runs):
+            print(f"error: --labels names {len(labels)} columns for {len(runs)} files", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(side_by_side(runs, labels))
+    else:
+        print("\n".join(markdown(data, str(path)) for data, path in zip(runs, args.results, strict=True)))
     if args.heatmap:
         from compat.heatmap import heatmap
 

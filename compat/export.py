@@ -9,6 +9,7 @@ skipped with the reason, and that is reported; a merged export that raises is a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +30,23 @@ def default_exporter(bridge: Any, model: list, peft: Any, path: Path, base: Path
     bridge_api.save_hf_adapter(bridge, model, path, peft, base)
 
 
-def merged_export(bridge: Any, model: list, path: Path, hf_dir: Path, adapter_problems: Any) -> str | None:
+def merged_export(
+    bridge: Any, model: list, path: Path, hf_dir: Path, adapter_problems: Callable[[], list[str]]
+) -> str | None:
     """The bridge's merged full HF checkpoint; None when written, else why it was skipped.
 
     Raising is this cell's finding, a failed check on the raising rank with what is wrong in the
-    adapter export itself (``adapter_problems()``, rank 0 only); peers left in the export's
-    collectives are stopped by the launcher, which names the first rank to stop.
+    adapter export itself (``adapter_problems()``, read from the files every rank sees): every rank
+    that raises says the same, so the verdict does not depend on which rank stops first. Peers left
+    in the export's collectives are stopped by the launcher.
     """
-    import torch.distributed as dist
-
     try:
         return bridge_api.save_hf_merged(bridge, model, path, hf_dir)
     except Exception as exc:
         import traceback
 
         traceback.print_exc()  # the full stack stays in this rank's log
-        problems = adapter_problems() if dist.get_rank() == 0 else []
+        problems = adapter_problems()
         raise CheckFailed(
             "; ".join([*problems, f"the bridge's merged HF export (merge_adapter_weights=True) raised {describe(exc)}"])
         ) from exc

@@ -69,12 +69,12 @@ def slug_sort_key(label: str) -> tuple[Any, ...]:
     return (bool(sep), _parse_slug(save), _parse_slug(load) if sep else (), label)
 
 
-def is_plain(cell: dict[str, Any], adapters: tuple[str, ...] = ("lora",)) -> bool:
-    """The default cell of a family and layout: plain LoRA, fp32, local layer spec, no resharding."""
+def is_plain(cell: dict[str, Any], adapters: tuple[str, ...] = ("lora",), spec: str = "local") -> bool:
+    """The default cell of a family and layout on one layer spec: plain LoRA, fp32, no resharding."""
     return (
         cell.get("adapter", "lora") in adapters
         and cell.get("dtype", "fp32") == "fp32"
-        and cell.get("spec", "local") == "local"
+        and cell.get("spec", "local") == spec
         and ".to." not in column_label(cell)
     )
 
@@ -99,25 +99,27 @@ def _newest_first_last(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda run: str(run.get("finished_at") or ""))
 
 
-def grid_from_results(runs: list[dict[str, Any]], adapters: tuple[str, ...] = ("lora",)) -> dict[str, dict[str, str]]:
+def grid_from_results(
+    runs: list[dict[str, Any]], adapters: tuple[str, ...] = ("lora",), spec: str = "local"
+) -> dict[str, dict[str, str]]:
     """family -> {layout slug -> short status} from results files; a newer run (``finished_at``) wins a cell.
 
     Only plain cells go in (see ``is_plain``): the grid answers "does this family work at this layout";
-    adapter, dtype, TE and resharding variants are in ``compat report`` and the heatmap. A family that ran
-    only variants keeps its (empty) row, so that it does not vanish from the listing.
+    adapter, dtype, other-spec and resharding variants are in ``compat report`` and the heatmap. A family
+    that ran only variants keeps its (empty) row, so that it does not vanish from the listing.
     """
     rows: dict[str, dict[str, str]] = {}
     for run in _newest_first_last(runs):
         for cell in run.get("cells", []):
             row = rows.setdefault(cell["family"], {})
-            if is_plain(cell, adapters):
+            if is_plain(cell, adapters, spec):
                 row[column_label(cell)] = short_status(cell)
     return rows
 
 
-def left_out(runs: list[dict[str, Any]], adapters: tuple[str, ...] = ("lora",)) -> int:
+def left_out(runs: list[dict[str, Any]], adapters: tuple[str, ...] = ("lora",), spec: str = "local") -> int:
     """How many distinct cell ids the grid leaves out (not plain), for its footer."""
-    return len({c["id"] for run in runs for c in run.get("cells", []) if not is_plain(c, adapters)})
+    return len({c["id"] for run in runs for c in run.get("cells", []) if not is_plain(c, adapters, spec)})
 
 
 def family_grid(rows: dict[str, dict[str, str]], footer: str = "", width: int = 120) -> str:
@@ -152,12 +154,12 @@ def family_grid(rows: dict[str, dict[str, str]], footer: str = "", width: int = 
     return "\n".join(lines) + "\n"
 
 
-def grid_report(runs: list[dict[str, Any]], adapters: tuple[str, ...] = ("lora",)) -> str:
-    """The grid of ``runs`` with a footer that counts what it leaves out, ready to print."""
-    rows = grid_from_results(runs, adapters)
-    n = left_out(runs, adapters)
+def grid_report(runs: list[dict[str, Any]], adapters: tuple[str, ...] = ("lora",), spec: str = "local") -> str:
+    """The grid of ``runs`` on one layer spec, with a footer that counts what it leaves out, ready to print."""
+    rows = grid_from_results(runs, adapters, spec)
+    n = left_out(runs, adapters, spec)
     footer = (
-        f"{n} other cell{'s' if n != 1 else ''} (other adapters, bf16, TE spec or resharding) left out; "
+        f"{n} other cell{'s' if n != 1 else ''} (other adapters, bf16, other spec or resharding) left out; "
         "see `compat report`"
         if n
         else ""

@@ -33,8 +33,9 @@ def print_families(out: IO[str], results_dir: Path = RESULTS_DIR) -> None:
         print(f"{arch:34} {names:40} {'yes' if arch in registered else 'no'}", file=out)
     runs = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
     print(file=out)
-    print(f"Last known status (lora, fp32, local spec; newest of {len(runs)} files in {results_dir}):", file=out)
-    print(grid_report(runs, adapters=("lora", "lora_mla")), file=out)
+    for spec in sorted({c.get("spec", "local") for run in runs for c in run.get("cells", [])}):
+        print(f"Last known status (lora, fp32, {spec} spec; newest of {len(runs)} files in {results_dir}):", file=out)
+        print(grid_report(runs, adapters=("lora", "lora_mla"), spec=spec), file=out)
     untested = sorted(set(families()) - {c["family"] for run in runs for c in run.get("cells", [])})
     for name, text in _expected(untested).items():
         print(f"{name}: no results yet; {text}", file=out)

@@ -11,12 +11,14 @@ from typing import Any
 
 import pytest
 
+from compat.cli import main
 from compat.grid import family_grid, grid_from_results, grid_report, layout_slug
 from compat.heatmap import heatmap
 from compat.html_report import html_report
 from compat.results_diff import diff, diff_markdown
+from compat.side_by_side import side_by_side
 
-FULL = Path(__file__).resolve().parent.parent / "matrix/results/cpu-x86_64-16cores-full-2026-11-26.json"
+FULL = Path(__file__).resolve().parent.parent / "matrix/results/cpu-x86_64-2cores-full-2026-11-26.json"
 ONE = {"tp": 1, "pp": 1, "ep": 1, "etp": 1, "vpp": 1}
 
 
@@ -186,6 +188,15 @@ def test_grid_from_results_newest_wins_and_plain_only(results: dict[str, Any]) -
     assert rows["mistral"] == {"pp2": "pass"}
 
 
+def test_grid_takes_one_spec(results: dict[str, Any]) -> None:
+    te = copy.deepcopy(results)
+    for c in te["cells"]:
+        c.update(spec="te", status="fail", met=True)
+    both = [results, te]
+    assert grid_from_results(both)["llama"] == {"tp1": "pass", "tp2": "pass"}
+    assert grid_from_results(both, spec="te")["llama"] == {"tp1": "fail*", "tp2": "fail*"}
+
+
 def test_family_grid_one_row_per_family(results: dict[str, Any]) -> None:
     text = grid_report([results])
     lines = text.splitlines()
@@ -198,7 +209,7 @@ def test_family_grid_one_row_per_family(results: dict[str, Any]) -> None:
     ]
     assert lines[5] == ""
     assert text.rstrip().endswith(
-        "3 other cells (other adapters, bf16, TE spec or resharding) left out; see `compat report`"
+        "3 other cells (other adapters, bf16, other spec or resharding) left out; see `compat report`"
     )
 
 
@@ -218,3 +229,24 @@ def test_grid_of_committed_full_run() -> None:
     rows = [line.split()[0] for line in text.splitlines() if line.split() and line.split()[0] in families]
     assert sorted(rows) == sorted(families)
     assert "qwen3_moe  pass" in text
+
+
+def test_side_by_side_matches_cells_across_specs_and_cites_why_they_differ() -> None:
+    te = {"cells": [_cell("qwen3_moe", layout={"ep": 2}, spec="te"), _cell("llama", spec="te")]}
+    local = {
+        "cells": [
+            _cell("qwen3_moe", "fail", diff_=None, layout={"ep": 2}, reason="export has no adapter for 24\nstack"),
+            _cell("llama"),
+        ]
+    }
+    text = side_by_side([te, local], ["te", "local"])
+    assert "| qwen3_moe.ep2.te | pass 2.4e-07 | fail* | local [1] |" in text
+    assert "| llama.tp1.te | pass 2.4e-07 | pass 2.4e-07 |  |" in text
+    assert "1. export has no adapter for 24\n" in text
+    assert "2 cells; 1 with outcomes that differ between runs." in text
+
+
+def test_report_side_by_side_labels_must_name_every_file(tmp_path: Path, results: dict[str, Any]) -> None:
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(results))
+    assert main(["report", "--side-by-side", str(path), str(path), "--labels", "one"]) == 2

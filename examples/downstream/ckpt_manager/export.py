@@ -17,7 +17,9 @@ import torch.distributed as dist
 
 def export_adapter(bridge: Any, model: list, peft: Any, path: Path, base: Path) -> None:
     staging = path.with_name(path.name + ".staging")
-    bridge.save_hf_adapter(model, str(staging), peft_config=peft, base_model_name_or_path=str(base), show_progress=False)
+    bridge.save_hf_adapter(
+        model, str(staging), peft_config=peft, base_model_name_or_path=str(base), show_progress=False
+    )
     dist.barrier()
     if dist.get_rank() == 0:
         (staging / "ckpt_manager.json").write_text(json.dumps({"step": 0, "source": "megatron"}))
