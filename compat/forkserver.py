@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from compat.worker import process_alive
+
 __all__ = ["BASE_ENV", "Forked", "environment", "spawn", "start", "usable"]
 
 _lock = threading.Lock()
@@ -151,16 +153,6 @@ def _shutdown(server: subprocess.Popen[str]) -> None:
 UNKNOWN_EXIT = 255  # a rank that exited after its server was gone: no one recorded how
 
 
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Forked:
     """A forked rank with the part of ``subprocess.Popen`` the launcher uses."""
 
@@ -175,7 +167,7 @@ class Forked:
             if text:
                 status = int(text)
                 self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        if self.returncode is None and not _exists(self.pid):  # reaped by another after the server went
+        if self.returncode is None and not process_alive(self.pid):  # reaped by another after the server went
             self.returncode = UNKNOWN_EXIT
         return self.returncode
 

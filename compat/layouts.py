@@ -1,4 +1,4 @@
-"""Parallel layouts: what a cell shards over, written as CONTRACT.md spells it (``tp=2,pp=2``).
+"""Parallel layouts: what a cell shards over, written as docs/contract.md spells it (``tp=2,pp=2``).
 
 A layout knows its own world size; whether a *family* can take it is checked by
 :func:`check_fits`, before any process starts, so impossible cells are refused with the

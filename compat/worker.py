@@ -26,7 +26,7 @@ from typing import Any
 
 from compat.paths import CellPaths, write_json_atomic
 
-__all__ = ["main", "run_task", "task_file"]
+__all__ = ["main", "process_alive", "run_task", "task_file"]
 
 POLLS = (0.002, 0.05)  # seconds between looks for the next task: soon after a task, then when idle
 BUSY_FOR = 1.0  # seconds after a task during which the next one is looked for often
@@ -126,13 +126,14 @@ def _next_task(group_dir: Path, rank: int, seq: int, launcher: int) -> dict[str,
     path = task_file(group_dir, rank, seq)
     since = time.monotonic()
     while not path.exists():
-        if not group_dir.is_dir() or not _alive(launcher):
+        if not group_dir.is_dir() or not process_alive(launcher):
             return None
         time.sleep(POLLS[time.monotonic() - since > BUSY_FOR])
     return json.loads(path.read_text())
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """A process of this id exists (a zombie counts: it has not been reaped yet)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
