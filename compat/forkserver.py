@@ -45,6 +45,19 @@ ANSWER_TIMEOUT = 30.0
 _VOLATILE = ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")
 # Set by the launcher for each rank and read only after start-up (torch.distributed's init, stdio).
 _PER_RANK = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "PYTHONUNBUFFERED")
+# The harness's own variables: read by the launcher, or by a rank when it runs a cell, never at start-up.
+_HARNESS = (
+    "COMPAT_CACHE",
+    "COMPAT_CELLS_PER_GPU",
+    "COMPAT_FORKSERVER",
+    "COMPAT_LAUNCHER_PID",
+    "COMPAT_POOL_RANKS",
+    "COMPAT_RANKS",
+    "COMPAT_RANK_ONCE",
+    "COMPAT_WORKDIR",
+)
+# Code Python runs at start-up from sys.path, which may read any variable then.
+_STARTUP = ("sitecustomize", "usercustomize")
 # What every rank starts with unless the caller says otherwise: the server starts with it too.
 RANK_DEFAULTS = {
     "OMP_NUM_THREADS": "1",  # N ranks on few cores: no thread oversubscription
@@ -82,12 +95,16 @@ def added_paths(env: dict[str, str], base: dict[str, str]) -> list[str] | None:
 
 def refusal(env: dict[str, str], base: dict[str, str]) -> str:
     """Why a child of a server whose environment is ``base`` cannot stand for a fresh interpreter
-    started with ``env`` ("" if it can): only ``COMPAT_*`` variables, per-rank variables and new
-    PYTHONPATH entries in front may differ, and those entries may shadow no module already imported."""
-    changed = {k for k in set(env) | set(base) if env.get(k) != base.get(k)} - set(_VOLATILE) - set(_PER_RANK)
-    other = sorted(k for k in changed if k != "PYTHONPATH" and not k.startswith("COMPAT_"))
+    started with ``env`` ("" if it can): only the harness's variables, per-rank variables, new
+    PYTHONPATH entries in front (shadowing no module already imported) and other ``COMPAT_*``
+    variables may differ; those last only while the server ran no start-up code (``sitecustomize``)
+    that could have read them: a planted ``COMPAT_FAULT`` must reach the code that plants it."""
+    changed = {k for k in set(env) | set(base) if env.get(k) != base.get(k)} - {*_VOLATILE, *_PER_RANK, *_HARNESS}
+    startup = [name for name in _STARTUP if name in sys.modules]
+    other = sorted(k for k in changed if k != "PYTHONPATH" and (startup or not k.startswith("COMPAT_")))
     if other:
-        return f"environment differs in {', '.join(other[:5])}"
+        ran = f" (this server ran {startup[0]} at start-up with other values)" if startup else ""
+        return f"environment differs in {', '.join(other[:5])}{ran}"
     added = added_paths(env, base)
     if added is None:
         return "PYTHONPATH differs in more than new entries in front"

@@ -7,7 +7,9 @@ an untimed ``wait_for``; a server stuck importing, or GPUs held forever, hung th
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
+import types
 
 import pytest
 
@@ -41,3 +43,21 @@ def test_a_wait_for_gpus_evicts_idle_groups_then_gives_up():
 def test_more_gpus_than_the_machine_has_are_refused_at_once():
     with pytest.raises(NoGPUs, match="needs 4 GPUs, 2 visible here"):
         Devices([0, 1]).take(4, timeout=60)
+
+
+def test_a_server_that_ran_start_up_code_refuses_another_compat_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    # sitecustomize read the server's environment when it started; a child with another COMPAT_FAULT
+    # would silently run without the fault a fresh interpreter would have planted.
+    from compat.forkserver import refusal
+
+    base = {"PATH": "/bin", "COMPAT_RANKS": "warm"}
+    monkeypatch.delitem(sys.modules, "sitecustomize", raising=False)
+    monkeypatch.delitem(sys.modules, "usercustomize", raising=False)
+    assert refusal({**base, "COMPAT_FAULT": "qk_rows_swapped"}, base) == ""
+    assert refusal({**base, "COMPAT_RANKS": "fork"}, base) == ""  # the harness's own: read when a cell runs
+    assert "environment differs in FOO" in refusal({**base, "FOO": "1"}, base)
+    monkeypatch.setitem(sys.modules, "sitecustomize", types.ModuleType("sitecustomize"))
+    assert "environment differs in COMPAT_FAULT (this server ran sitecustomize" in refusal(
+        {**base, "COMPAT_FAULT": "qk_rows_swapped"}, base
+    )
+    assert refusal({**base, "COMPAT_RANKS": "fork"}, base) == ""

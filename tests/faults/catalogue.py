@@ -308,6 +308,17 @@ def _first_adapter(section: dict[str, Any]) -> str | None:
     return next((k for k in sorted(section) if ".adapter." in k and hasattr(section[k], "add_")), None)
 
 
+def _perturb_loaded_on_rank1(original: Callable[..., Any]) -> Callable[..., Any]:
+    """As ``_perturb_loaded``, on rank 1 alone: the rank that finds the problem is not the one that reports."""
+    perturbed = _perturb_loaded(original)
+
+    @functools.wraps(original)
+    def load(*args: Any, **kwargs: Any) -> Any:
+        return (perturbed if _rank() == 1 else original)(*args, **kwargs)
+
+    return load
+
+
 def _perturb_loaded(original: Callable[..., Any]) -> Callable[..., Any]:
     """``dist_checkpointing.load`` hands back one adapter tensor off by 1e-3 (a loader that corrupts)."""
 
@@ -631,6 +642,14 @@ FAULTS: tuple[Fault, ...] = (
         "tp1",
         ((DIST_CKPT, "load", _perturb_loaded),),
         (r"rank 0: adapter not restored: \S+adapter\S+ \(chunk 0\): max \|diff\| \d\.\d+e-03, expected bit-exact",),
+    ),
+    Fault(
+        "loaded_adapter_corrupted_on_rank1",
+        "the checkpoint load hands back one adapter tensor off by 1e-3 on rank 1 only",
+        "llama",
+        "tp=2",
+        ((DIST_CKPT, "load", _perturb_loaded_on_rank1),),
+        (r"rank 1: adapter not restored: \S+adapter\S+ \(chunk 0\): max \|diff\| \d\.\d+e-03, expected bit-exact",),
     ),
     Fault(
         "base_tensor_in_checkpoint",
