@@ -146,7 +146,17 @@ def build_tiny_model(family: Family, path: Path, seed: int = 0) -> None:
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    if family.model_type not in CONFIG_MAPPING:  # an older transformers: the family cannot exist here
+        from importlib.metadata import version
+
+        from compat.findings import Unsupported
+
+        raise Unsupported(
+            f"transformers {version('transformers')} has no model type {family.model_type!r} "
+            "(transformers/models/auto/configuration_auto.py, CONFIG_MAPPING)"
+        )
     config = AutoConfig.for_model(family.model_type, **family.config)
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.manual_seed(seed)

@@ -134,3 +134,15 @@ def test_an_expected_failure_for_another_reason_is_not_met():
     assert not expected.met_by("fail", "64 of 64 tensors are not LoRA weight names peft loads")
     assert not expected.met_by("error", "the export has no adapter for 24 of the 64 modules")
     assert Expected("fail", "any reason").met_by("fail", "whatever it says")
+
+
+def test_a_family_the_installed_transformers_lacks_is_unsupported(tmp_path: Path) -> None:
+    # Gemma 4 and HY-V3 under transformers 5.3.0 (the bridge-0.4.2 pins): the cell says why, as for
+    # an architecture the bridge does not register, rather than erroring in AutoConfig.
+    from compat.families import Family, build_tiny_model
+    from compat.findings import Unsupported
+
+    family = Family("future", "no_such_model_type", "FutureForCausalLM", "", dict(families()["llama"].config))
+    with pytest.raises(Unsupported, match=r"transformers \S+ has no model type 'no_such_model_type'"):
+        build_tiny_model(family, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

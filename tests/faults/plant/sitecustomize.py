@@ -10,20 +10,21 @@ import os
 
 
 def _plant(name: str) -> None:
+    import importlib
     import importlib.util
     import sys
     from pathlib import Path
 
-    here = Path(__file__).resolve().parent.parent  # tests/faults
-    modules = {}
-    for short in ("hook", "catalogue"):
-        spec = importlib.util.spec_from_file_location(f"compat_fault_{short}", here / f"{short}.py")
+    if "faults" not in sys.modules:  # the package alone, not the rest of tests/, goes on the import path
+        here = Path(__file__).resolve().parent.parent  # tests/faults
+        spec = importlib.util.spec_from_file_location(
+            "faults", here / "__init__.py", submodule_search_locations=[str(here)]
+        )
         assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        modules[short] = module
-    hook, catalogue = modules["hook"], modules["catalogue"]
+        sys.modules["faults"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["faults"])
+    hook = importlib.import_module("faults.hook")
+    catalogue = importlib.import_module("faults.catalogue")
     fault = catalogue.by_name(name)
     patches: dict = {}
     for module_name, path, wrap in fault.patches:

@@ -1,0 +1,388 @@
+"""How faults are planted: wrappers around upstream functions and the edits they make.
+
+Everything here runs inside a rank (``hook.py`` applies the wrappers right after their module is
+imported); torch and megatron are imported inside the functions, so the test process can read the
+catalogue without them. ``catalogue.py`` says which fault uses which of these.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+# -- helpers the wrappers share (run inside a rank) ----------------------------------------------
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def transform_export(fn: Callable[[dict[str, Any]], dict[str, Any]]) -> Wrap:
+    """Wrap ``AutoBridge.export_adapter_weights``: ``fn`` edits {HF name: tensor} on every rank."""
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def export_adapter_weights(self: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            items = list(original(self, *args, **kwargs))
+            if not items:
+                return iter(items)
+            make = type(items[0])
+            weights = fn({item.param_name: item.weight for item in items})
+            return iter([make(name, tensor) for name, tensor in weights.items()])
+
+        return export_adapter_weights
+
+    return wrap
+
+
+def after_adapter_saved(fn: Callable[[Path], None]) -> Wrap:
+    """Wrap ``AutoBridge.save_hf_adapter``: after it wrote, rank 0 runs ``fn(directory)``."""
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def save_hf_adapter(self: Any, model: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+            original(self, model, path, *args, **kwargs)
+            if _rank() == 0:
+                fn(Path(path))
+            _barrier()
+
+        return save_hf_adapter
+
+    return wrap
+
+
+def after_checkpoint_saved(fn: Callable[[Path], None]) -> Wrap:
+    """Wrap ``dist_checkpointing.save``: once every rank wrote, rank 0 runs ``fn(directory)``."""
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def save(sharded_state_dict: Any, checkpoint_dir: Any, *args: Any, **kwargs: Any) -> Any:
+            out = original(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+            _barrier()
+            if _rank() == 0:
+                fn(Path(checkpoint_dir))
+            _barrier()
+            return out
+
+        return save
+
+    return wrap
+
+
+def edit_config(fn: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
+    def edit(directory: Path) -> None:
+        path = directory / "adapter_config.json"
+        config = json.loads(path.read_text())
+        fn(config)
+        path.write_text(json.dumps(config, indent=2))
+
+    return edit
+
+
+def truncate(path_of: Callable[[Path], Path]) -> Callable[[Path], None]:
+    def cut(directory: Path) -> None:
+        path = path_of(directory)
+        size = path.stat().st_size
+        with open(path, "r+b") as f:
+            f.truncate(size // 2)
+
+    return cut
+
+
+def _layer(name: str, n: int) -> bool:
+    return f".layers.{n}." in name
+
+
+# -- the transformations -------------------------------------------------------------------------
+def swap_qk_rows(w: dict[str, Any]) -> dict[str, Any]:
+    """Layer 1: k_proj's lora_B rows exchanged with the first rows of q_proj's (wrong QKV split)."""
+    q = next(k for k in w if _layer(k, 1) and k.endswith("q_proj.lora_B.weight"))
+    k = q.replace("q_proj", "k_proj")
+    rows = w[k].shape[0]
+    new_q = w[q].clone()
+    new_q[:rows], new_k = w[k], w[q][:rows].clone()
+    return {**w, q: new_q, k: new_k}
+
+
+def interleave_gqa(w: dict[str, Any]) -> dict[str, Any]:
+    """Layer 3: q_proj lora_B rows taken head-major instead of group-major (4 groups x 2 heads)."""
+    q = next(k for k in w if _layer(k, 3) and k.endswith("q_proj.lora_B.weight"))
+    groups, heads_per_group, head_dim = 4, 2, 8
+    b = w[q].reshape(groups, heads_per_group, head_dim, -1).transpose(0, 1).reshape(w[q].shape)
+    return {**w, q: b.contiguous()}
+
+
+def swap_gate_up(w: dict[str, Any]) -> dict[str, Any]:
+    """Layer 2: gate_proj and up_proj lora_B exchanged (wrong fused fc1 split)."""
+    gate = next(k for k in w if _layer(k, 2) and k.endswith("gate_proj.lora_B.weight"))
+    up = gate.replace("gate_proj", "up_proj")
+    return {**w, gate: w[up], up: w[gate]}
+
+
+def exchange_ab(w: dict[str, Any]) -> dict[str, Any]:
+    """Layer 0 o_proj: lora_A written under lora_B's name and the other way round."""
+    a = next(k for k in w if _layer(k, 0) and k.endswith("o_proj.lora_A.weight"))
+    b = a.replace("lora_A", "lora_B")
+    return {**w, a: w[b], b: w[a]}
+
+
+def transpose_ab(w: dict[str, Any]) -> dict[str, Any]:
+    """Layer 0 v_proj: lora_A and lora_B written transposed."""
+    a = next(k for k in w if _layer(k, 0) and k.endswith("v_proj.lora_A.weight"))
+    b = a.replace("lora_A", "lora_B")
+    return {**w, a: w[a].t().contiguous(), b: w[b].t().contiguous()}
+
+
+def drop_expert(w: dict[str, Any]) -> dict[str, Any]:
+    """Expert 2 of every layer: no adapter tensors written."""
+    return {k: v for k, v in w.items() if ".experts.2." not in k}
+
+
+def duplicate_expert(w: dict[str, Any]) -> dict[str, Any]:
+    """Layer 1: expert 1's adapter written again as expert 2's."""
+    out = dict(w)
+    for k in w:
+        if _layer(k, 1) and ".experts.2." in k:
+            out[k] = w[k.replace(".experts.2.", ".experts.1.")]
+    return out
+
+
+def permute_experts(w: dict[str, Any]) -> dict[str, Any]:
+    """Layer 0: expert e's adapter written as expert (e + 1) mod 4's."""
+    out = dict(w)
+    for k in w:
+        m = re.search(r"\.experts\.(\d+)\.", k)
+        if _layer(k, 0) and m:
+            out[k.replace(m.group(0), f".experts.{(int(m.group(1)) + 1) % 4}.")] = w[k]
+    return out
+
+
+def drop_second_stage(w: dict[str, Any]) -> dict[str, Any]:
+    """Layers 2 and 3 (the second of two pipeline stages): nothing exported."""
+    return {k: v for k, v in w.items() if not (_layer(k, 2) or _layer(k, 3))}
+
+
+def zero_b(w: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    return {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in w.items()}
+
+
+def zero_adapter_forward(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``ParallelLinearAdapter.forward`` returns zeros: the Megatron side has no adapter effect."""
+
+    @functools.wraps(original)
+    def forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        return original(self, x, *args, **kwargs) * 0
+
+    return forward
+
+
+def reverse_tp_gather(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``MegatronParamMapping.gather_from_tp_ranks`` returns the TP shards in reverse order."""
+
+    @functools.wraps(original)
+    def gather_from_tp_ranks(self: Any, tensor: Any) -> Any:
+        return list(reversed(original(self, tensor)))
+
+    return gather_from_tp_ranks
+
+
+def strip_prefix(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``convert_adapter_weights_to_peft_state`` writes keys without ``base_model.model.``."""
+
+    @functools.wraps(original)
+    def convert(*args: Any, **kwargs: Any) -> Any:
+        state, *rest = original(*args, **kwargs)
+        return ({k.removeprefix("base_model.model."): v for k, v in state.items()}, *rest)
+
+    return convert
+
+
+def orphan_rank_pattern(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``infer_rank_pattern_from_adapter_weights`` adds a key for a layer the model lacks."""
+
+    @functools.wraps(original)
+    def infer(*args: Any, **kwargs: Any) -> Any:
+        return {**original(*args, **kwargs), "model.layers.9.self_attn.q_proj": 4}
+
+    return infer
+
+
+def corrupt(directory: Path) -> None:
+    """Overwrite the middle quarter of rank 0's shard with bytes of another pattern."""
+    path = directory / "__0_0.distcp"
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(size * 3 // 8)
+        f.write(bytes([0x5A]) * (size // 4))
+
+
+def _first_adapter(section: dict[str, Any]) -> str | None:
+    """The first adapter tensor of a loaded state-dict section."""
+    return next((k for k in sorted(section) if ".adapter." in k and hasattr(section[k], "add_")), None)
+
+
+def perturb_loaded_on_rank1(original: Callable[..., Any]) -> Callable[..., Any]:
+    """As ``perturb_loaded``, on rank 1 alone: the rank that finds the problem is not the one that reports."""
+    perturbed = perturb_loaded(original)
+
+    @functools.wraps(original)
+    def load(*args: Any, **kwargs: Any) -> Any:
+        return (perturbed if _rank() == 1 else original)(*args, **kwargs)
+
+    return load
+
+
+def perturb_loaded(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``dist_checkpointing.load`` hands back one adapter tensor off by 1e-3 (a loader that corrupts)."""
+
+    @functools.wraps(original)
+    def load(sharded_state_dict: Any, checkpoint_dir: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+        for section in out.values():
+            key = _first_adapter(section) if isinstance(section, dict) else None
+            if key:
+                section[key].add_(1e-3)
+                break
+        return out
+
+    return load
+
+
+def filter_keeps_a_base_tensor(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The PEFT filter lets the first base-model tensor of each rank through into the checkpoint."""
+
+    @functools.wraps(original)
+    def apply(state_dict: dict[str, Any], peft: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(state_dict, peft, *args, **kwargs)
+        for name, section in state_dict.items():
+            if not isinstance(section, dict) or name not in out:
+                continue
+            base = [k for k in sorted(section) if ".adapter." not in k and "_extra_state" not in k]
+            if base:
+                out[name][base[0]] = section[base[0]]
+                break
+        return out
+
+    return apply
+
+
+def filter_drops_fc1_lora_a(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The PEFT filter loses the MLP fc1 LoRA-A of every layer: neither saved nor loaded (dropping one layer
+    alone is refused by megatron-core's own sharding validation at save)."""
+
+    @functools.wraps(original)
+    def apply(state_dict: dict[str, Any], peft: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(state_dict, peft, *args, **kwargs)
+        for section in out.values():
+            for key in [k for k in section if k.endswith("mlp.linear_fc1.adapter.linear_in.weight")]:
+                del section[key]
+        return out
+
+    return apply
+
+
+def bridge_loader_corrupts(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``load_peft_adapter_checkpoint`` leaves one adapter parameter off by 1e-3 after loading."""
+
+    @functools.wraps(original)
+    def load(model: list, *args: Any, **kwargs: Any) -> Any:
+        out = original(model, *args, **kwargs)
+        import torch
+
+        with torch.no_grad():
+            next(p for name, p in model[0].named_parameters() if ".adapter." in name).add_(1e-3)
+        return out
+
+    return load
+
+
+def perturb_when_alone(w: dict[str, Any]) -> dict[str, Any]:
+    """In a one-rank launch only (the load of a tp2 -> tp1 cell): layer 3 o_proj's lora_A off by 1e-3."""
+    if os.environ.get("WORLD_SIZE") != "1":
+        return w
+    key = next(k for k in w if _layer(k, 3) and k.endswith("o_proj.lora_A.weight"))
+    return {**w, key: w[key] + 1e-3}
+
+
+def base_weight_off(original: Callable[..., Any]) -> Callable[..., Any]:
+    """HF -> Megatron conversion loads layer 2's MLP output weight off by 0.05 (a conversion bug: the
+    adapter and its export are right, the base model is not)."""
+
+    @functools.wraps(original)
+    def load_weights_hf_to_megatron(
+        self: Any, hf_pretrained: Any, megatron_model: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        out = original(self, hf_pretrained, megatron_model, *args, **kwargs)
+        import torch
+
+        models = megatron_model if isinstance(megatron_model, list) else [megatron_model]
+        with torch.no_grad():
+            for chunk in models:
+                for name, p in chunk.named_parameters():
+                    if "layers.2.mlp.linear_fc2.weight" in name and ".adapter." not in name:
+                        p.add_(0.05)
+        return out
+
+    return load_weights_hf_to_megatron
+
+
+def conversion_raises(original: Callable[..., Any]) -> Callable[..., Any]:
+    """HF -> Megatron weight conversion raises, as a conversion regression would."""
+
+    @functools.wraps(original)
+    def load_weights_hf_to_megatron(*args: Any, **kwargs: Any) -> Any:
+        raise AttributeError("planted fault: 'NoneType' object has no attribute 'megatron_module'")
+
+    return load_weights_hf_to_megatron
+
+
+# -- run faults ----------------------------------------------------------------------------------
+def only_rank(rank: int, action: Callable[[], None]) -> Wrap:
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if int(os.environ.get("RANK", "0")) == rank:
+                action()
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    return wrap
+
+
+def on_import_in_rank(rank: int, action: Callable[[], None]) -> Wrap:
+    """Run ``action`` in ``rank`` while the module is being imported (the hook's empty path)."""
+
+    def wrap(module: Any) -> Any:
+        if int(os.environ.get("RANK", "-1")) == rank:
+            action()
+        return module
+
+    return wrap
+
+
+def planted_raise() -> None:
+    raise RuntimeError("planted fault: rank 1 raises in save_hf_adapter")
+
+
+def planted_hang_forever() -> None:
+    while True:
+        time.sleep(3600)
