@@ -15,10 +15,12 @@ in is named), never scattered through the round trip:
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "MergeFailed",
     "adapter_filter",
     "has_load_peft_adapter_checkpoint",
     "load_peft_adapter_checkpoint",
@@ -110,11 +112,14 @@ def merge_in_place(model: list, peft: Any) -> str | None:
     per-expert (``GroupedExpertLinearAdapter``) or shared-outer adapter into ``weight{i}``. Returns
     None when merged, else why nothing changed: an adapter kind the bridge offers no merged weight
     for (canonical LoRA's split wrappers, DoRA), or grouped experts under expert tensor parallelism.
+    Raises ``MergeFailed`` naming the module whose merge raised; no weight has changed then.
     """
     import torch
     from megatron.bridge.peft.lora_layers import LoRALinear
 
-    wrappers = [m for chunk in model for m in chunk.modules() if hasattr(m, "adapter") and hasattr(m, "to_wrap")]
+    # names as in the checkpoint, without the bf16/DDP wrappers' "module." prefixes
+    named = {m: re.sub(r"^(module\.)+", "", name) for chunk in model for name, m in chunk.named_modules()}
+    wrappers = [m for m in named if hasattr(m, "adapter") and hasattr(m, "to_wrap")]
     if not wrappers:
         return "no adapter wrapper found in the model"
     other = sorted({type(m).__name__ for m in wrappers if not isinstance(m, LoRALinear)})
@@ -125,13 +130,24 @@ def merge_in_place(model: list, peft: Any) -> str | None:
            for m in grouped):  # fmt: skip
         return "merging grouped-expert adapters under expert tensor parallelism is not implemented here (etp > 1)"
     with torch.no_grad():
-        merged = [(m, _grouped_weights(m) if m in grouped else [(m.to_wrap.weight, _effective_weight(m))])
-                  for m in wrappers]  # fmt: skip
-        for _, pairs in merged:
-            for base, weight in pairs:
-                base.copy_(weight)
+        merged = []
+        for m in wrappers:
+            try:
+                merged += _grouped_weights(m) if m in grouped else [(m.to_wrap.weight, _effective_weight(m))]
+            except Exception as exc:  # the bridge's merge raised: say for which module
+                raise MergeFailed(named[m], exc) from exc
+        for base, weight in merged:
+            base.copy_(weight)
     peft.disable_adapter_layers(model)
     return None
+
+
+class MergeFailed(Exception):
+    """The bridge's merge raised for one adapter wrapper (``module``, as Megatron names it)."""
+
+    def __init__(self, module: str, cause: BaseException) -> None:
+        super().__init__(module)
+        self.module, self.cause = module, cause
 
 
 def _group_size(group: Any) -> int:

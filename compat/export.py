@@ -17,7 +17,15 @@ from compat import bridge_api
 from compat.findings import CheckFailed
 from compat.upstream import describe
 
-__all__ = ["MEGATRON_MERGED", "MERGED_EXPORT", "MERGED_WEIGHTS", "PEFT_MERGED", "default_exporter", "merged_export"]
+__all__ = [
+    "MEGATRON_MERGED",
+    "MERGED_EXPORT",
+    "MERGED_WEIGHTS",
+    "PEFT_MERGED",
+    "default_exporter",
+    "merged_export",
+    "merged_in_place",
+]
 
 MERGED_EXPORT = "bridge's merged HF export (save_hf_weights)"
 MEGATRON_MERGED = "Megatron with adapters merged by the bridge"
@@ -33,20 +41,30 @@ def default_exporter(bridge: Any, model: list, peft: Any, path: Path, base: Path
 def merged_export(
     bridge: Any, model: list, path: Path, hf_dir: Path, adapter_problems: Callable[[], list[str]]
 ) -> str | None:
-    """The bridge's merged full HF checkpoint; None when written, else why it was skipped.
+    """The bridge's merged full HF checkpoint; None when written, else why it was skipped."""
+    return _finding(
+        "the bridge's merged HF export (merge_adapter_weights=True)",
+        lambda: bridge_api.save_hf_merged(bridge, model, path, hf_dir),
+        adapter_problems,
+    )
 
-    Raising is this cell's finding, a failed check on the raising rank with what is wrong in the
-    adapter export itself (``adapter_problems()``, read from the files every rank sees): every rank
-    that raises says the same, so the verdict does not depend on which rank stops first. Peers left
-    in the export's collectives are stopped by the launcher.
+
+def merged_in_place(model: list, peft: Any, adapter_problems: Callable[[], list[str]]) -> str | None:
+    """Megatron's own weights with the adapters merged by the bridge; None when merged, else why skipped."""
+    return _finding("the bridge's in-place merge", lambda: bridge_api.merge_in_place(model, peft), adapter_problems)
+
+
+def _finding(what: str, call: Callable[[], str | None], adapter_problems: Callable[[], list[str]]) -> str | None:
+    """Run a merged form. Raising is this cell's finding, a failed check on the raising rank with what
+    is wrong in the adapter export itself (``adapter_problems()``, read from the files every rank
+    sees): every rank that raises says the same, so the verdict does not depend on which rank stops
+    first. Peers left in the bridge's collectives are stopped by the launcher.
     """
     try:
-        return bridge_api.save_hf_merged(bridge, model, path, hf_dir)
+        return call()
     except Exception as exc:
         import traceback
 
         traceback.print_exc()  # the full stack stays in this rank's log
-        problems = adapter_problems()
-        raise CheckFailed(
-            "; ".join([*problems, f"the bridge's merged HF export (merge_adapter_weights=True) raised {describe(exc)}"])
-        ) from exc
+        cause, where = (exc.cause, f" (merging {exc.module})") if isinstance(exc, bridge_api.MergeFailed) else (exc, "")
+        raise CheckFailed("; ".join([*adapter_problems(), f"{what} raised {describe(cause)}{where}"])) from exc

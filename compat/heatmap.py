@@ -29,6 +29,7 @@ _LETTER = {"pass": "P", "fail": "F", "error": "E", "unsupported": "U"}
 # Sizes in inches / points: fixed per square, so a 20 x 20 panel is as legible as a 4 x 3 one.
 _SQ_W, _SQ_H = 0.78, 0.46
 _CHAR_W = 0.075  # width of a 9-pt tick-label character
+_TITLE_CHAR_W = 0.1  # of an 11-pt bold panel-title character
 _GAP_X, _GAP_Y, _MAX_W = 0.5, 0.3, 22.0
 _DPI = 120
 
@@ -48,7 +49,8 @@ def _diff_text(x: float | None) -> str:
 def _panels(cells: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
     panels: dict[tuple[str, str, str], dict[str, Any]] = {}
     for cell in cells:
-        p = panels.setdefault(panel_key(cell), {"families": [], "columns": set(), "cells": {}})
+        key = panel_key(cell)
+        p = panels.setdefault(key, {"title": " / ".join(key), "families": [], "columns": set(), "cells": {}})
         if cell["family"] not in p["families"]:
             p["families"].append(cell["family"])
         col = column_label(cell)
@@ -73,8 +75,10 @@ def _place(panels: list[dict[str, Any]]) -> tuple[list[tuple[float, float]], flo
     boxes = [_box(p) for p in panels]
     max_w = max(_MAX_W, *(b[0] + b[1] + _GAP_X for b in boxes))
     spots, x, y, shelf_h, width = [], 0.0, 0.0, 0.0, 0.0
-    for left, w, h, bottom in boxes:
-        full_w, full_h = left + w + _GAP_X, 0.45 + h + bottom + _GAP_Y  # 0.45: the panel title
+    for p, (left, w, h, bottom) in zip(panels, boxes, strict=True):
+        # the title starts above the grid and may be wider than it
+        full_w = left + max(w, _TITLE_CHAR_W * len(p["title"])) + _GAP_X
+        full_h = 0.45 + h + bottom + _GAP_Y  # 0.45: the panel title
         if x and x + full_w > max_w:
             x, y, shelf_h = 0.0, y + shelf_h, 0.0
         spots.append((x, y))
@@ -102,7 +106,7 @@ def heatmap(data: dict[str, Any], path: Path) -> list[str]:
     fig_w, fig_h = max(width, 9.0), height + header_h
     fig = plt.figure(figsize=(fig_w, fig_h))
     titles = []
-    for (key, p), (x0, y0) in zip(panels.items(), spots, strict=True):
+    for p, (x0, y0) in zip(panels.values(), spots, strict=True):
         left, w, h, _ = _box(p)
         ax = fig.add_axes(((x0 + left) / fig_w, 1 - (header_h + y0 + 0.45 + h) / fig_h, w / fig_w, h / fig_h))
         cols, fams = p["columns"], p["families"]
@@ -137,7 +141,7 @@ def heatmap(data: dict[str, Any], path: Path) -> list[str]:
         ax.tick_params(length=0, labelsize=9)
         for side in ax.spines.values():
             side.set_visible(False)
-        title = " / ".join(key)
+        title = p["title"]
         ax.set_title(title, fontsize=11, weight="bold", loc="left", pad=6)
         titles.append(title)
     _header(fig, data, fig_h, Patch)

@@ -20,7 +20,7 @@ from compat.activations import megatron_forward
 from compat.backends import Backend
 from compat.cells import Cell
 from compat.collective import Collective
-from compat.export import MEGATRON_MERGED, MERGED_EXPORT, merged_export
+from compat.export import MEGATRON_MERGED, MERGED_EXPORT, merged_export, merged_in_place
 from compat.families import ensure_tiny_model, get_family
 from compat.findings import CheckFailed
 from compat.model_build import Built, build
@@ -176,8 +176,7 @@ def _merged(
     cell: Cell, built: Built, paths: CellPaths, backend: Backend, comm: Collective, vocab: int, reference: bool
 ) -> dict[str, str]:
     """Produce the merged forms on the Megatron side; return those skipped, with why."""
-    from compat import bridge_api
-
+    problems = lambda: adapter_problems(cell, paths, reference)  # noqa: E731 (read only if a merge raises)
     skipped: dict[str, str] = {}
     if hasattr(built.peft, "disable_adapter_layers") and hasattr(built.peft, "enable_adapter_layers"):
         # The base model alone, for telling a conversion mismatch from an adapter one.
@@ -185,13 +184,11 @@ def _merged(
         megatron_forward(built.model, backend, built.hidden_size, vocab, paths, "base")
         built.peft.enable_adapter_layers(built.model)
         comm.barrier()
-    why = merged_export(
-        built.bridge, built.model, paths.merged, paths.hf, lambda: adapter_problems(cell, paths, reference)
-    )
+    why = merged_export(built.bridge, built.model, paths.merged, paths.hf, problems)
     comm.barrier()
     if why:
         skipped[MERGED_EXPORT] = why
-    why = bridge_api.merge_in_place(built.model, built.peft)
+    why = merged_in_place(built.model, built.peft, problems)
     if why:
         skipped[MEGATRON_MERGED] = why
     else:

@@ -31,6 +31,7 @@ PEFT_UTILS = "megatron.bridge.peft.utils"
 DIST_CKPT = "megatron.core.dist_checkpointing"
 CKPT_FILTER = "megatron.bridge.training.checkpointing"
 MODEL_BRIDGE = "megatron.bridge.models.conversion.model_bridge"
+LORA_MERGE = "megatron.bridge.peft.lora_merge"
 
 # What a logits mismatch says (compat/compare.py), with the measured difference and tolerance.
 LOGITS = r"Megatron logits differ from peft\.PeftModel logits: mismatched elements: \d+ / \d+"
@@ -325,6 +326,18 @@ FAULTS: tuple[Fault, ...] = (
         (
             r"the base models differ before any adapter: Megatron with its adapters off vs the HF model: "
             r"mismatched elements: \d+ / \d+",
+        ),
+    ),
+    Fault(
+        "merge_in_place_raises",
+        "the bridge's merge raises on rank 1 when Megatron merges the adapters in place",
+        "llama",
+        "tp=2",
+        ((LORA_MERGE, "LoRAMerge.merge", tamper.merge_in_place_raises_on_rank1),),
+        (
+            r"the bridge's in-place merge raised RuntimeError: planted fault: The size of tensor a \(\d+\) "
+            r"must match the size of tensor b \(\d+\) at megatron/bridge/peft/lora_layers\.py:\d+ "
+            r"\(merging decoder\.layers\.0\.self_attention\.linear_proj\)",
         ),
     ),
     # -- run faults: tests/test_run_faults.py ------------------------------------------------------

@@ -344,6 +344,25 @@ def base_weight_off(original: Callable[..., Any]) -> Callable[..., Any]:
     return load_weights_hf_to_megatron
 
 
+def merge_in_place_raises_on_rank1(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``LoRAMerge.merge`` raises on rank 1 when ``LoRALinear.weight`` calls it (Megatron merging in
+    place), as it does for MLA's duplicated q down projection at TP2 under TE; rank 0 goes on into
+    the merge's all-gather."""
+
+    @functools.wraps(original)
+    def merge(self: Any, base_weight: Any, *args: Any, **kwargs: Any) -> Any:
+        import sys
+
+        if _rank() == 1 and sys._getframe(1).f_code.co_name == "weight":
+            rows = base_weight.shape[0]
+            raise RuntimeError(
+                f"planted fault: The size of tensor a ({rows}) must match the size of tensor b ({rows // 2})"
+            )
+        return original(self, base_weight, *args, **kwargs)
+
+    return merge
+
+
 def conversion_raises(original: Callable[..., Any]) -> Callable[..., Any]:
     """HF -> Megatron weight conversion raises, as a conversion regression would."""
 
