@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ROLES", "PluginError", "Plugins", "Resolved", "check", "load_callable", "with_paths"]
+__all__ = ["ROLES", "PluginError", "Plugins", "Resolved", "check", "load_callable", "plugin_name", "with_paths"]
 
 ROLES = ("exporter", "saver", "loader")
 
@@ -113,6 +113,21 @@ def _split(name: str, role: str) -> tuple[str, str]:
             f"{role} {name!r} is not 'package.module:function' (e.g. 'myproject.checkpoint:export_adapter')"
         )
     return module, attr
+
+
+def plugin_name(plugin: str | Callable[..., Any], role: str = "plugin") -> str:
+    """``package.module:function`` for a name or for a module-level function (ranks import it by name)."""
+    if isinstance(plugin, str):
+        return plugin
+    module, qualname = getattr(plugin, "__module__", None), getattr(plugin, "__qualname__", "")
+    if not callable(plugin) or not module or not qualname:
+        raise PluginError(f"{role} {plugin!r} is neither 'package.module:function' nor a function")
+    if "<" in qualname or module == "__main__":  # <locals>, <lambda>: nothing another process can import
+        raise PluginError(
+            f"{role} {module}.{qualname} cannot be imported by name in the ranks (other processes): "
+            "pass a function defined at the top level of an importable module, or its 'package.module:function'"
+        )
+    return f"{module}:{qualname}"
 
 
 def load_callable(name: str, role: str = "plugin") -> Callable[..., Any]:

@@ -26,6 +26,8 @@ import pytest
 import compat.forkserver  # noqa: F401
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from compat.cells import Cell
     from compat.expected import Expectations
     from compat.plugins import Plugins
@@ -200,7 +202,8 @@ class CompatResult:
 
 
 class CompatRunner:
-    """The ``compat_run`` fixture: ``compat_run(cell, exporter=..., saver=..., loader=..., timeout=...)``."""
+    """The ``compat_run`` fixture: ``compat_run(cell, exporter=..., saver=..., loader=..., timeout=...)``;
+    a plugin is a ``"package.module:function"`` name or a module-level function."""
 
     def __init__(self, session: Session, workdir: Path, node: pytest.Item) -> None:
         self.session, self.workdir, self.node = session, workdir, node
@@ -209,19 +212,20 @@ class CompatRunner:
         self,
         cell: Cell,
         *,
-        exporter: str | None = None,
-        saver: str | None = None,
-        loader: str | None = None,
+        exporter: str | Callable[..., None] | None = None,
+        saver: str | Callable[..., None] | None = None,
+        loader: str | Callable[..., None] | None = None,
         timeout: float | None = None,
     ) -> CompatResult:
         from compat.launch import DEFAULT_TIMEOUT, run_cell
-        from compat.plugins import PluginError, Plugins, check
+        from compat.plugins import PluginError, Plugins, check, plugin_name
         from compat.versions import installed_versions
 
         s = self.session
         try:
             chosen = {"exporter": exporter, "saver": saver, "loader": loader}
-            plugins = Plugins(**{**s.plugins.named(), **{r: v for r, v in chosen.items() if v}})
+            given = {role: plugin_name(v, role) for role, v in chosen.items() if v}
+            plugins = Plugins(**{**s.plugins.named(), **given})
             check(plugins, s.backend)
         except PluginError as exc:
             raise pytest.UsageError(f"megatron-lora-compat: {exc}") from None

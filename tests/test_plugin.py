@@ -101,3 +101,26 @@ def test_results_json_is_written_by_the_xdist_controller(repo):
     assert data["complete"] is True and data["backend"] == "cpu"
     assert [c["id"] for c in data["cells"]] == ["llama.tp1", "llama.tp2"]
     assert all(c["status"] == "pass" and c["spec"] == "local" for c in data["cells"])
+
+
+@pytest.mark.cell
+def test_an_exporter_passed_as_a_function_runs_by_its_name(repo, monkeypatch):
+    """As a new user writes it: ``compat_run(cell, exporter=my_function)``; a lambda is refused, not run."""
+    repo.makepyfile(myexport=EXPORTER)
+    repo.makepyfile(
+        test_m="from myexport import drops_one_lora_b\n\n"
+        "def test_cell(compat_cell, compat_run):\n"
+        "    compat_run(compat_cell, exporter=drops_one_lora_b).assert_met()\n\n"
+        "def test_lambda(compat_cell, compat_run):\n"
+        "    compat_run(compat_cell, exporter=lambda *args: None)\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(repo.path), os.environ.get("PYTHONPATH", "")]))
+    result = repo.runpytest("--compat-matrix", "m.toml", "-k", "tp1")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*llama.tp1 fail: model.layers.2.mlp.down_proj: lora_B is missing*",
+            "*exporter test_m.test_lambda.<locals>.<lambda> cannot be imported by name in the ranks*",
+        ],
+        consecutive=False,
+    )
