@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from faults import tamper
+from faults import disrupt, tamper
 from faults.tamper import Wrap
 
 __all__ = ["FAULTS", "Fault", "by_name"]
@@ -346,7 +346,7 @@ FAULTS: tuple[Fault, ...] = (
         "HF -> Megatron weight conversion raises an AttributeError (a regression, not a missing component)",
         "llama",
         "tp1",
-        ((MODEL_BRIDGE, "MegatronModelBridge.load_weights_hf_to_megatron", tamper.conversion_raises),),
+        ((MODEL_BRIDGE, "MegatronModelBridge.load_weights_hf_to_megatron", disrupt.conversion_raises),),
         (r"^rank 0 raised AttributeError: planted fault", r"in load_weights_hf_to_megatron"),
         kind="run",
         status="error",
@@ -357,7 +357,7 @@ FAULTS: tuple[Fault, ...] = (
         "rank 1 raises in save_hf_adapter",
         "llama",
         "tp=2",
-        ((AUTO_BRIDGE, "AutoBridge.save_hf_adapter", tamper.only_rank(1, tamper.planted_raise)),),
+        ((AUTO_BRIDGE, "AutoBridge.save_hf_adapter", disrupt.only_rank(1, disrupt.planted_raise)),),
         (r"rank 1 raised RuntimeError: planted fault", r"Traceback", r"in planted_raise"),
         kind="run",
         status="error",
@@ -368,7 +368,7 @@ FAULTS: tuple[Fault, ...] = (
         "rank 1 sleeps forever while importing megatron.core (early, so a short timeout still finds it)",
         "llama",
         "tp=2",
-        (("megatron.core", "", tamper.on_import_in_rank(1, tamper.planted_hang_forever)),),
+        (("megatron.core", "", disrupt.on_import_in_rank(1, disrupt.planted_hang_forever)),),
         (r"timed out after \d+s", r"rank 1 was killed by signal SIGKILL", r"in planted_hang_forever"),
         kind="run",
         status="error",

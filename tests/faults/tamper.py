@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import re
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -361,47 +360,3 @@ def merge_in_place_raises_on_rank1(original: Callable[..., Any]) -> Callable[...
         return original(self, base_weight, *args, **kwargs)
 
     return merge
-
-
-def conversion_raises(original: Callable[..., Any]) -> Callable[..., Any]:
-    """HF -> Megatron weight conversion raises, as a conversion regression would."""
-
-    @functools.wraps(original)
-    def load_weights_hf_to_megatron(*args: Any, **kwargs: Any) -> Any:
-        raise AttributeError("planted fault: 'NoneType' object has no attribute 'megatron_module'")
-
-    return load_weights_hf_to_megatron
-
-
-# -- run faults ----------------------------------------------------------------------------------
-def only_rank(rank: int, action: Callable[[], None]) -> Wrap:
-    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(original)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if int(os.environ.get("RANK", "0")) == rank:
-                action()
-            return original(*args, **kwargs)
-
-        return wrapper
-
-    return wrap
-
-
-def on_import_in_rank(rank: int, action: Callable[[], None]) -> Wrap:
-    """Run ``action`` in ``rank`` while the module is being imported (the hook's empty path)."""
-
-    def wrap(module: Any) -> Any:
-        if int(os.environ.get("RANK", "-1")) == rank:
-            action()
-        return module
-
-    return wrap
-
-
-def planted_raise() -> None:
-    raise RuntimeError("planted fault: rank 1 raises in save_hf_adapter")
-
-
-def planted_hang_forever() -> None:
-    while True:
-        time.sleep(3600)
