@@ -9,6 +9,7 @@ skipped with the reason, and that is reported; a merged export that raises is a 
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,6 @@ def _finding(what: str, call: Callable[[], str | None], adapter_problems: Callab
     try:
         return call()
     except Exception as exc:
-        import traceback
-
         traceback.print_exc()  # the full stack stays in this rank's log
         cause, where = (exc.cause, f" (merging {exc.module})") if isinstance(exc, bridge_api.MergeFailed) else (exc, "")
         raise CheckFailed("; ".join([*adapter_problems(), f"{what} raised {describe(cause)}{where}"])) from exc
