@@ -2,7 +2,7 @@
 
 One long line per family stops being readable past a handful of layouts; a grid lets the eye run down a
 column (one layout across all families) as well as along a row. The helpers here (layout slug, column
-label, outcome class) are shared with the heatmap and the HTML report so that all three name a cell alike.
+label, outcome class, a reason's headline) are shared with the heatmap and the reports so that all name a cell alike.
 """
 
 from __future__ import annotations
@@ -92,6 +92,14 @@ def short_status(cell: dict[str, Any]) -> str:
     status = cell.get("status", "?")
     table = _SHORT if cell.get("met", False) else _UNMET
     return table.get(status, status if cell.get("met", False) else status.upper())
+
+
+def headline(reason: str, limit: int = 300) -> str:
+    """A reason's first line, cut at ``limit`` characters with an ellipsis: what a table or footnote shows."""
+    lines = reason.strip().splitlines()
+    if not lines:
+        return ""
+    return lines[0][:limit] + ("…" if len(lines[0]) > limit else "")
 
 
 def _newest_first_last(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

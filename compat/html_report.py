@@ -13,7 +13,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from compat.grid import column_label, outcome
+from compat.grid import column_label, headline, outcome
 
 __all__ = ["html_report"]
 
@@ -65,8 +65,7 @@ def _reason(cell: dict[str, Any]) -> str:
         return ""
     if not reason and not expected_reason:
         return ""
-    first = (reason or expected_reason).splitlines()[0]
-    summary = escape(first[:160] + ("…" if len(first) > 160 else ""))
+    summary = escape(headline(reason or expected_reason, 160))
     body = f"<pre>{escape(reason)}</pre>" if reason else ""
     if expected_reason:
         body += f"<p><b>expected {escape(str(cell.get('expected', '')))} because:</b> {escape(expected_reason)}</p>"

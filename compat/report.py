@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import IO, Any
 
+from compat.grid import headline
 from compat.results import CellResult
 
 __all__ = ["format_header", "format_row", "markdown", "print_table", "summary"]
@@ -77,7 +78,7 @@ def markdown(data: dict[str, Any], source: str = "") -> str:
     for c in data.get("cells", []):
         note = ""
         if c["status"] != "pass":
-            first = c["reason"].strip().splitlines()[0][:300] if c["reason"].strip() else ""
+            first = headline(c["reason"])
             note = f"[{reasons.setdefault(first, len(reasons) + 1)}]"
         status = c["status"] + ("" if c["met"] else " (unexpected)")
         row = (c["id"], c["world_size"], status, c["expected"], _num(c["max_abs_diff"]),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compat.grid import column_label, short_status
+from compat.grid import column_label, headline, short_status
 
 __all__ = ["cell_key", "side_by_side"]
 
@@ -46,7 +46,7 @@ def side_by_side(runs: list[dict[str, Any]], labels: list[str]) -> str:
         if len({(c["status"], c.get("met", False)) for c in ran}) > 1:
             differ += 1
             why = ", ".join(
-                f"{label} [{notes.setdefault(_first_line(c['reason']), len(notes) + 1)}]"
+                f"{label} [{notes.setdefault(headline(c['reason']) or '(no reason given)', len(notes) + 1)}]"
                 for label, c in zip(labels, same, strict=True)
                 if c is not None and (c["status"] != "pass" or not c.get("met", False))
             )
@@ -56,8 +56,3 @@ def side_by_side(runs: list[dict[str, Any]], labels: list[str]) -> str:
         lines += ["", "Reasons (first line):", ""]
         lines += [f"{n}. {text.replace('|', '/')}" for text, n in notes.items()]
     return "\n".join(lines) + "\n"
-
-
-def _first_line(reason: str, limit: int = 300) -> str:
-    lines = reason.strip().splitlines()
-    return (lines[0][:limit] + ("..." if len(lines[0]) > limit else "")) if lines else "(no reason given)"

@@ -12,7 +12,7 @@ from typing import IO, Any
 
 from compat.expected import load_expectations
 from compat.families import Family, families
-from compat.grid import grid_report
+from compat.grid import grid_report, headline
 from compat.versions import installed_versions
 
 __all__ = ["RESULTS_DIR", "print_families"]
@@ -48,5 +48,5 @@ def _expected(names: list[str]) -> dict[str, str]:
     out: dict[str, Any] = {}
     for name in names:
         entry = next((e for e in expectations.entries if e.matches(f"{name}.tp1", versions)), None)
-        out[name] = f"expected {entry.status}: {entry.reason.splitlines()[0]}" if entry else "expected to pass"
+        out[name] = f"expected {entry.status}: {headline(entry.reason)}" if entry else "expected to pass"
     return out
