@@ -121,7 +121,7 @@ def merge_in_place(model: list, peft: Any) -> str | None:
     named = {m: re.sub(r"^(module\.)+", "", name) for chunk in model for name, m in chunk.named_modules()}
     wrappers = [m for m in named if hasattr(m, "adapter") and hasattr(m, "to_wrap")]
     if not wrappers:
-        return "no adapter wrapper found in the model"
+        return None  # nothing to merge on this rank; no adapter on any rank fails the cell first (roundtrip._fill)
     other = sorted({type(m).__name__ for m in wrappers if not isinstance(m, LoRALinear)})
     if other:
         return f"megatron-bridge {_version()} offers no merged weight for {', '.join(other)} (only LoRALinear.weight)"

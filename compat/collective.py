@@ -15,10 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 from compat.findings import CheckFailed
+from compat.problems import Problem
 
-__all__ = ["MAX_PROBLEMS", "Collective"]
-
-MAX_PROBLEMS = 8
+__all__ = ["Collective"]
 
 
 class Collective:
@@ -52,18 +51,24 @@ class Collective:
         dist.broadcast_object_list(box, src=src, group=self.group)
         return box[0]
 
-    def agree(self, problems: list[str]) -> None:
-        """Exchange problems between all ranks; raise the same :class:`CheckFailed` on every rank.
+    def agree(self, problems: list[str], check: str) -> None:
+        """Exchange ``check``'s problems between all ranks; raise the same :class:`CheckFailed` on every
+        rank: for a problem that leaves later checks nothing to check."""
+        merged = self.collect(problems, check)
+        if merged:
+            raise CheckFailed(merged)
 
-        A problem every rank found is reported once, under the first rank that found it.
+    def collect(self, problems: list[str], check: str) -> list[Problem]:
+        """Every rank's problems of ``check``, the same list on every rank, for the cell to go on.
+
+        A problem every rank found is reported once, under the first rank that found it. Every
+        problem is kept (each check already bounds its own list), so none escapes an expectation.
         """
-        merged: list[str] = []
+        merged: list[Problem] = []
         seen: set[str] = set()
         for rank, rank_problems in enumerate(self.gather(list(problems))):
             for problem in rank_problems or []:
                 if problem not in seen:
                     seen.add(problem)
-                    merged.append(f"rank {rank}: {problem}")
-        if merged:
-            more = [f"... and {len(merged) - MAX_PROBLEMS} more"] if len(merged) > MAX_PROBLEMS else []
-            raise CheckFailed("; ".join(merged[:MAX_PROBLEMS] + more))
+                    merged.append(Problem(check, problem, f"rank {rank}"))
+        return merged

@@ -3,8 +3,10 @@
 A cell with no matching entry is expected to pass. An entry names cell ids (exact or fnmatch
 patterns), optional version specifiers (``when``) and layer specs (``specs``, default every
 spec), the status it expects and why (an upstream issue, or the file and line at fault), and
-``match``: a regular expression the observed reason must contain, so an expected failure that
-starts failing for another reason is not met. The first matching entry wins: narrow ones first.
+``match``: a regular expression, or a list of them, for the cell's problems: every problem must be
+matched by one of them and every one of them must match a problem, so an expected failure that
+starts failing for another reason, or for one more, is not met. The first matching entry wins:
+narrow ones first.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
 
+from compat.problems import Problem
 from compat.specs import SPECS
 from compat.versions import PACKAGES
 
@@ -30,15 +33,28 @@ _KEYS = {"cells", "when", "status", "reason", "match", "specs"}
 
 @dataclass(frozen=True)
 class Expected:
-    """What a cell is expected to do here: its status, why, and what its reason must say."""
+    """What a cell is expected to do here: its status, why, and what its problems must say."""
 
     status: str = "pass"
     reason: str = ""
-    match: str = ""  # a regular expression the observed reason must contain ("" for any reason)
+    match: tuple[str, ...] = ()  # regular expressions, together covering the problems (none: any problems)
 
-    def met_by(self, status: str, reason: str) -> bool:
-        """The observed status is the expected one, for the expected reason."""
-        return status == self.status and (not self.match or re.search(self.match, reason, re.DOTALL) is not None)
+    def unmet(self, status: str, problems: list[Problem]) -> list[str]:
+        """Why the observed outcome is not the expected one: a status, a problem no pattern covers, a
+        pattern no problem shows. Empty when met."""
+        if status != self.status:
+            return [f"status {status}, expected {self.status}"]
+        if not self.match or status == "pass":
+            return []
+        seen = [p.text() for p in problems]
+        out = [f"not expected: [{p.check}] {text[:300]}" for p, text in zip(problems, seen, strict=True)
+               if not any(re.search(m, text, re.DOTALL) for m in self.match)]  # fmt: skip
+        out += [f"expected, not seen: {m!r}" for m in self.match if not any(re.search(m, t, re.DOTALL) for t in seen)]
+        return out
+
+    def met_by(self, status: str, problems: list[Problem]) -> bool:
+        """The observed status is the expected one, with the expected problems and no other."""
+        return not self.unmet(status, problems)
 
 
 class ExpectedError(ValueError):
@@ -51,7 +67,7 @@ class Expectation:
     status: str
     reason: str
     when: tuple[tuple[str, SpecifierSet], ...] = ()
-    match: str = ""
+    match: tuple[str, ...] = ()
     specs: tuple[str, ...] = SPECS
 
     def matches(self, cell_id: str, versions: dict[str, str | None], spec: str = "local") -> bool:
@@ -100,17 +116,19 @@ def _parse_entry(raw: dict[str, Any], where: str) -> Expectation:
             when.append((package, SpecifierSet(spec)))
         except InvalidSpecifier:
             raise ExpectedError(f"{where}: {package} = {spec!r} is not a version specifier") from None
-    match = raw.get("match", "")
-    if not isinstance(match, str):
-        raise ExpectedError(f"{where}: 'match' must be a regular expression (a string)")
-    try:
-        re.compile(match)
-    except re.error as exc:
-        raise ExpectedError(f"{where}: match {match!r} is not a regular expression: {exc}") from None
+    match = raw.get("match", [])
+    match = [match] if isinstance(match, str) else match
+    if not isinstance(match, list) or not all(isinstance(m, str) and m for m in match):
+        raise ExpectedError(f"{where}: 'match' must be a regular expression (a string) or a list of them")
+    for pattern in match:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ExpectedError(f"{where}: match {pattern!r} is not a regular expression: {exc}") from None
     specs = raw.get("specs", list(SPECS))
     if not isinstance(specs, list) or not specs or not set(specs) <= set(SPECS):
         raise ExpectedError(f"{where}: 'specs' must be a non-empty list of {', '.join(SPECS)}")
-    return Expectation(tuple(cells), status, reason, tuple(when), match, tuple(specs))
+    return Expectation(tuple(cells), status, reason, tuple(when), tuple(match), tuple(specs))
 
 
 def load_expectations(path: Path | None) -> Expectations:

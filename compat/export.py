@@ -16,6 +16,7 @@ from typing import Any
 
 from compat import bridge_api
 from compat.findings import CheckFailed
+from compat.problems import Problem
 from compat.upstream import describe
 
 __all__ = [
@@ -40,7 +41,7 @@ def default_exporter(bridge: Any, model: list, peft: Any, path: Path, base: Path
 
 
 def merged_export(
-    bridge: Any, model: list, path: Path, hf_dir: Path, adapter_problems: Callable[[], list[str]]
+    bridge: Any, model: list, path: Path, hf_dir: Path, adapter_problems: Callable[[], list[Problem]]
 ) -> str | None:
     """The bridge's merged full HF checkpoint; None when written, else why it was skipped."""
     return _finding(
@@ -50,12 +51,12 @@ def merged_export(
     )
 
 
-def merged_in_place(model: list, peft: Any, adapter_problems: Callable[[], list[str]]) -> str | None:
+def merged_in_place(model: list, peft: Any, adapter_problems: Callable[[], list[Problem]]) -> str | None:
     """Megatron's own weights with the adapters merged by the bridge; None when merged, else why skipped."""
     return _finding("the bridge's in-place merge", lambda: bridge_api.merge_in_place(model, peft), adapter_problems)
 
 
-def _finding(what: str, call: Callable[[], str | None], adapter_problems: Callable[[], list[str]]) -> str | None:
+def _finding(what: str, call: Callable[[], str | None], adapter_problems: Callable[[], list[Problem]]) -> str | None:
     """Run a merged form. Raising is this cell's finding, a failed check on the raising rank with what
     is wrong in the adapter export itself (``adapter_problems()``, read from the files every rank
     sees): every rank that raises says the same, so the verdict does not depend on which rank stops
@@ -66,4 +67,5 @@ def _finding(what: str, call: Callable[[], str | None], adapter_problems: Callab
     except Exception as exc:
         traceback.print_exc()  # the full stack stays in this rank's log
         cause, where = (exc.cause, f" (merging {exc.module})") if isinstance(exc, bridge_api.MergeFailed) else (exc, "")
-        raise CheckFailed("; ".join([*adapter_problems(), f"{what} raised {describe(cause)}{where}"])) from exc
+        raised = Problem("merged forms", f"{what} raised {describe(cause)}{where}")
+        raise CheckFailed([*adapter_problems(), raised]) from exc

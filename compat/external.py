@@ -24,6 +24,7 @@ from compat.expected import Expectations
 from compat.families import get_family, tiny_model_dir
 from compat.paths import CellPaths
 from compat.plugins import Plugins
+from compat.problems import Problem
 from compat.results import CellResult
 from compat.specs import unavailable
 from compat.verdict import RankOutcome, verdict
@@ -63,6 +64,7 @@ def run_here(
         if sizes != {world}:
             why = f"world_size {'/'.join(map(str, sorted(sizes)))} != WORLD_SIZE {world} of this launch"
         status, reason, metrics = ("unsupported", why, {}) if why else ("pass", "", {})
+        problems = [Problem("build", why)] if why else []
         root = run_dir / cell.id
         paths = CellPaths.under(root, tiny_model_dir(get_family(cell.family)))
         for phase, _ in [] if why else cell.phases:
@@ -74,10 +76,10 @@ def run_here(
             records = comm.gather(run_task(task, comm, runner))
             reset(comm)
             outcomes = [RankOutcome(r, None, record, "") for r, record in enumerate(records)]
-            status, reason, metrics = verdict(outcomes, "", phase)
+            status, reason, metrics, problems = verdict(outcomes, "", phase)
             if status != "pass":
                 break
-        result = CellResult.of(cell, status, reason, time.monotonic() - start, expected, metrics)
+        result = CellResult.of(cell, status, reason, time.monotonic() - start, expected, metrics, problems)
         if comm.rank == 0 and result.met:
             shutil.rmtree(root, ignore_errors=True)
         elif not result.met:

@@ -8,15 +8,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from compat.problems import Problem, joined
+
 __all__ = ["CheckFailed", "Unsupported"]
 
 
 class CheckFailed(Exception):
-    """A check failed: the cell's status is ``fail`` with this reason (and the metrics measured so far)."""
+    """Checks failed: the cell's status is ``fail`` with these problems (and the metrics measured so far).
 
-    def __init__(self, reason: str, metrics: dict[str, Any] | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    A bare string is one problem of an unnamed check (``check``). ``not_run``: the checks that these
+    problems left nothing to check, and why; the reason says so.
+    """
+
+    def __init__(self, problems: list[Problem] | str, metrics: dict[str, Any] | None = None, not_run: str = "") -> None:
+        self.problems = [Problem("check", problems)] if isinstance(problems, str) else list(problems)
+        self.not_run = not_run
+        self.reason = joined(self.problems) + (f"; not run: {not_run}" if not_run else "")
+        super().__init__(self.reason)
         self.metrics = metrics or {}
 
 

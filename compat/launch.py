@@ -28,6 +28,7 @@ from compat.gpus import NoGPUs
 from compat.paths import CellPaths
 from compat.plugins import Plugins
 from compat.pool import GroupKey, Pool, RankGroup, pool
+from compat.problems import Problem
 from compat.results import CellResult
 from compat.specs import unavailable
 from compat.verdict import RankOutcome, verdict
@@ -63,10 +64,10 @@ def run_cell(
     start = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix=f"{cell.id}-", dir=workdir))
     paths = CellPaths.under(root, tiny_model_dir(get_family(cell.family)))
-    status, reason, metrics = "pass", "", {}
+    status, reason, metrics, problems = "pass", "", {}, []
     why = unavailable(cell.spec, backend)
     if why:
-        status, reason = "unsupported", why
+        status, reason, problems = "unsupported", why, [Problem("build", why)]
     for phase, layout in [] if why else cell.phases:
         task = {
             "cell": cell.to_dict(),
@@ -84,11 +85,12 @@ def run_cell(
             group = ranks.acquire(key, gpu_timeout=timeout)
         except NoGPUs as exc:
             status, reason = ("unsupported" if "visible here" in str(exc) else "error"), str(exc)
+            problems = [Problem("build" if status == "unsupported" else "run", reason)]
             break
-        status, reason, metrics = _run_phase(ranks, group, task, paths, timeout)
+        status, reason, metrics, problems = _run_phase(ranks, group, task, paths, timeout)
         if status != "pass":
             break
-    result = CellResult.of(cell, status, reason.strip(), time.monotonic() - start, expected, metrics)
+    result = CellResult.of(cell, status, reason.strip(), time.monotonic() - start, expected, metrics, problems)
     if result.met and not keep:
         shutil.rmtree(root, ignore_errors=True)
     else:
@@ -98,7 +100,7 @@ def run_cell(
 
 def _run_phase(
     ranks: Pool, group: RankGroup, task: dict[str, Any], paths: CellPaths, timeout: float
-) -> tuple[str, str, dict[str, Any]]:
+) -> tuple[str, str, dict[str, Any], list[Problem]]:
     phase, world = task["phase"], len(group.procs)
     results = [paths.result(phase, r) for r in range(world)]
     paths.task(phase).write_text(json.dumps(task))

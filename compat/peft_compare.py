@@ -23,27 +23,35 @@ from compat.findings import CheckFailed
 from compat.model_build import TORCH_DTYPES
 from compat.paths import CellPaths
 from compat.peft_files import check_adapter_dir, check_loaded_by_peft, compare_exports
-from compat.upstream import first_line
+from compat.problems import Problem
+from compat.upstream import describe, first_line, upstream_frame
 
 __all__ = ["adapter_problems", "compare_with_peft"]
 
 _WHERE = ("sequence", "position", "token")
 
 
-def adapter_problems(cell: Cell, paths: CellPaths, reference: bool) -> list[str]:
+def adapter_problems(cell: Cell, paths: CellPaths, reference: bool) -> list[Problem]:
     """What is wrong in the exported files themselves (and against the export at the save layout)."""
     family = get_family(cell.family)
-    problems = check_adapter_dir(paths.adapter, get_adapter(cell.adapter), paths.hf, family.hf_modules)
-    if reference and not problems:
-        problems += compare_exports(paths.adapter, paths.reference_adapter)
+    files = check_adapter_dir(paths.adapter, get_adapter(cell.adapter), paths.hf, family.hf_modules)
+    problems = [Problem("files", p) for p in files]
+    if reference and (paths.adapter / "adapter_model.safetensors").exists():
+        try:
+            problems += [Problem("reshard", p) for p in compare_exports(paths.adapter, paths.reference_adapter)]
+        except Exception as exc:  # an unreadable file is already a file problem; say why this one is not run
+            why = f"the export cannot be compared with the save layout's: {describe(exc)}"
+            problems.append(Problem("reshard", why))
     return problems
 
 
 def compare_with_peft(
     cell: Cell, paths: CellPaths, reference: bool, skipped: dict[str, str], device: Any = "cpu"
 ) -> dict[str, Any]:
-    """Metrics of the comparison; :class:`CheckFailed` (with the metrics) if any check fails.
+    """Metrics of the comparison; :class:`CheckFailed` (with the metrics and every problem) if any check fails.
 
+    Every check whose inputs exist runs: a file problem does not stop peft from loading the export,
+    nor the logits from being compared. Only peft refusing the export stops what needs the loaded model.
     ``skipped``: merged forms the Megatron side could not produce, with the reason. The HF side runs
     on the cell's own device (a GPU cell's models load where a serving engine would load them: and
     some HF models take GPU-only kernels whenever their package is installed, Qwen3-Next's fla).
@@ -52,61 +60,81 @@ def compare_with_peft(
     from transformers import AutoModelForCausalLM
 
     problems = adapter_problems(cell, paths, reference)
-    if problems:
-        raise CheckFailed("; ".join(problems))
     dtype, tol = TORCH_DTYPES[cell.dtype], TOLERANCES[cell.dtype]
     hf = AutoModelForCausalLM.from_pretrained(str(paths.hf), dtype=dtype).to(device).eval()
     ids = input_ids(get_family(cell.family).dims.vocab_size, device)
     with torch.no_grad():
         base_logits = hf(ids).logits
+    metrics: dict[str, Any] = {}
+    problems += _base_problems(paths, base_logits, tol, metrics)
     try:
         peft_model = PeftModel.from_pretrained(hf, str(paths.adapter)).eval()
     except Exception as exc:  # peft refusing the files is this cell's finding, not a crash
-        raise CheckFailed(
-            f"peft.PeftModel.from_pretrained refused the export: {type(exc).__name__}: {first_line(exc, 600, lines=3)}"
-        ) from exc
-    problems += check_loaded_by_peft(peft_model, paths.adapter)
+        problems.append(
+            Problem(
+                "peft load",
+                f"peft.PeftModel.from_pretrained refused the export: {type(exc).__name__}: "
+                f"{first_line(exc, 600, lines=3)}",
+                upstream_frame(exc),
+            )
+        )
+        raise CheckFailed(problems, metrics, _NEED_PEFT) from exc
+    problems += [Problem("peft placement", p) for p in check_loaded_by_peft(peft_model, paths.adapter)]
     hf_acts: dict[str, torch.Tensor] = {}
     hooks = capture_hf(peft_model, hf_acts)
     with torch.no_grad():
         peft_logits = peft_model(ids).logits
     for h in hooks:
         h.remove()
-    problems += _base_problems(paths, base_logits, tol)
     meg = load_megatron(paths, "adapter")
     cmp = compare(meg["logits"], peft_logits, tol)
-    metrics: dict[str, Any] = {
-        "max_abs_diff": cmp.max_abs_diff,
-        "max_rel_diff": cmp.max_rel_diff,
-        "adapter_effect": float((peft_logits.double() - base_logits.double()).abs().max()),
-    }
+    metrics.update(
+        max_abs_diff=cmp.max_abs_diff,
+        max_rel_diff=cmp.max_rel_diff,
+        adapter_effect=float((peft_logits.double() - base_logits.double()).abs().max()),
+    )
     if cell.dtype != "fp32":
         metrics["top1_agreement"] = token_agreement(meg["logits"], peft_logits)
     if not cmp.ok:
         where = first_divergence(meg, hf_acts, tol)
         problems.append(
-            cmp.message("Megatron logits differ from peft.PeftModel logits", _WHERE)
-            + (f"; first divergence: {where}" if where else "")
+            Problem(
+                "logits",
+                cmp.message("Megatron logits differ from peft.PeftModel logits", _WHERE)
+                + (f"; first divergence: {where}" if where else ""),
+            )
         )
     effect = effect_problem(base_logits, peft_logits, tol)
     if effect:
-        problems.append(effect)
+        problems.append(Problem("adapter effect", effect))
     metrics["merged"] = _merged_forms(peft_model, ids, paths, dtype, tol, peft_logits, skipped, problems, device)
     if problems:
-        raise CheckFailed("; ".join(problems), metrics)
+        raise CheckFailed(problems, metrics)
     return metrics
 
 
-def _base_problems(paths: CellPaths, base_logits: torch.Tensor, tol: Tolerance) -> list[str]:
+_BASES_DIFFER = "the base models differ before any adapter: Megatron with its adapters off vs the HF model"
+_NEED_PEFT = "peft placement, logits, adapter effect, merged forms (they need the model peft did not load)"
+
+
+def _base_problems(
+    paths: CellPaths, base_logits: torch.Tensor, tol: Tolerance, metrics: dict[str, Any]
+) -> list[Problem]:
     """Megatron with its adapters switched off must compute the HF base model: else a mismatch
     below is the bridge's model conversion, not the adapter's export."""
     if not paths.all_activations("base"):
-        return []  # a bridge without enable/disable_adapter_layers
+        metrics.setdefault("skipped_checks", {})["base model"] = (
+            "this megatron-bridge's PEFT has no enable/disable_adapter_layers: Megatron's base model was not run"
+        )
+        return []
     c = compare(load_megatron(paths, "base")["logits"], base_logits, tol)
     if c.ok:
         return []
     return [
-        c.message("the base models differ before any adapter: Megatron with its adapters off vs the HF model", _WHERE)
+        Problem(
+            "base model",
+            c.message(_BASES_DIFFER, _WHERE),
+        )
     ]
 
 
@@ -118,7 +146,7 @@ def _merged_forms(
     tol: Tolerance,
     reference: torch.Tensor,
     skipped: dict[str, str],
-    problems: list[str],
+    problems: list[Problem],
     device: Any,
 ) -> dict[str, dict[str, Any]]:
     """Each merged form: compared with the unmerged adapter's logits (pass/fail), or skipped with why."""
@@ -141,11 +169,11 @@ def _merged_forms(
         out[name] = {"status": "pass" if c.ok else "fail", "max_abs_diff": c.max_abs_diff, "reason": ""}
         if not c.ok:
             out[name]["reason"] = c.message(f"{name} logits differ from peft.PeftModel logits", _WHERE)
-            problems.append(out[name]["reason"])
+            problems.append(Problem(name, out[name]["reason"]))
     if MERGED_EXPORT not in skipped:
         out[MERGED_WEIGHTS] = _merged_weights(merged_model, paths, dtype)
         if out[MERGED_WEIGHTS]["status"] != "pass":
-            problems.append(out[MERGED_WEIGHTS]["reason"])
+            problems.append(Problem(MERGED_WEIGHTS, out[MERGED_WEIGHTS]["reason"]))
     return out
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from compat.cells import Cell
 from compat.expected import Expected
+from compat.problems import Problem
 
 __all__ = ["CellResult", "device_name", "read_results", "write_results"]
 
@@ -34,9 +35,12 @@ class CellResult:
     seconds: float
     reason: str
     expected_reason: str = ""
-    expected_match: str = ""
+    expected_match: str = ""  # the expectation's one pattern ("" for none or several: expected_matches)
     metrics: dict[str, Any] = field(default_factory=dict)
     files: str | None = None  # where the cell's files were kept (an outcome other than expected)
+    problems: list[dict[str, str]] = field(default_factory=list)  # {check, message, where}: the reason as data
+    expected_matches: list[str] = field(default_factory=list)  # every pattern of the expectation
+    unmet: list[str] = field(default_factory=list)  # why not met: a status, a problem not expected, a pattern not seen
 
     @classmethod
     def of(
@@ -47,8 +51,10 @@ class CellResult:
         seconds: float,
         expected: Expected,
         metrics: dict[str, Any] | None = None,
+        problems: list[Problem] | None = None,
     ) -> CellResult:
-        metrics = metrics or {}
+        metrics, problems = metrics or {}, problems or []
+        unmet = expected.unmet(status, problems)
         return cls(
             id=cell.id,
             family=cell.family,
@@ -60,14 +66,17 @@ class CellResult:
             spec=cell.spec,
             status=status,
             expected=expected.status,
-            met=expected.met_by(status, reason),
+            met=not unmet,
             max_abs_diff=metrics.get("max_abs_diff"),
             adapter_effect=metrics.get("adapter_effect"),
             seconds=round(seconds, 2),
             reason=reason,
             expected_reason=expected.reason,
-            expected_match=expected.match,
+            expected_match=expected.match[0] if len(expected.match) == 1 else "",
             metrics={k: v for k, v in metrics.items() if k not in ("max_abs_diff", "adapter_effect")},
+            problems=[p.as_dict() for p in problems],
+            expected_matches=list(expected.match),
+            unmet=unmet,
         )
 
 

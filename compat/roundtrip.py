@@ -27,6 +27,7 @@ from compat.model_build import Built, build
 from compat.paths import CellPaths
 from compat.peft_compare import adapter_problems, compare_with_peft
 from compat.plugins import Resolved
+from compat.problems import Problem
 
 __all__ = ["OTHER_SEED", "SAVE_SEED", "run_phase"]
 
@@ -39,18 +40,54 @@ class _Laps:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self._clock = time.monotonic()
+        self.step = STEPS[0]  # the step under way
 
     def __call__(self, step: str) -> None:
         now = time.monotonic()
         self.seconds[step] = round(now - self._clock, 3)
         self._clock = now
+        self.step = STEPS[min(STEPS.index(step) + 1, len(STEPS) - 1)]
 
 
 def run_phase(
     cell: Cell, phase: str, paths: CellPaths, backend: Backend, comm: Collective, plugins: Resolved
 ) -> dict[str, Any]:
-    """Run this rank's part of ``phase``; rank 0 returns the metrics of the comparison."""
-    lap = _Laps()
+    """Run this rank's part of ``phase``; rank 0 returns the metrics of the comparison.
+
+    A failed check is recorded and the phase goes on (``found``); only a check that leaves the
+    later ones nothing to check raises, and the reason then names the steps that did not run.
+    """
+    lap, found = _Laps(), []
+    try:
+        metrics = _steps(cell, phase, paths, backend, comm, plugins, lap, found)
+    except CheckFailed as exc:
+        step = lap.step
+        lap(step)
+        later = [s for s in STEPS[STEPS.index(step) + 1 :] if phase != "save" or s in SAVE_STEPS]
+        after = f" (after the {exc.problems[-1].check} check failed)"
+        not_run = exc.not_run or (", ".join(later) + after if later else "")
+        metrics = {**exc.metrics, "seconds_by_step": lap.seconds, **({"not_run": not_run} if not_run else {})}
+        raise CheckFailed([*found, *exc.problems], metrics, not_run) from exc
+    if found:
+        raise CheckFailed(found, metrics)
+    return metrics
+
+
+STEPS = ("hf model", "build", "fill, save, check checkpoint", "load, verify", "forward", "export", "merged forms",
+         "hf side")  # fmt: skip
+SAVE_STEPS = (*STEPS[:3], "export")
+
+
+def _steps(
+    cell: Cell,
+    phase: str,
+    paths: CellPaths,
+    backend: Backend,
+    comm: Collective,
+    plugins: Resolved,
+    lap: _Laps,
+    found: list[Problem],
+) -> dict[str, Any]:
     if comm.rank == 0:
         ensure_tiny_model(get_family(cell.family), paths.hf)
     comm.barrier()
@@ -60,14 +97,16 @@ def run_phase(
     saved, skipped_checks = None, {}
     if phase in ("roundtrip", "save"):
         saved = _fill(built, comm, SAVE_SEED)
-        why = _save(built, paths, comm, plugins)
+        why = _save(built, paths, comm, plugins, found)
         if why:
             skipped_checks["checkpoint contents"] = why
         lap("fill, save, check checkpoint")
         if phase == "save":
             _export(built, paths, comm, plugins, reference=True)
             return {}
-    _load(built, paths, comm, plugins, saved)
+    why = _load(built, paths, comm, plugins, saved, found)
+    if why:
+        skipped_checks["bridge loader"] = why
     lap("load, verify")
     vocab = get_family(cell.family).dims.vocab_size
     megatron_forward(built.model, backend, built.hidden_size, vocab, paths, "adapter")
@@ -79,25 +118,32 @@ def run_phase(
     lap("merged forms")
     if comm.rank != 0:
         return {}
-    extra = {"skipped_checks": skipped_checks} if skipped_checks else {}
     try:
         metrics = compare_with_peft(cell, paths, phase == "load", skipped, backend.device)
     except CheckFailed as exc:
-        lap("hf side")
-        raise CheckFailed(exc.reason, {**exc.metrics, **extra, "seconds_by_step": lap.seconds}) from exc
+        _skips(exc.metrics, skipped_checks)
+        raise
     lap("hf side")
-    return {**metrics, **extra, "seconds_by_step": lap.seconds}
+    return {**_skips(metrics, skipped_checks), "seconds_by_step": lap.seconds}
+
+
+def _skips(metrics: dict[str, Any], skipped_checks: dict[str, str]) -> dict[str, Any]:
+    """The Megatron side's skipped checks joined to the HF side's, in ``metrics.skipped_checks``."""
+    both = {**skipped_checks, **metrics.get("skipped_checks", {})}
+    if both:
+        metrics["skipped_checks"] = both
+    return metrics
 
 
 def _fill(built: Built, comm: Collective, seed: int) -> dict[str, Any]:
     """Seeded adapter values; the cell fails on every rank if the bridge adapted nothing anywhere."""
     values = adapter_state.fill(built.model, seed)
     if sum(comm.gather(len(values))) == 0:
-        comm.agree([f"the bridge applied no adapter to any of {list(built.peft.target_modules)}"])
+        comm.agree([f"the bridge applied no adapter to any of {list(built.peft.target_modules)}"], "adapters applied")
     return values
 
 
-def _save(built: Built, paths: CellPaths, comm: Collective, plugins: Resolved) -> str | None:
+def _save(built: Built, paths: CellPaths, comm: Collective, plugins: Resolved, found: list[Problem]) -> str | None:
     """Save through the saver, then check what a dist checkpoint holds against the filter's keys.
 
     Returns why the contents check was skipped (a saver of another format), or None.
@@ -110,17 +156,31 @@ def _save(built: Built, paths: CellPaths, comm: Collective, plugins: Resolved) -
     wanted = {s for shards in comm.gather(checkpoint.adapter_shards(built.model)) for s in shards}
     if not checkpoint.is_dist_checkpoint(paths.checkpoint):
         return "the saver wrote no Megatron dist checkpoint: its contents are judged by the reload alone"
-    comm.agree(checkpoint.check_contents(paths.checkpoint, wanted) if comm.rank == 0 else [])
+    contents = checkpoint.check_contents(paths.checkpoint, wanted) if comm.rank == 0 else []
+    found += comm.collect(contents, "checkpoint contents")
     return None
 
 
-def _load(built: Built, paths: CellPaths, comm: Collective, plugins: Resolved, saved: dict[str, Any] | None) -> None:
-    """Overwrite the adapters with other values, load the checkpoint, and check what came back."""
+def _load(
+    built: Built,
+    paths: CellPaths,
+    comm: Collective,
+    plugins: Resolved,
+    saved: dict[str, Any] | None,
+    found: list[Problem],
+) -> str | None:
+    """Overwrite the adapters with other values, load the checkpoint, and check what came back.
+
+    A checkpoint that does not load leaves nothing to check after it; values it restored wrongly
+    are recorded, and the export of what the model then holds is still checked. Returns why the
+    bridge-loader check was skipped, or None.
+    """
     other = adapter_state.fill(built.model, OTHER_SEED)
     base_before = adapter_state.snapshot(adapter_state.base_params(built.model))
     if saved is not None:
         same = [k for k in other if k in saved and other[k].equal(saved[k])]
-        comm.agree([f"the adapter {k} holds the saved values before the load" for k in same[:3]])
+        unchanged = [f"the adapter {k} holds the saved values before the load" for k in same[:3]]
+        found += comm.collect(unchanged, "fresh values")
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     try:
@@ -128,7 +188,7 @@ def _load(built: Built, paths: CellPaths, comm: Collective, plugins: Resolved, s
         problems = []
     except (Exception, CheckpointException) as exc:  # a checkpoint that does not load fails every rank's check
         problems = [checkpoint.unloadable(paths.checkpoint, exc)]
-    comm.agree(problems)
+    comm.agree(problems, "checkpoint load")
     problems = adapter_state.compare_values(
         adapter_state.base_params(built.model), base_before, "base weight changed by adapter load:"
     )
@@ -141,17 +201,18 @@ def _load(built: Built, paths: CellPaths, comm: Collective, plugins: Resolved, s
             for k, p in adapters.items()
             if p.detach().cpu().equal(other[k])
         ][:3]
-    comm.agree(problems)
-    if plugins.checks_bridge_loader:
-        _check_bridge_loader(built, paths, comm)
+    found += comm.collect(problems, "values restored")
+    if not plugins.checks_bridge_loader:
+        return "a saver plugin writes the checkpoint: the bridge's own loader is not run on it"
+    return _check_bridge_loader(built, paths, comm, found)
 
 
-def _check_bridge_loader(built: Built, paths: CellPaths, comm: Collective) -> None:
+def _check_bridge_loader(built: Built, paths: CellPaths, comm: Collective, found: list[Problem]) -> str | None:
     """The bridge's own loader (0.5+) must restore exactly what the first load restored."""
     from compat import bridge_api
 
     if not bridge_api.has_load_peft_adapter_checkpoint():
-        return
+        return "this megatron-bridge has no load_peft_adapter_checkpoint"
     restored = adapter_state.snapshot(adapter_state.adapter_params(built.model))
     adapter_state.fill(built.model, OTHER_SEED)
     try:
@@ -163,7 +224,8 @@ def _check_bridge_loader(built: Built, paths: CellPaths, comm: Collective) -> No
         from compat.upstream import describe
 
         problems = [f"load_peft_adapter_checkpoint raised {describe(exc)}"]
-    comm.agree(problems)
+    found += comm.collect(problems, "bridge loader")
+    return None
 
 
 def _export(built: Built, paths: CellPaths, comm: Collective, plugins: Resolved, reference: bool) -> None:

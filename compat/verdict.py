@@ -12,6 +12,8 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
+from compat.problems import Problem, problems_of
+
 __all__ = ["LOG_TAIL", "RankOutcome", "verdict"]
 
 LOG_TAIL = 4000
@@ -60,11 +62,13 @@ def _log_tail(log: str) -> str:
     return before + dump
 
 
-def verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, str, dict[str, Any]]:
-    """(status, reason, metrics) of one phase: the first rank to stop is the cause.
+def verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, str, dict[str, Any], list[Problem]]:
+    """(status, reason, metrics, problems) of one phase: the first rank to stop is the cause.
 
-    Errors, then unsupported, then failed checks, unless a check failed before any error: peers
-    left in a collective by a failing rank then break there ("connection closed"), after the fact.
+    Errors, then failed checks, unless a check failed before any error: peers left in a collective
+    by a failing rank then break there ("connection closed"), after the fact. ``unsupported`` only
+    when every rank said so or passed, none died and nothing was cut short: a rank that could not
+    build the cell does not excuse a peer's death or a timeout.
     """
     where = f"[{phase}] " if phase != "roundtrip" else ""
 
@@ -74,8 +78,18 @@ def verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, str
     def then(group: list[RankOutcome]) -> str:
         return "".join(f"\nthen rank {o.rank} raised {o.record['reason'][:200]}" for o in group)
 
+    def placed(o: RankOutcome) -> list[Problem]:
+        """The rank's problems, with the phase and (for an error) the rank in ``where``."""
+        rank = f"rank {o.rank}" if o.record["status"] == "error" else ""
+        out = []
+        for p in problems_of(o.record.get("problems")) or [Problem("run", o.record["reason"])]:
+            parts = [phase if where else "", rank, p.where]
+            out.append(Problem(p.check, p.message, ", ".join(x for x in parts if x)))
+        return out
+
     errors = [o for o in outcomes if o.record and o.record["status"] == "error"]
     fails = [o for o in outcomes if o.record and o.record["status"] == "fail"]
+    dead = [o for o in outcomes if o.record is None]
     failed_first = bool(fails) and (
         not errors or first(fails).record.get("at", float("inf")) < first(errors).record.get("at", float("inf"))
     )
@@ -83,16 +97,18 @@ def verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, str
         # The first rank to break is the cause; peers then fail in a collective ("connection closed").
         o = first(errors)
         rest = [e for e in errors if e is not o]
-        return "error", f"{where}rank {o.rank} raised {o.record['reason']}\n{o.record['traceback']}{then(rest)}", {}
+        reason = f"{where}rank {o.rank} raised {o.record['reason']}\n{o.record['traceback']}{then(rest)}"
+        return "error", reason, {}, placed(o)
     unsupported = [o for o in outcomes if o.record and o.record["status"] == "unsupported"]
-    if unsupported and not errors:
-        return "unsupported", where + unsupported[0].record["reason"], {}
+    if unsupported and not errors and not dead and not cut:
+        return "unsupported", where + unsupported[0].record["reason"], {}, placed(unsupported[0])
     if fails:
         # A check failed first; peers left in a collective by it may then break there.
         o = first(fails)
-        return "fail", where + o.record["reason"] + then(errors), o.record.get("metrics") or {}
-    dead = [o for o in outcomes if o.record is None]
+        return "fail", where + o.record["reason"] + then(errors), o.record.get("metrics") or {}, placed(o)
     if dead or cut:
         detail = "\n".join(o.describe_death() for o in dead)
-        return "error", f"{where}{cut or 'a rank died'}\n{detail}".rstrip(), {}
-    return "pass", "", outcomes[0].record.get("metrics", {}) if outcomes[0].record else {}
+        problems = [Problem("run", cut or "a rank died", phase if where else "")]
+        problems += [Problem("run", o.describe_death().split(";")[0], phase if where else "") for o in dead]
+        return "error", f"{where}{cut or 'a rank died'}\n{detail}".rstrip(), {}, problems
+    return "pass", "", outcomes[0].record.get("metrics", {}) if outcomes[0].record else {}, []

@@ -52,17 +52,29 @@ def run_task(task: dict[str, Any], comm: Any, backend: Any) -> dict[str, Any]:
         metrics = run_phase(Cell.from_dict(task["cell"]), task["phase"], paths, backend, comm, plugins)
         return {"rank": rank, "status": "pass", "metrics": metrics}
     except CheckFailed as exc:
-        return {"rank": rank, "status": "fail", "reason": exc.reason, "metrics": exc.metrics, "at": time.time()}
+        problems = [p.as_dict() for p in exc.problems]
+        return {"rank": rank, "status": "fail", "reason": exc.reason, "problems": problems, "metrics": exc.metrics,
+                "at": time.time()}  # fmt: skip
     except Unsupported as exc:
-        return {"rank": rank, "status": "unsupported", "reason": str(exc), "at": time.time()}
+        problems = [{"check": "build", "message": str(exc), "where": ""}]
+        return {"rank": rank, "status": "unsupported", "reason": str(exc), "problems": problems, "at": time.time()}
     except BaseException as exc:
-        return {
-            "rank": rank,
-            "status": "error",
-            "reason": f"{type(exc).__name__}: {exc}",
-            "traceback": traceback.format_exc(),
-            "at": time.time(),  # which rank broke first: the others often fail on it in a collective
-        }
+        return _error_record(rank, exc)
+
+
+def _error_record(rank: int, exc: BaseException) -> dict[str, Any]:
+    """The run broke: the exception as the one problem, placed at its innermost upstream frame."""
+    from compat.upstream import upstream_frame
+
+    message = f"{type(exc).__name__}: {exc}"
+    return {
+        "rank": rank,
+        "status": "error",
+        "reason": message,
+        "problems": [{"check": "run", "message": message, "where": upstream_frame(exc)}],
+        "traceback": traceback.format_exc(),
+        "at": time.time(),  # which rank broke first: the others often fail on it in a collective
+    }
 
 
 def reset(comm: Any) -> None:
@@ -159,8 +171,7 @@ def serve(group_dir: Path) -> int:
             try:
                 comm, backend = _join(group_dir, task)
             except BaseException as exc:
-                record = {"rank": rank, "status": "error", "reason": f"{type(exc).__name__}: {exc}",
-                          "traceback": traceback.format_exc(), "at": time.time()}  # fmt: skip
+                record = _error_record(rank, exc)
                 write_json_atomic(paths.result(task["phase"], rank), record)
                 return 1
         started, environ = time.monotonic(), dict(os.environ)

@@ -11,6 +11,7 @@ from compat.expected import Expected, ExpectedError, load_expectations
 from compat.families import FamilyError, _parse, families
 from compat.layouts import Layout
 from compat.matrix import MatrixError, load_matrix, parse_matrix
+from compat.problems import Problem
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,18 +123,47 @@ def test_first_matching_expectation_wins_and_versions_and_specs_gate_it(tmp_path
     )
     e = load_expectations(path)
     v6, v7 = {"megatron-bridge": "0.6.2"}, {"megatron-bridge": "0.7.0"}
-    assert e.for_cell("qwen3_moe.ep2", v6, "local") == Expected("fail", "narrow", r"experts\\.\\{2,3\\}")
+    assert e.for_cell("qwen3_moe.ep2", v6, "local") == Expected("fail", "narrow", (r"experts\\.\\{2,3\\}",))
     assert e.for_cell("qwen3_moe.ep2", v7, "local").reason == "broad"  # the first entry's versions exclude it
     assert e.for_cell("qwen3_moe.ep2.te", v6, "te").reason == "broad"  # and its specs exclude the te spec
     assert e.for_cell("llama.tp2", v6, "local") == Expected()
 
 
+def _p(*messages: str) -> list[Problem]:
+    return [Problem("files", m) for m in messages]
+
+
 def test_an_expected_failure_for_another_reason_is_not_met():
-    expected = Expected("fail", "experts lost under EP", r"no adapter for \d+ of the \d+ modules")
-    assert expected.met_by("fail", "the export has no adapter for 24 of the 64 modules targeted by [...]")
-    assert not expected.met_by("fail", "64 of 64 tensors are not LoRA weight names peft loads")
-    assert not expected.met_by("error", "the export has no adapter for 24 of the 64 modules")
-    assert Expected("fail", "any reason").met_by("fail", "whatever it says")
+    expected = Expected("fail", "experts lost under EP", (r"no adapter for \d+ of the \d+ modules",))
+    assert expected.met_by("fail", _p("the export has no adapter for 24 of the 64 modules targeted by [...]"))
+    assert not expected.met_by("fail", _p("64 of 64 tensors are not LoRA weight names peft loads"))
+    assert not expected.met_by("error", _p("the export has no adapter for 24 of the 64 modules"))
+    assert Expected("fail", "any reason").met_by("fail", _p("whatever it says"))
+
+
+def test_an_expected_failure_with_one_more_problem_is_not_met():
+    """Before: ``match`` was searched in the joined reason, so the alpha problem rode along ("1 met")."""
+    expected = Expected("fail", "DoRA magnitudes", (r"use_dora is set but \d+ of \d+ modules",))
+    dora = "use_dora is set but 14 of 14 modules carry no lora_magnitude_vector"
+    alpha = "adapter_config.json: lora_alpha is 32, expected 16"
+    assert expected.met_by("fail", _p(dora))
+    assert expected.unmet("fail", _p(dora, alpha)) == [f"not expected: [files] {alpha}"]
+    assert expected.unmet("fail", _p(alpha)) == [
+        f"not expected: [files] {alpha}",
+        f"expected, not seen: {expected.match[0]!r}",
+    ]
+
+
+def test_a_list_of_patterns_must_each_be_seen(tmp_path: Path) -> None:
+    path = tmp_path / "expected.toml"
+    path.write_text("[[expect]]\ncells = 'x.*'\nstatus = 'fail'\nreason = 'r'\nmatch = ['^a', '^b']\n")
+    expected = load_expectations(path).for_cell("x.tp1", {}, "local")
+    assert expected.match == ("^a", "^b")
+    assert expected.met_by("fail", _p("a1", "b1", "a2"))
+    assert not expected.met_by("fail", _p("a1"))
+    path.write_text("[[expect]]\ncells = 'x.*'\nstatus = 'fail'\nreason = 'r'\nmatch = ['^a', 3]\n")
+    with pytest.raises(ExpectedError, match="a list of them"):
+        load_expectations(path)
 
 
 def test_a_family_the_installed_transformers_lacks_is_unsupported(tmp_path: Path) -> None:

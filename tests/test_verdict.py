@@ -34,7 +34,7 @@ def _rank(rank: int, status: str, at: float, reason: str) -> RankOutcome:
     ],
 )  # fmt: skip
 def test_the_first_rank_to_stop_is_the_cause(ranks, phase, status, starts, then):
-    got_status, reason, _ = verdict([_rank(*r) for r in ranks], "", phase)
+    got_status, reason, _, _ = verdict([_rank(*r) for r in ranks], "", phase)
     assert got_status == status
     assert reason.startswith(starts)
     assert then in reason
@@ -43,13 +43,34 @@ def test_the_first_rank_to_stop_is_the_cause(ranks, phase, status, starts, then)
 def test_unsupported_names_the_reason_and_is_not_an_error():
     outcomes = [RankOutcome(r, 0, {"rank": r, "status": "unsupported", "reason": "needs transformer_engine"}, "")
                 for r in (0, 1)]  # fmt: skip
-    assert verdict(outcomes, "", "roundtrip") == ("unsupported", "needs transformer_engine", {})
+    status, reason, _, problems = verdict(outcomes, "", "roundtrip")
+    assert (status, reason) == ("unsupported", "needs transformer_engine")
+    assert [p.message for p in problems] == ["needs transformer_engine"]
+
+
+@pytest.mark.parametrize("cut", ["", "timed out after 60s"])
+def test_unsupported_does_not_excuse_a_dead_rank_or_a_timeout(cut):
+    """Before: rank 0 unsupported and rank 1 killed (or the phase timed out) read ``unsupported``."""
+    outcomes = [RankOutcome(0, 0, {"rank": 0, "status": "unsupported", "reason": "needs transformer_engine"}, ""),
+                RankOutcome(1, -9, None if not cut else {"rank": 1, "status": "unsupported", "reason": "x"}, "")]  # fmt: skip
+    status, reason, _, problems = verdict(outcomes, cut, "roundtrip")
+    assert status == "error", reason
+    assert problems and problems[0].check == "run"
+
+
+def test_problems_come_back_placed_by_phase_and_rank():
+    record = {"rank": 1, "status": "error", "reason": "KeyError: 'x'", "traceback": "...", "at": 1.0,
+              "problems": [{"check": "run", "message": "KeyError: 'x'", "where": "megatron/core/a.py:3"}]}  # fmt: skip
+    _, _, _, problems = verdict([_rank(0, "pass", 2.0, ""), RankOutcome(1, 1, record, "")], "", "load")
+    assert [p.as_dict() for p in problems] == [
+        {"check": "run", "message": "KeyError: 'x'", "where": "load, rank 1, megatron/core/a.py:3"}
+    ]
 
 
 def test_a_rank_that_died_without_a_result_is_an_error_with_its_output():
     outcomes = [_rank(0, "pass", 1.0, ""), RankOutcome(1, -9, None, "line 1\nSegmentation fault in libfoo")]
     outcomes[0].record.update(metrics={})
-    status, reason, _ = verdict(outcomes, "", "save")
+    status, reason, _, _ = verdict(outcomes, "", "save")
     assert status == "error"
     assert reason.startswith("[save] a rank died")
     assert "rank 1 was killed by signal SIGKILL; its output ends:" in reason and "Segmentation fault" in reason
@@ -59,6 +80,6 @@ def test_a_timeout_shows_the_stack_dump_from_its_innermost_frame():
     dump = 'Thread 0x00007f0 (most recent call first):\n  File "x.py", line 3 in planted_hang_forever\n'
     log = "import noise\n" * 2000 + dump + '  File "y.py", line 9 in <module>\n' * 400
     outcomes = [_rank(0, "pass", 1.0, ""), RankOutcome(1, -9, None, log)]
-    status, reason, _ = verdict(outcomes, "timed out after 60s", "roundtrip")
+    status, reason, _, _ = verdict(outcomes, "timed out after 60s", "roundtrip")
     assert status == "error" and reason.startswith("timed out after 60s")
     assert "in planted_hang_forever" in reason  # the innermost frame survives the tail

@@ -1,0 +1,42 @@
+"""A cell's problems as data: which check found what, and where (a rank, a file and line).
+
+A cell's ``reason`` is their messages joined, for people; expectations match the list itself, so
+a problem nobody expected cannot hide inside a reason that also holds the expected one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["Problem", "joined", "problems_of"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing a check found wrong: ``check`` names the check, ``where`` the rank, phase or upstream line."""
+
+    check: str
+    message: str
+    where: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Problem:
+        return cls(str(raw["check"]), str(raw["message"]), str(raw.get("where", "")))
+
+    def text(self) -> str:
+        """As a reason shows it: ``rank 1: message``."""
+        return f"{self.where}: {self.message}" if self.where else self.message
+
+
+def joined(problems: list[Problem]) -> str:
+    """The reason the problems make, one after another."""
+    return "; ".join(p.text() for p in problems)
+
+
+def problems_of(raw: list[dict[str, Any]] | None) -> list[Problem]:
+    """Problems read back from a record or a results file (absent in files written before they existed)."""
+    return [Problem.from_dict(p) for p in raw or []]
