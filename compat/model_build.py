@@ -61,6 +61,10 @@ def build(cell: Cell, hf_dir: Path, layout: Layout, backend: Backend) -> Built:
     try:
         return _build(cell, family, adapter, hf_dir, layout, backend, AutoBridge)
     except ModuleNotFoundError as exc:
+        # Only a top-level package that is not installed is absent here; a module missing inside an
+        # installed one (megatron.bridge.models.x) is that package broken or changed: an error.
+        if not exc.name or _installed(exc.name.split(".")[0]):
+            raise
         raise Unsupported(f"needs the package {exc.name}: imported at {describe(exc)}") from exc
     except ImportError as exc:
         # Upstream code raising ImportError itself names an optional package it needs ("FLA is not
@@ -72,6 +76,15 @@ def build(cell: Cell, hf_dir: Path, layout: Layout, backend: Backend) -> Built:
         if not upstream_frames(exc):
             raise
         raise Unsupported(f"upstream does not implement this: {describe(exc)}") from exc
+
+
+def _installed(top_level: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(top_level) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _build(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from faults.catalogue import by_name
-from test_faults import plant, run, unmatched
+from test_faults import REPO, cell_of, plant, run, unmatched
 
 pytestmark = pytest.mark.cell
 
@@ -157,6 +157,24 @@ def test_upstream_code_that_raises_is_an_error_not_unsupported(monkeypatch, tmp_
     result = run(fault, compat_backend, tmp_path)
     assert result.status == "error", result.reason
     assert not unmatched(fault, result.reason), result.reason
+
+
+@pytest.mark.parametrize("name", ["bridge_module_missing", "te_spec_builder_raises"])
+def test_a_regression_that_looks_like_a_missing_component_is_an_error(name, monkeypatch, tmp_path, compat_backend):
+    """Before: a module missing inside megatron-bridge read "unsupported: needs the package ..."
+    (model_build.py:62-64), and any TypeError of a spec builder "needs transformer_engine"
+    (local_spec.py:47), met for a family expected unsupported (minimax_m2)."""
+    from compat.expected import load_expectations
+    from compat.versions import installed_versions
+
+    fault = by_name(name)
+    plant(monkeypatch, fault.name)
+    cell = cell_of(fault)
+    expected = load_expectations(REPO / "matrix" / "expected.toml").for_cell(cell.id, installed_versions(), cell.spec)
+    result = run(fault, compat_backend, tmp_path)
+    assert result.status == "error", result.reason
+    assert not unmatched(fault, result.reason), result.reason
+    assert result.problems[0]["check"] == "run" and not result.met, (expected, result.unmet)
 
 
 def test_ctrl_c_stops_every_rank(tmp_path, token):

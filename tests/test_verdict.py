@@ -51,8 +51,9 @@ def test_unsupported_names_the_reason_and_is_not_an_error():
 @pytest.mark.parametrize("cut", ["", "timed out after 60s"])
 def test_unsupported_does_not_excuse_a_dead_rank_or_a_timeout(cut):
     """Before: rank 0 unsupported and rank 1 killed (or the phase timed out) read ``unsupported``."""
+    peer = {"rank": 1, "status": "unsupported", "reason": "x"} if cut else None  # timed out, or died
     outcomes = [RankOutcome(0, 0, {"rank": 0, "status": "unsupported", "reason": "needs transformer_engine"}, ""),
-                RankOutcome(1, -9, None if not cut else {"rank": 1, "status": "unsupported", "reason": "x"}, "")]  # fmt: skip
+                RankOutcome(1, -9, peer, "")]  # fmt: skip
     status, reason, _, problems = verdict(outcomes, cut, "roundtrip")
     assert status == "error", reason
     assert problems and problems[0].check == "run"

@@ -19,7 +19,7 @@ from typing import Any
 from compat.findings import Unsupported
 from compat.upstream import describe, upstream_path
 
-__all__ = ["layer_spec_without_te", "te_classes"]
+__all__ = ["layer_spec_without_te", "te_classes", "te_names_absent"]
 
 
 def layer_spec_without_te(spec: Any, local_layer_spec: Any, provider: Any) -> Any:
@@ -44,16 +44,35 @@ def layer_spec_without_te(spec: Any, local_layer_spec: Any, provider: Any) -> An
             fn.__globals__["default_layer_spec"] = gpt_provider.default_layer_spec
     try:
         built = spec(provider) if callable(spec) else spec
-    except (TypeError, NameError, AttributeError, AssertionError) as exc:
-        # Its TE base spec cannot be built without TE (megatron-core's TE spec provider is None).
+    except Exception as exc:
+        # Its TE base spec cannot be built without TE: the frame that raised uses a TE-only name that
+        # is None (megatron-core's TESpecProvider, gpt_layer_specs.py:54) or undefined without TE.
+        # Any other exception of a spec builder is an error, whatever its type.
+        absent = te_names_absent(exc)
+        if not absent:
+            raise
         raise Unsupported(
             f"needs transformer_engine: the bridge's layer spec {name} ({place}) builds on the TE spec and "
-            f"fails without it: {describe(exc)}"
+            f"fails without it ({', '.join(absent)} is None without TE): {describe(exc)}"
         ) from exc
     te = sorted(te_classes(built))
     if te:
         raise Unsupported(f"needs transformer_engine: the bridge's layer spec {name} ({place}) uses {', '.join(te)}")
     return spec
+
+
+def te_names_absent(exc: BaseException) -> list[str]:
+    """TE-only names (``TE*``) the raising frame uses that are None or undefined, when TE is not installed."""
+    import importlib.util
+
+    if exc.__traceback__ is None or importlib.util.find_spec("transformer_engine") is not None:
+        return []
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    frame = tb.tb_frame
+    scope = {**frame.f_globals, **frame.f_locals}
+    return sorted(n for n in frame.f_code.co_names if n.startswith("TE") and scope.get(n) is None)
 
 
 def te_classes(spec: Any, seen: set[int] | None = None) -> set[str]:

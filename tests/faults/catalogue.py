@@ -32,6 +32,7 @@ DIST_CKPT = "megatron.core.dist_checkpointing"
 CKPT_FILTER = "megatron.bridge.training.checkpointing"
 MODEL_BRIDGE = "megatron.bridge.models.conversion.model_bridge"
 LORA_MERGE = "megatron.bridge.peft.lora_merge"
+GPT_SPECS = "megatron.core.models.gpt.gpt_layer_specs"
 
 # What a logits mismatch says (compat/compare.py), with the measured difference and tolerance.
 LOGITS = r"Megatron logits differ from peft\.PeftModel logits: mismatched elements: \d+ / \d+"
@@ -348,6 +349,39 @@ FAULTS: tuple[Fault, ...] = (
         "tp1",
         ((MODEL_BRIDGE, "MegatronModelBridge.load_weights_hf_to_megatron", disrupt.conversion_raises),),
         (r"^rank 0 raised AttributeError: planted fault", r"in load_weights_hf_to_megatron"),
+        kind="run",
+        status="error",
+        dtypes=("fp32",),
+    ),
+    Fault(
+        "bridge_module_missing",
+        "a module inside megatron-bridge fails to import while the model is built (before: 'unsupported: "
+        "needs the package megatron.bridge.models...')",
+        "llama",
+        "tp1",
+        (
+            (
+                MODEL_BRIDGE,
+                "MegatronModelBridge.load_weights_hf_to_megatron",
+                disrupt.raising(disrupt.internal_module_missing),
+            ),
+        ),
+        (
+            r"^rank 0 raised ModuleNotFoundError: planted fault: "
+            r"No module named 'megatron\.bridge\.models\.planted_missing'",
+        ),
+        kind="run",
+        status="error",
+        dtypes=("fp32",),
+    ),
+    Fault(
+        "te_spec_builder_raises",
+        "the TE layer spec a family's spec builds on raises a TypeError unrelated to TE being absent (before: "
+        "'unsupported: needs transformer_engine', met for minimax_m2)",
+        "minimax_m2",
+        "tp1",
+        ((GPT_SPECS, "get_gpt_layer_with_transformer_engine_spec", disrupt.raising(disrupt.spec_regression)),),
+        (r"^rank 0 raised TypeError: planted fault: get_gpt_layer_with_transformer_engine_spec\(\)",),
         kind="run",
         status="error",
         dtypes=("fp32",),

@@ -25,6 +25,30 @@ def conversion_raises(original: Callable[..., Any]) -> Callable[..., Any]:
     return load_weights_hf_to_megatron
 
 
+def raising(make: Callable[[], BaseException]) -> Wrap:
+    """The wrapped upstream function raises ``make()`` instead of running, as a regression would."""
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            raise make()
+
+        return wrapper
+
+    return wrap
+
+
+def internal_module_missing() -> BaseException:
+    """A module inside the installed megatron-bridge that fails to import (a packaging regression)."""
+    name = "megatron.bridge.models.planted_missing"
+    return ModuleNotFoundError(f"planted fault: No module named {name!r}", name=name)
+
+
+def spec_regression() -> BaseException:
+    """A TypeError in a spec builder that has nothing to do with Transformer Engine being absent."""
+    return TypeError("planted fault: get_gpt_layer_with_transformer_engine_spec() got an unexpected keyword")
+
+
 def only_rank(rank: int, action: Callable[[], None]) -> Wrap:
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
