@@ -23,9 +23,12 @@ the caller's own ``PYTHONPATH``); every other variable of the caller's environme
 Then ``<gate python> -m compat run --matrix ... --output .gate/NAME/results.json`` runs there
 (workers start with ``sys.executable``, so they use the gate interpreter too).
 
-Exit 0: no regression. 1: a regression (a cell expected to pass, or that passed in the accepted
-results ``matrix/pins/accepted/NAME.json``, does not pass now). 2: bad input, or the environment
-could not be built (the message says why).
+Exit 0: everything vouched for. 1: what the gate cannot vouch for: a cell unmet (its status or its
+problems are not the expected ones), and, unless ``--accept`` records them, a regression (a cell
+expected to pass, or that passed in the accepted results ``matrix/pins/accepted/NAME.json``, does
+not pass now), another status change, other problems than accepted, or an accepted cell that did
+not run (unless ``-k`` narrowed the run; ``-k`` with ``--accept`` is refused). 2: bad input, or the
+environment could not be built (the message says why).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -44,7 +48,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GateError", "PinSet", "add_parser", "check_complete", "compare", "load_pins", "main"]
+from compat.skips import skipped_checks
+
+__all__ = [
+    "GateError",
+    "PinSet",
+    "add_parser",
+    "check_complete",
+    "compare",
+    "failing",
+    "load_pins",
+    "main",
+    "problem_key",
+]
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD = 0, 1, 2
 REPO = Path(__file__).resolve().parent.parent
@@ -207,19 +223,23 @@ def check_complete(results: dict[str, Any], where: str) -> None:
 
 
 def compare(results: dict[str, Any], accepted: dict[str, Any] | None) -> dict[str, list[dict[str, Any]]]:
-    """Sort cells into regressions, fixes, new, changed (other status changes) and dropped."""
-    before = {c["id"]: c["status"] for c in (accepted or {}).get("cells", [])}
-    out: dict[str, list[dict[str, Any]]] = {k: [] for k in ("regressions", "fixes", "new", "changed", "dropped")}
+    """Sort cells into regressions, fixes, new, changed (other status changes), unmet (by status or
+    problems, against the expectations), problems (other problems than accepted) and dropped."""
+    before = {c["id"]: c for c in (accepted or {}).get("cells", [])}
+    keys = ("regressions", "fixes", "new", "changed", "unmet", "problems", "dropped")
+    out: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
     seen = set()
     for c in results.get("cells", []):
         seen.add(c["id"])
-        prev = before.get(c["id"])
+        then = before.get(c["id"])
+        prev = then["status"] if then else None
         row = {
             "id": c["id"],
             "status": c["status"],
             "expected": c["expected"],
             "accepted": prev,
             "reason": c.get("reason") or "",
+            "unmet": c.get("unmet") or [],
         }
         if c["status"] != "pass" and (c["expected"] == "pass" or prev == "pass"):
             out["regressions"].append(row)
@@ -227,41 +247,81 @@ def compare(results: dict[str, Any], accepted: dict[str, Any] | None) -> dict[st
             out["fixes"].append(row)
         elif prev is not None and prev != c["status"]:
             out["changed"].append(row)
+        if not c.get("met", True):
+            out["unmet"].append(row)
+        if then is not None and prev == c["status"] and "problems" in then:
+            gone, new = _problem_change(then["problems"] or [], c.get("problems") or [])
+            if gone or new:
+                out["problems"].append({**row, "gone": gone, "new": new})
         if accepted is not None and prev is None:
             out["new"].append(row)
-    out["dropped"] = [{"id": i, "accepted": s} for i, s in before.items() if i not in seen]
+    out["dropped"] = [{"id": i, "accepted": c["status"]} for i, c in before.items() if i not in seen]
     return out
 
 
+# Measured values inside a problem's message (a max |diff|, a share, a count of mismatched elements)
+# vary with the machine; the problem is the same while its words and named tensors are.
+_MEASURED = re.compile(r"\d+\.\d+(?:e[-+]\d+)?%?|\b\d+ / \d+\b")
+
+
+def problem_key(problem: dict[str, Any]) -> str:
+    """A problem as the gate compares it: its check and message, measured values masked."""
+    return f"[{problem.get('check', '')}] " + _MEASURED.sub("#", str(problem.get("message", "")))
+
+
+def _problem_change(before: list[dict[str, Any]], now: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """(problems accepted but gone, problems not accepted), each as :func:`problem_key`."""
+    a, b = [problem_key(p) for p in before], [problem_key(p) for p in now]
+    return [k for k in a if k not in b], [k for k in b if k not in a]
+
+
+def failing(diff: dict[str, list[dict[str, Any]]], accept: bool, narrowed: bool) -> list[str]:
+    """What the gate cannot vouch for, by kind: unmet cells always; regressions, status changes,
+    changed problems and dropped cells unless they are being accepted (dropped: unless ``-k``)."""
+    kinds = ["unmet"] + ([] if accept else ["regressions", "changed", "problems"])
+    kinds += [] if accept or narrowed else ["dropped"]
+    return [k for k in kinds if diff[k]]
+
+
 def _verdict(row: dict[str, Any], diff: dict[str, list[dict[str, Any]]]) -> str:
-    for key, word in (("regressions", "REGRESSION"), ("fixes", "fixed"), ("changed", "changed")):
-        if any(r["id"] == row["id"] for r in diff[key]):
-            return word
-    if any(r["id"] == row["id"] for r in diff["new"]):
-        return "new"
-    return "ok" if row.get("met", True) else "unmet (not a regression)"
+    words = (("regressions", "REGRESSION"), ("unmet", "UNMET"), ("changed", "CHANGED"),
+             ("problems", "PROBLEMS CHANGED"), ("fixes", "fixed"), ("new", "new"))  # fmt: skip
+    found = [word for key, word in words if any(r["id"] == row["id"] for r in diff[key])]
+    return ", ".join(found) or "ok"
+
+
+def _skips(c: dict[str, Any]) -> str:
+    """A cell's skipped checks: the count, and the names (the reasons are in the results file)."""
+    names = skipped_checks(c)
+    return f"{len(names)} skipped: {', '.join(names)}" if names else ""
 
 
 def markdown(
-    pins: PinSet, results: dict[str, Any], accepted: dict[str, Any] | None, diff: dict[str, Any], timing: str
+    pins: PinSet,
+    results: dict[str, Any],
+    accepted: dict[str, Any] | None,
+    diff: dict[str, Any],
+    timing: str,
+    fails: list[str] | None = None,
 ) -> str:
+    fails = fails or []
     versions = results.get("versions", {})
     lines = [
-        f"## Gate `{pins.name}`: " + ("**regression**" if diff["regressions"] else "no regression"),
+        f"## Gate `{pins.name}`: " + (f"**fails: {', '.join(fails)}**" if fails else "passes"),
         "",
         ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; {results.get('device', '')}",
         "",
         timing,
         "",
-        "| cell | status | expected | accepted | verdict | max diff |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| cell | status | expected | accepted | verdict | max diff | checks skipped |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     accepted_status = {c["id"]: c["status"] for c in (accepted or {}).get("cells", [])}
     for c in results.get("cells", []):
         d = c.get("max_abs_diff")
         lines.append(
             f"| `{c['id']}` | {c['status']} | {c['expected']} | {accepted_status.get(c['id'], '-')} "
-            f"| {_verdict(c, diff)} | {'-' if d is None else f'{d:.1e}'} |"
+            f"| {_verdict(c, diff)} | {'-' if d is None else f'{d:.1e}'} | {_skips(c) or '-'} |"
         )
     if accepted is None:
         lines += ["", f"No accepted results for `{pins.name}` yet (`--accept` writes them)."]
@@ -270,6 +330,8 @@ def markdown(
         ("fixes", "Fixes (expected or accepted not pass, now pass)"),
         ("new", "New cells (not in the accepted results)"),
         ("changed", "Other status changes"),
+        ("unmet", "Cells that did not meet their expected outcome (status or problems)"),
+        ("problems", "Other problems than accepted (same status)"),
         ("dropped", "Cells in the accepted results that did not run"),
     ):
         if diff[key]:
@@ -278,6 +340,9 @@ def markdown(
                 extra = f" (was {r['accepted']})" if r.get("accepted") else ""
                 now = f": {r['status']}, expected {r['expected']}" if "status" in r else ""
                 lines.append(f"- `{r['id']}`{now}{extra}")
+                lines += [f"  - {why}" for why in (r["unmet"] if key == "unmet" else [])]
+                lines += [f"  - now: {k[:300]}" for k in r.get("new", [])]
+                lines += [f"  - gone: {k[:300]}" for k in r.get("gone", [])]
                 if key == "regressions" and r.get("reason"):
                     lines.append("  ```\n  " + r["reason"][:800].replace("\n", "\n  ") + "\n  ```")
     return "\n".join(lines) + "\n"
@@ -296,7 +361,9 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--gate-dir", type=Path, default=REPO / ".gate", help="where environments live (.gate/)")
     g.add_argument("--timeout", type=float, help="seconds per cell launch (passed to compat run)")
     g.add_argument("--jobs", type=int, help="cells run at once (passed to compat run)")
-    g.add_argument("-k", dest="select", help="run only cells whose id contains this text (passed to compat run)")
+    g.add_argument(
+        "-k", dest="select", help="run only cells whose id contains this text (passed to compat run; not with --accept)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -309,6 +376,8 @@ def main(args: argparse.Namespace) -> int:
 
 def _gate(args: argparse.Namespace) -> int:
     pins = load_pins(args.pins)
+    if args.select and args.accept:
+        raise GateError("--accept with -k would shrink the accepted results to the selected cells: accept a full run")
     if not args.matrix.is_file():
         raise GateError(f"matrix {args.matrix} does not exist")
     expected = args.expected or REPO / "matrix" / "expected.toml"
@@ -344,24 +413,25 @@ def _gate(args: argparse.Namespace) -> int:
         raise GateError(f"the run saw other versions than pinned: {off} (pins {want})")
 
     diff = compare(results, accepted)
+    fails = failing(diff, args.accept, bool(args.select))
     timing = (
         f"Environment {'reused' if reused else 'built'} in {build_s:.1f} s; matrix ran in {run_s:.1f} s "
         f"({len(results.get('cells', []))} cells, {args.matrix.name})."
     )
-    text = markdown(pins, results, accepted, diff, timing)
+    text = markdown(pins, results, accepted, diff, timing, fails)
     print()
     print(text)
     if args.summary:
         args.summary.write_text(text)
     if args.accept:
         accepted_path.parent.mkdir(parents=True, exist_ok=True)
-        keep = ("id", "status", "expected", "max_abs_diff", "adapter_effect")
+        keep = ("id", "status", "expected", "met", "max_abs_diff", "adapter_effect", "problems")
         record = {
             "pins": pins.packages,
             "versions": results.get("versions"),
             "device": results.get("device"),
-            "cells": [{k: c.get(k) for k in keep} for c in results.get("cells", [])],
+            "cells": [{**{k: c.get(k) for k in keep}, "skipped": skipped_checks(c)} for c in results.get("cells", [])],
         }
         accepted_path.write_text(json.dumps(record, indent=1) + "\n")
         print(f"gate: accepted results written to {accepted_path.relative_to(REPO)}")
-    return EXIT_REGRESSION if diff["regressions"] else EXIT_OK
+    return EXIT_REGRESSION if fails else EXIT_OK

@@ -74,8 +74,7 @@ def compare_with_peft(
             Problem(
                 "peft load",
                 f"peft.PeftModel.from_pretrained refused the export: {type(exc).__name__}: "
-                f"{first_line(exc, 600, lines=3)}",
-                upstream_frame(exc),
+                f"{first_line(exc, 600, lines=3)} at {upstream_frame(exc)}",
             )
         )
         raise CheckFailed(problems, metrics, _NEED_PEFT) from exc

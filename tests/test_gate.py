@@ -60,3 +60,108 @@ def test_a_partial_run_is_no_verdict(results: dict) -> None:
     with pytest.raises(GateError, match="stopped before every cell ran"):
         check_complete(results, "results.json")
     check_complete({**results, "complete": True}, "results.json")
+
+
+def _gate_with(monkeypatch, tmp_path: Path, results: dict, accepted: dict | None, *flags: str) -> int:
+    """The gate's whole decision, from arguments to exit code, with the environment and the run faked:
+    ``compat run`` "writes" ``results``, and ``accepted`` is the set's accepted file."""
+    import argparse
+    import json
+    import subprocess
+    import sys
+
+    from compat import gate
+
+    repo = tmp_path / "repo"
+    (repo / "matrix" / "pins" / "accepted").mkdir(parents=True, exist_ok=True)
+    (repo / "matrix" / "expected.toml").write_text("")
+    (repo / "matrix" / "ci.toml").write_text("")
+    pins = repo / "matrix" / "pins" / "bridge-x.toml"
+    pins.write_text("[packages]\nmegatron-bridge='1'\nmegatron-core='1'\ntransformers='5'\npeft='1'\n")
+    if accepted is not None:
+        (repo / "matrix" / "pins" / "accepted" / "bridge-x.json").write_text(json.dumps(accepted))
+    monkeypatch.setattr(gate, "REPO", repo)
+    monkeypatch.setattr(gate, "ensure_env", lambda p, d: (Path(sys.executable), True, 0.0))
+
+    def run(cmd, **kwargs):
+        out = Path(cmd[cmd.index("--output") + 1])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"complete": True, "versions": {}, **results}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(gate.subprocess, "run", run)
+    parser = argparse.ArgumentParser()
+    gate.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["gate", "--pins", str(pins), "--gate-dir", str(tmp_path / "g"), *flags])
+    return gate.main(args)
+
+
+def _cell(id: str, status: str = "pass", expected: str = "pass", met: bool = True, problems=()) -> dict:
+    return {"id": id, "status": status, "expected": expected, "met": met, "problems": list(problems)}
+
+
+ALPHA = {"check": "files", "message": "adapter_config.json: lora_alpha is 32, expected 16", "where": ""}
+DORA = {"check": "files", "message": "use_dora is set but 28 of 28 modules carry no lora_magnitude_vector"}
+
+
+@pytest.mark.parametrize(
+    ("now", "then", "flags", "code"),
+    [
+        pytest.param([_cell("a")], [_cell("a"), _cell("b")], (), 1, id="an-accepted-cell-did-not-run"),
+        pytest.param([_cell("a")], [_cell("a"), _cell("b")], ("-k", "a"), 0, id="narrowed-by-k"),
+        pytest.param(
+            [_cell("a", "fail", "fail", False, [DORA, ALPHA])],
+            [_cell("a", "fail", "fail")],
+            (),
+            1,
+            id="unmet-by-problems",
+        ),
+        pytest.param([_cell("a", "error", "fail", False)], [_cell("a", "fail", "fail")], (), 1, id="fail-to-error"),
+        pytest.param(
+            [_cell("a", "timeout", "error", False)],
+            [_cell("a", "error", "error")],
+            ("--accept",),
+            1,
+            id="unmet-even-when-accepting",
+        ),
+        pytest.param(
+            [_cell("a", "fail", "fail", True, [ALPHA])],
+            [_cell("a", "fail", "fail", True, [DORA])],
+            (),
+            1,
+            id="other-problems-than-accepted",
+        ),
+        pytest.param(
+            [_cell("a", "fail", "fail", True, [ALPHA])],
+            [_cell("a", "fail", "fail", True, [DORA])],
+            ("--accept",),
+            0,
+            id="other-problems-accepted",
+        ),
+        pytest.param(
+            [_cell("a", "fail", "fail", True, [DORA])], [_cell("a", "fail", "fail", True, [DORA])], (), 0, id="same"
+        ),
+    ],
+)
+def test_the_gate_fails_on_what_it_cannot_vouch_for(monkeypatch, tmp_path, now, then, flags, code) -> None:
+    """Before (1ce6479): every row but none exited 0 (only a regression exited 1)."""
+    assert _gate_with(monkeypatch, tmp_path, {"cells": now}, {"cells": then}, *flags) == code
+
+
+def test_accept_keeps_problems_and_refuses_a_narrowed_run(monkeypatch, tmp_path) -> None:
+    import json
+
+    cells = [_cell("a", "fail", "fail", True, [DORA])]
+    assert _gate_with(monkeypatch, tmp_path, {"cells": cells}, None, "--accept") == 0
+    written = json.loads((tmp_path / "repo" / "matrix" / "pins" / "accepted" / "bridge-x.json").read_text())
+    assert written["cells"][0]["problems"] == [DORA] and written["cells"][0]["skipped"] == []
+    assert _gate_with(monkeypatch, tmp_path, {"cells": cells}, None, "--accept", "-k", "a") == 2
+
+
+def test_measured_values_do_not_make_a_problem_new() -> None:
+    from compat.gate import problem_key
+
+    a = {"check": "logits", "message": "mismatched elements: 8190 / 8192 (100.0%); greatest 6.970e-01 at token 197"}
+    b = {"check": "logits", "message": "mismatched elements: 8191 / 8192 (99.9%); greatest 6.971e-01 at token 197"}
+    assert problem_key(a) == problem_key(b)
+    assert problem_key(a) != problem_key({**a, "message": a["message"].replace("token 197", "token 3")})

@@ -1,0 +1,36 @@
+"""A cell's skipped checks, wherever the results record them, for every view that shows results.
+
+A cell that passed with a check skipped vouches for less than one that ran them all: each view
+(terminal table, Markdown, HTML, heatmap, gate, diff) shows the count and the reasons.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["skip_note", "skip_reasons", "skipped_checks"]
+
+
+def skip_reasons(cell: dict[str, Any]) -> dict[str, str]:
+    """Check name -> why it was skipped: ``metrics.skipped_checks`` and merged forms ``skipped``."""
+    metrics = cell.get("metrics") or {}
+    out = dict(metrics.get("skipped_checks") or {})
+    for name, form in (metrics.get("merged") or {}).items():
+        if form.get("status") == "skipped":
+            out[name] = form.get("reason") or ""
+    return out
+
+
+def skipped_checks(cell: dict[str, Any]) -> list[str]:
+    """The names of a cell's skipped checks (an accepted-results cell keeps them as ``skipped``)."""
+    return sorted(skip_reasons(cell)) if "metrics" in cell else list(cell.get("skipped") or [])
+
+
+def skip_note(cell: dict[str, Any]) -> str:
+    """``2 checks skipped: name (why); name (why)``, or "" when none was."""
+    reasons = skip_reasons(cell)
+    if not reasons:
+        return ""
+    return f"{len(reasons)} check{'s' if len(reasons) > 1 else ''} skipped: " + "; ".join(
+        f"{name} ({why})" for name, why in sorted(reasons.items())
+    )
