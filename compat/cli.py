@@ -115,7 +115,9 @@ def _run(args: argparse.Namespace) -> int:
                 print(format_row(r), flush=True)
             if finished:
                 done = sorted(results.values(), key=lambda r: order[r.id])
-                write_results(args.output, done, config.backend, config.device, config.versions, complete=False)
+                write_results(
+                    args.output, done, config.backend, config.device, config.versions, False, _selection(args)
+                )
     except KeyboardInterrupt:
         launch.STOP.set()
         executor.shutdown(wait=True, cancel_futures=True)
@@ -123,7 +125,7 @@ def _run(args: argparse.Namespace) -> int:
         return 130
     executor.shutdown()
     ordered = sorted(results.values(), key=lambda r: order[r.id])
-    write_results(args.output, ordered, config.backend, config.device, config.versions, complete=True)
+    write_results(args.output, ordered, config.backend, config.device, config.versions, True, _selection(args))
     print()
     print_table(ordered, sys.stdout)
     kept = [r for r in ordered if r.files]
@@ -132,6 +134,11 @@ def _run(args: argparse.Namespace) -> int:
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     return EXIT_OK if all(r.met for r in ordered) else EXIT_UNMET
+
+
+def _selection(args: argparse.Namespace) -> dict[str, str]:
+    """How the cells were chosen, recorded in results.json: a ``-k`` or ``--shard`` run is a part."""
+    return {"matrix": str(args.matrix or ""), "k": args.select or "", "shard": args.shard or ""}
 
 
 def _run_external(args: argparse.Namespace, config: RunConfig) -> int:
@@ -143,7 +150,7 @@ def _run_external(args: argparse.Namespace, config: RunConfig) -> int:
     results = run_here(config.cells, config.backend, config.expectations, config.timeout, config.plugins)
     if results is None:
         return EXIT_OK
-    write_results(args.output, results, config.backend, config.device, config.versions, complete=True)
+    write_results(args.output, results, config.backend, config.device, config.versions, True, _selection(args))
     print_table(results, sys.stdout)
     return EXIT_OK if all(r.met for r in results) else EXIT_UNMET
 
@@ -195,8 +202,9 @@ def _diff(args: argparse.Namespace) -> int:
     from compat.results import read_results
     from compat.results_diff import diff, diff_markdown
 
-    print(diff_markdown(diff(read_results(args.before), read_results(args.after)), str(args.before), str(args.after)))
-    return EXIT_OK
+    changes = diff(read_results(args.before), read_results(args.after))
+    print(diff_markdown(changes, str(args.before), str(args.after)))
+    return EXIT_UNMET if changes.outcome_changed else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import shutil
 import site
 import subprocess
@@ -48,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compat.problems import problem_key
 from compat.skips import skipped_checks
 
 __all__ = [
@@ -257,16 +257,6 @@ def compare(results: dict[str, Any], accepted: dict[str, Any] | None) -> dict[st
             out["new"].append(row)
     out["dropped"] = [{"id": i, "accepted": c["status"]} for i, c in before.items() if i not in seen]
     return out
-
-
-# Measured values inside a problem's message (a max |diff|, a share, a count of mismatched elements)
-# vary with the machine; the problem is the same while its words and named tensors are.
-_MEASURED = re.compile(r"\d+\.\d+(?:e[-+]\d+)?%?|\b\d+ / \d+\b")
-
-
-def problem_key(problem: dict[str, Any]) -> str:
-    """A problem as the gate compares it: its check and message, measured values masked."""
-    return f"[{problem.get('check', '')}] " + _MEASURED.sub("#", str(problem.get("message", "")))
 
 
 def _problem_change(before: list[dict[str, Any]], now: list[dict[str, Any]]) -> tuple[list[str], list[str]]:

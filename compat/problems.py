@@ -6,10 +6,11 @@ a problem nobody expected cannot hide inside a reason that also holds the expect
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["Problem", "joined", "problems_of"]
+__all__ = ["Problem", "joined", "problem_key", "problems_of"]
 
 
 @dataclass(frozen=True)
@@ -40,3 +41,13 @@ def joined(problems: list[Problem]) -> str:
 def problems_of(raw: list[dict[str, Any]] | None) -> list[Problem]:
     """Problems read back from a record or a results file (absent in files written before they existed)."""
     return [Problem.from_dict(p) for p in raw or []]
+
+
+# Measured values inside a problem's message (a max |diff|, a share, a count of mismatched elements)
+# vary with the machine; the problem is the same while its words and named tensors are.
+_MEASURED = re.compile(r"\d+\.\d+(?:e[-+]\d+)?%?|\b\d+ / \d+\b")
+
+
+def problem_key(problem: dict[str, Any]) -> str:
+    """A problem as the gate and ``compat diff`` compare it: its check and message, measured values masked."""
+    return f"[{problem.get('check', '')}] " + _MEASURED.sub("#", str(problem.get("message", "")))

@@ -150,7 +150,9 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"megatron-lora-compat: {exc}") from None
     path = config.getoption("--compat-results")
     if path:
-        config.pluginmanager.register(ResultsCollector(config, Path(path)), "compat-results-collector")
+        from compat.pytest_results import ResultsCollector
+
+        config.pluginmanager.register(ResultsCollector(config, Path(path), _session), "compat-results-collector")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -181,21 +183,25 @@ class CompatResult:
     def assert_met(self) -> None:
         """Return if the cell met its expected outcome; raise by observed status otherwise.
 
-        A pass returns; an expected ``unsupported`` skips; a ``fail``/``error`` raises
-        :class:`CellFailed`/:class:`CellErrored` (what strict xfail marks match on), and so does an
-        expected failure whose reason no longer matches the expectation's ``match``.
+        A pass returns (raises when the cell was expected ``unsupported``); an expected ``unsupported``
+        skips; a ``fail``/``error`` raises :class:`CellFailed`/:class:`CellErrored` (what strict xfail
+        marks match on); an expected failure with other problems than expected raises
+        :class:`CellDidNotPass`, naming them.
         """
         r = self.result
         if r.status == "pass":
-            return
+            if r.expected in ("pass", "fail", "error"):
+                return  # an expected fail or error that passes is strict xfail's XPASS
+            raise CellDidNotPass(f"{r.id} passed, but is expected {r.expected}: {r.expected_reason}")
         if r.status == "unsupported":
             if r.met:
                 pytest.skip(f"{r.id}: {r.reason}")
             raise CellDidNotPass(f"{r.id} is unsupported here: {r.reason}")
         if r.status == r.expected and not r.met:
             raise CellDidNotPass(
-                f"{r.id} {r.status} as expected, but for another reason: its reason does not match "
-                f"{r.expected_match!r}:\n{r.reason}"
+                f"{r.id} {r.status} as expected, but not with the expected problems:\n"
+                + "\n".join(f"  {u}" for u in r.unmet)
+                + f"\n{r.reason}"
             )
         err = CellFailed if r.status == "fail" else CellErrored
         raise err(f"{r.id} {r.status}: {r.reason}")
@@ -256,28 +262,3 @@ def compat_run(
     workdir = tmp_path_factory.getbasetemp() / "cells"
     workdir.mkdir(exist_ok=True)
     return CompatRunner(_session(pytestconfig), workdir, request.node)
-
-
-class ResultsCollector:
-    """Collects the cells' results of this session where the reports arrive (the xdist controller too)
-    and writes ``--compat-results`` at the end, from the controller only."""
-
-    def __init__(self, config: pytest.Config, path: Path) -> None:
-        self.config, self.path = config, path
-        self.results: list[dict[str, Any]] = []
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when == "call":
-            self.results += [value for key, value in report.user_properties if key == "compat_result"]
-
-    def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if hasattr(self.config, "workerinput") or not self.results:
-            return
-        from compat.results import CellResult, device_name, write_results
-        from compat.versions import installed_versions
-
-        s = _session(self.config)
-        order = {c.id: i for i, c in enumerate(s.cells)}
-        results = sorted((CellResult(**r) for r in self.results), key=lambda r: (order.get(r.id, len(order)), r.id))
-        complete = session.shouldstop is False and session.shouldfail is False
-        write_results(self.path, results, s.backend, device_name(s.backend), installed_versions(), complete=complete)

@@ -89,16 +89,24 @@ def device_name(backend: str) -> str:
 
 
 def write_results(
-    path: Path, results: list[CellResult], backend: str, device: str, versions: dict[str, Any], complete: bool
+    path: Path,
+    results: list[CellResult],
+    backend: str,
+    device: str,
+    versions: dict[str, Any],
+    complete: bool,
+    selection: dict[str, Any] | None = None,
 ) -> None:
     """Write atomically: a run that stops half-way never leaves a half-written file.
 
     ``complete`` is false while cells are still to run (the file is rewritten after every cell):
-    an interrupted run's file says so, and the gate refuses it.
+    an interrupted run's file says so, and the gate refuses it. ``selection``: how the cells were
+    chosen (matrix, ``-k``, shard), so a narrowed run reads as one.
     """
     data = {
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "complete": complete,
+        "selection": selection or {},
         "device": device,
         "backend": backend,
         "versions": versions,

@@ -1,4 +1,5 @@
-"""What changed between two results.json files: status flips, cells added or removed, max-diff jumps.
+"""What changed between two results.json files: status flips, problems, skipped checks, cells added
+or removed, max-diff jumps.
 
 After a version bump or a fix, the question is "what moved", not "what is the state"; two full tables
 side by side hide a single flipped cell among a hundred. Cells are matched by id. A max_abs_diff that
@@ -10,6 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from compat.problems import problem_key
+from compat.skips import skipped_checks
 
 __all__ = ["Diff", "DiffMove", "StatusChange", "diff", "diff_markdown"]
 
@@ -48,10 +52,24 @@ class Diff:
     versions_changed: tuple[tuple[str, str | None, str | None], ...]
     common: int
     factor: float
+    problems_changed: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = ()  # (id, gone, new), same status
+    skips_changed: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = ()  # (id, skipped before, now)
 
     @property
     def changed(self) -> bool:
-        return bool(self.status_changed or self.added or self.removed or self.diff_moved)
+        return bool(
+            self.status_changed
+            or self.added
+            or self.removed
+            or self.diff_moved
+            or self.problems_changed
+            or self.skips_changed
+        )
+
+    @property
+    def outcome_changed(self) -> bool:
+        """A cell changed status or problems: ``compat diff`` exits 1."""
+        return bool(self.status_changed or self.problems_changed)
 
     @property
     def summary(self) -> str:
@@ -66,6 +84,8 @@ class Diff:
             f"{len(self.added)} added",
             f"{len(self.removed)} removed",
             f"{len(self.diff_moved)} max-diff move{_s(self.diff_moved)} beyond {self.factor:g}x",
+            f"{len(self.problems_changed)} with other problems",
+            f"{len(self.skips_changed)} with other skipped checks",
         ]
         return "; ".join(parts) + f" ({self.common} common cells)"
 
@@ -99,6 +119,19 @@ def diff(before: dict[str, Any], after: dict[str, Any], factor: float = 10.0) ->
         for i in common
         if _moved(old[i].get("max_abs_diff"), new[i].get("max_abs_diff"), factor)
     )
+    problems = []
+    for i in common:
+        a, b = (
+            [problem_key(p) for p in old[i].get("problems") or []],
+            [problem_key(p) for p in new[i].get("problems") or []],
+        )
+        if old[i]["status"] == new[i]["status"] and a != b and ("problems" in old[i]):
+            problems.append((i, tuple(k for k in a if k not in b), tuple(k for k in b if k not in a)))
+    skips = [
+        (i, tuple(skipped_checks(old[i])), tuple(skipped_checks(new[i])))
+        for i in common
+        if skipped_checks(old[i]) != skipped_checks(new[i])
+    ]
     v_old, v_new = before.get("versions") or {}, after.get("versions") or {}
     versions = tuple(
         (k, v_old.get(k), v_new.get(k)) for k in sorted(set(v_old) | set(v_new)) if v_old.get(k) != v_new.get(k)
@@ -111,6 +144,8 @@ def diff(before: dict[str, Any], after: dict[str, Any], factor: float = 10.0) ->
         versions_changed=versions,
         common=len(common),
         factor=factor,
+        problems_changed=tuple(problems),
+        skips_changed=tuple(skips),
     )
 
 
@@ -141,6 +176,15 @@ def diff_markdown(d: Diff, before_name: str = "before", after_name: str = "after
         for m in d.diff_moved:
             ratio = "new" if m.old is None else "gone" if m.new is None else f"{m.factor:.3g}x"
             lines.append(f"| {m.id} | {_num(m.old)} | {_num(m.new)} | {ratio} |")
+        lines.append("")
+    if d.problems_changed:
+        lines += ["Other problems, same status:", ""]
+        for i, gone, new in d.problems_changed:
+            lines += [f"- `{i}`"] + [f"  - now: {k[:300]}" for k in new] + [f"  - gone: {k[:300]}" for k in gone]
+        lines.append("")
+    if d.skips_changed:
+        lines += ["Other skipped checks:", "", "| cell | skipped before | skipped now |", "| --- | --- | --- |"]
+        lines += [f"| {i} | {', '.join(a) or '-'} | {', '.join(b) or '-'} |" for i, a, b in d.skips_changed]
         lines.append("")
     for label, ids in (("Added", d.added), ("Removed", d.removed)):
         if ids:

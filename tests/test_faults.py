@@ -79,6 +79,29 @@ def test_plant_is_inert_without_a_fault(monkeypatch, tmp_path, compat_backend):
     assert result.status == "pass", result.reason
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_an_expected_failure_with_a_second_fault_is_unmet(dtype, monkeypatch, tmp_path, compat_backend):
+    """llama.tp2.dora is expected to fail for its missing DoRA magnitudes; with lora_alpha doubled as well,
+    the alpha problem is one no pattern covers: unmet, naming it (before: "1 met", exit 0, the alpha
+    problem riding along in the joined reason; and every check after the file checks never ran)."""
+    from faults.catalogue import by_name
+
+    from compat.expected import load_expectations
+    from compat.launch import run_cell
+    from compat.versions import installed_versions
+
+    plant(monkeypatch, "lora_alpha_wrong")
+    cell = cell_of(by_name("lora_alpha_wrong"), dtype, adapter="dora")
+    expected = load_expectations(REPO / "matrix" / "expected.toml").for_cell(cell.id, installed_versions(), cell.spec)
+    assert expected.status == "fail" and expected.match
+    result = run_cell(cell, compat_backend, expected, workdir=tmp_path)
+    assert result.status == "fail", result.reason
+    assert not result.met
+    assert [u for u in result.unmet if "lora_alpha is 32, expected 16" in u and u.startswith("not expected: [files]")]
+    checks = {p["check"] for p in result.problems}
+    assert {"files", "logits"} <= checks, checks  # peft loaded the export and the logits were compared
+
+
 def test_an_expected_failure_for_another_reason_is_not_met(monkeypatch, tmp_path, compat_backend):
     """llama.tp2.dora is expected to fail for its missing DoRA magnitudes; with unprefixed keys planted it
     still fails, for another reason, and must not count as met (before ``match``: "1 met")."""

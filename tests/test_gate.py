@@ -159,7 +159,7 @@ def test_accept_keeps_problems_and_refuses_a_narrowed_run(monkeypatch, tmp_path)
 
 
 def test_measured_values_do_not_make_a_problem_new() -> None:
-    from compat.gate import problem_key
+    from compat.problems import problem_key
 
     a = {"check": "logits", "message": "mismatched elements: 8190 / 8192 (100.0%); greatest 6.970e-01 at token 197"}
     b = {"check": "logits", "message": "mismatched elements: 8191 / 8192 (99.9%); greatest 6.971e-01 at token 197"}
