@@ -11,6 +11,8 @@ import re
 from math import lcm
 from typing import Any
 
+from compat.skips import skip_mark
+
 __all__ = [
     "LAYOUT_KEYS",
     "column_label",
@@ -88,10 +90,11 @@ def outcome(cell: dict[str, Any]) -> str:
 
 
 def short_status(cell: dict[str, Any]) -> str:
-    """``pass``, ``fail*`` (expected), ``FAIL`` (unexpected): upper case marks a cell that missed its expectation."""
+    """``pass``, ``fail*`` (expected), ``FAIL`` (unexpected): upper case marks a cell that missed its expectation;
+    ``pass (1 skipped)``: a check did not run."""
     status = cell.get("status", "?")
     table = _SHORT if cell.get("met", False) else _UNMET
-    return table.get(status, status if cell.get("met", False) else status.upper())
+    return table.get(status, status if cell.get("met", False) else status.upper()) + skip_mark(cell)
 
 
 def headline(reason: str, limit: int = 300) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from compat.grid import column_label, outcome, slug_sort_key
+from compat.skips import skipped_checks
 
 __all__ = ["COLOURS", "heatmap", "panel_key"]
 
@@ -119,6 +120,7 @@ def heatmap(data: dict[str, Any], path: Path) -> list[str]:
                 fill, ink, _ = COLOURS[outcome(cell)]
                 ax.add_patch(Rectangle((j, i), 1, 1, facecolor=fill, edgecolor="white", linewidth=1.5))
                 letter = _LETTER.get(cell.get("status", ""), "?") + ("" if cell.get("met") else "!")
+                letter += f"~{len(skipped_checks(cell))}" if skipped_checks(cell) else ""  # checks skipped
                 label = f"{letter} {_diff_text(cell.get('max_abs_diff'))}"
                 weight = "normal" if cell.get("met") else "bold"
                 ax.text(j + 0.5, i + 0.5, label, ha="center", va="center", fontsize=8, color=ink, weight=weight)
@@ -156,7 +158,11 @@ def _header(fig: Any, data: dict[str, Any], fig_h: float, patch: Any) -> None:
     when = data.get("finished_at") or "unknown time"
     done = "" if data.get("complete", True) else "  (INCOMPLETE RUN)"
     head = f"{data.get('device', '?')}, {data.get('backend', '?')} backend, {when}{done}"
-    sub = f"{len(cells)} cells, {unmet} did not meet their expected outcome.  Square: status letter + max |logit diff|"
+    skipped = sum(bool(skipped_checks(c)) for c in cells)
+    sub = (
+        f"{len(cells)} cells, {unmet} did not meet their expected outcome, {skipped} skipped checks.  "
+        "Square: status letter (~N: N checks skipped) + max |logit diff|"
+    )
     fig.text(0.01, 1 - 0.25 / fig_h, head, fontsize=13, weight="bold", va="top")
     fig.text(0.01, 1 - 0.55 / fig_h, sub, fontsize=9.5, va="top", color="#333333")
     handles = [patch(facecolor=fill, edgecolor="#999999", label=label) for fill, _, label in COLOURS.values()]

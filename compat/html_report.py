@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from compat.grid import column_label, headline, outcome
+from compat.skips import skip_mark, skip_note
 
 __all__ = ["html_report"]
 
@@ -62,7 +63,10 @@ def _reason(cell: dict[str, Any]) -> str:
     reason = (cell.get("reason") or "").strip()
     expected_reason = (cell.get("expected_reason") or "").strip()
     if cell.get("status") == "pass" and cell.get("met", False):
-        return ""
+        note = skip_note(cell)
+        return (
+            f"<details><summary>{escape(headline(note, 160))}</summary><p>{escape(note)}</p></details>" if note else ""
+        )
     if not reason and not expected_reason:
         return ""
     summary = escape(headline(reason or expected_reason, 160))
@@ -90,7 +94,7 @@ _HEAD = (
 
 
 def _row(cell: dict[str, Any]) -> str:
-    status = escape(str(cell.get("status", "?"))) + ("" if cell.get("met") else " (unexpected)")
+    status = escape(str(cell.get("status", "?")) + skip_mark(cell)) + ("" if cell.get("met") else " (unexpected)")
     values = [
         f'<td class="id">{escape(str(cell.get("id", "?")))}</td>',
         f"<td>{escape(str(cell.get('family', '?')))}</td>",

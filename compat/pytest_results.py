@@ -2,7 +2,7 @@
 
 A cell whose rank group or pytest worker died mid-cell, or whose test errored in setup, has no
 result of its own: it is recorded ``error`` with the crash text (xdist reports a dead worker's test
-as ``when="???"``). ``complete`` is false while any selected cell lacks a result, and the file is
+as ``when="???"``). ``complete`` is false while any selected cell lacks a result of its own, and the file is
 written even when none has one, so an old results.json never survives a run that made none.
 """
 
@@ -28,6 +28,7 @@ class ResultsCollector:
         self.config, self.path, self._session_of = config, path, session_of
         self.results: dict[str, dict[str, Any]] = {}  # cell id -> result
         self.selected: set[str] = set()  # cell ids of the selected compat_cell tests
+        self.crashed: set[str] = set()  # cell ids recorded from a crash, without a result of their own
 
     def _cell_id(self, nodeid: str) -> str | None:
         m = _PARAM.search(nodeid)
@@ -53,6 +54,7 @@ class ResultsCollector:
         cell = self._cell_id(report.nodeid)
         if report.failed and not recorded and cell and cell not in self.results:
             self.results[cell] = self._crashed(cell, report)
+            self.crashed.add(cell)
 
     def _crashed(self, cell_id: str, report: pytest.TestReport) -> dict[str, Any]:
         """An ``error`` record for a cell whose test broke before its result was attached."""
@@ -81,7 +83,7 @@ class ResultsCollector:
         results = sorted(
             (CellResult(**r) for r in self.results.values()), key=lambda r: (order.get(r.id, len(order)), r.id)
         )
-        missing = sorted(self.selected - set(self.results))
+        missing = sorted((self.selected - set(self.results)) | self.crashed)
         complete = session.shouldstop is False and session.shouldfail is False and not missing and bool(results)
         matrix = self.config.getoption("--compat-matrix") or self.config.getini("compat_matrix") or ""
         selection = {

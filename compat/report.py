@@ -6,6 +6,7 @@ from typing import IO, Any
 
 from compat.grid import headline
 from compat.results import CellResult
+from compat.skips import skip_mark, skip_note
 
 __all__ = ["format_header", "format_row", "markdown", "print_table", "summary"]
 
@@ -30,6 +31,8 @@ def _num(x: float | None) -> str:
 
 def format_row(r: CellResult) -> str:
     mark = "" if r.met else " !"
+    skipped = {"metrics": r.metrics}
+    mark += "~" if skip_note(skipped) else ""  # a check did not run (the note below says which and why)
     cells = (
         r.id,
         str(r.world_size),
@@ -42,6 +45,8 @@ def format_row(r: CellResult) -> str:
     row = "  ".join(c.ljust(w) for c, (_, w) in zip(cells, _COLUMNS, strict=False))
     if r.reason and (not r.met or r.status != "pass"):
         row += "\n    " + r.reason.replace("\n", "\n    ")[:2000]
+    if skip_note(skipped):
+        row += "\n    " + skip_note(skipped)
     return row
 
 
@@ -51,7 +56,11 @@ def summary(results: list[CellResult]) -> str:
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
     parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    return f"{len(results)} cells: {parts}; {met} met their expected outcome, {len(results) - met} did not"
+    skipped = sum(bool(skip_note({"metrics": r.metrics})) for r in results)
+    return (
+        f"{len(results)} cells: {parts}; {met} met their expected outcome, {len(results) - met} did not; "
+        f"{skipped} with checks skipped"
+    )
 
 
 def print_table(results: list[CellResult], out: IO[str]) -> None:
@@ -77,15 +86,16 @@ def markdown(data: dict[str, Any], source: str = "") -> str:
     reasons: dict[str, int] = {}
     for c in data.get("cells", []):
         note = ""
-        if c["status"] != "pass":
-            first = headline(c["reason"])
-            note = f"[{reasons.setdefault(first, len(reasons) + 1)}]"
-        status = c["status"] + ("" if c["met"] else " (unexpected)")
+        for text in ([headline(c["reason"])] if c["status"] != "pass" else []) + (
+            [skip_note(c)] if skip_note(c) else []
+        ):
+            note += f"[{reasons.setdefault(text, len(reasons) + 1)}]"
+        status = c["status"] + skip_mark(c) + ("" if c["met"] else " (unexpected)")
         row = (c["id"], c["world_size"], status, c["expected"], _num(c["max_abs_diff"]),
                _num(c["adapter_effect"]), f"{c['seconds']:.0f}", note)  # fmt: skip
         lines.append("| " + " | ".join(str(x) for x in row) + " |")
     if reasons:
-        lines += ["", "Reasons (first line):", ""]
+        lines += ["", "Reasons (first line) and skipped checks:", ""]
         lines += [f"{n}. {text}" for text, n in reasons.items()]
     met = sum(c["met"] for c in data.get("cells", []))
     lines += ["", f"{len(data.get('cells', []))} cells, {met} met their expected outcome."]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["skip_note", "skip_reasons", "skipped_checks"]
+__all__ = ["skip_mark", "skip_note", "skip_reasons", "skipped_checks"]
 
 
 def skip_reasons(cell: dict[str, Any]) -> dict[str, str]:
@@ -34,3 +34,9 @@ def skip_note(cell: dict[str, Any]) -> str:
     return f"{len(reasons)} check{'s' if len(reasons) > 1 else ''} skipped: " + "; ".join(
         f"{name} ({why})" for name, why in sorted(reasons.items())
     )
+
+
+def skip_mark(cell: dict[str, Any]) -> str:
+    """`` (2 skipped)`` after a status, or "": what a table cell or a grid square shows."""
+    n = len(skipped_checks(cell))
+    return f" ({n} skipped)" if n else ""

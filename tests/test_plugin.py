@@ -103,6 +103,50 @@ def test_results_json_is_written_by_the_xdist_controller(repo):
     assert all(c["status"] == "pass" and c["spec"] == "local" for c in data["cells"])
 
 
+CRASHES = """
+import os, signal, threading
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def broken_setup(request):
+    if request.node.callspec.id == "llama.tp1":
+        raise RuntimeError("planted: setup breaks")
+
+
+def test_cell(compat_cell, compat_run):
+    if compat_cell.id == "llama.tp2":
+        threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGKILL)).start()  # the worker dies mid-cell
+    compat_run(compat_cell).assert_met()
+"""
+
+
+@pytest.mark.cell
+def test_a_worker_killed_mid_cell_and_a_setup_error_leave_error_records(repo):
+    """Before: only ``when == "call"`` reports were kept, so both cells vanished, nothing was written
+    (no results at all) and an old r.json survived; ``complete`` looked only at shouldstop/shouldfail."""
+    (repo.path / "r.json").write_text('{"complete": true, "cells": []}')
+    repo.makepyfile(test_m=CRASHES)
+    result = repo.runpytest("--compat-matrix", "m.toml", "-n", "2", "--compat-results", "r.json", "-p", "xdist")
+    result.assert_outcomes(errors=1, failed=1)
+    data = json.loads((repo.path / "r.json").read_text())
+    cells = {c["id"]: c for c in data["cells"]}
+    assert data["complete"] is False and data["selection"]["cells"] == 2
+    assert sorted(data["selection"]["without_result"]) == ["llama.tp1", "llama.tp2"]
+    assert cells["llama.tp2"]["status"] == "error" and "crashed" in cells["llama.tp2"]["reason"]
+    assert cells["llama.tp1"]["status"] == "error" and "planted: setup breaks" in cells["llama.tp1"]["reason"]
+    assert not cells["llama.tp1"]["met"] and cells["llama.tp1"]["problems"][0]["check"] == "run"
+
+
+@pytest.mark.cell
+def test_a_narrowed_run_records_its_selection(repo):
+    result = repo.runpytest("--compat-matrix", "m.toml", "-k", "tp1", "--compat-results", "r.json")
+    result.assert_outcomes(passed=1)
+    data = json.loads((repo.path / "r.json").read_text())
+    assert data["complete"] is True and data["selection"]["k"] == "tp1" and data["selection"]["cells"] == 1
+
+
 @pytest.mark.cell
 def test_an_exporter_passed_as_a_function_runs_by_its_name(repo, monkeypatch):
     """As a new user writes it: ``compat_run(cell, exporter=my_function)``; a lambda is refused, not run."""
