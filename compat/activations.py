@@ -51,7 +51,7 @@ def _capture_megatron(model: list, store: dict[str, torch.Tensor]) -> list[Any]:
                 def hook(_m: Any, _i: Any, out: Any, key: str = f"layer {n} {part}") -> None:
                     # A copy: in inference the bias-dropout-add adds the residual in place into
                     # this very tensor (megatron/core/fusions/fused_bias_dropout.py:49, 0.19.2).
-                    store[key] = _first(out).transpose(0, 1).clone()  # [s, b, h] -> [b, s, h]
+                    store[key] = _first(out).clone()  # [s, b, h]; [s / tp, b, h] under SP
 
                 hooks.append(module.register_forward_hook(hook))
     return hooks
@@ -62,7 +62,10 @@ def megatron_forward(
 ) -> None:
     """Run the model; the first TP/DP rank of each pipeline stage writes its stage's activations."""
     from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+    from megatron.core.tensor_parallel.mappings import (
+        gather_from_sequence_parallel_region,
+        gather_from_tensor_model_parallel_region,
+    )
 
     activations: dict[str, torch.Tensor] = {}
     hooks = _capture_megatron(model, activations)
@@ -72,6 +75,9 @@ def megatron_forward(
     finally:
         for h in hooks:
             h.remove()
+    if unwrap(model[0]).config.sequence_parallel:  # each TP rank holds its chunk of the sequence
+        activations = {k: gather_from_sequence_parallel_region(v) for k, v in activations.items()}
+    activations = {k: v.transpose(0, 1) for k, v in activations.items()}  # [s, b, h] -> [b, s, h]
     if out is not None:
         activations["logits"] = gather_from_tensor_model_parallel_region(out)[..., :vocab_size]
     if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:

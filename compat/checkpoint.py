@@ -28,6 +28,7 @@ __all__ = [
     "default_saver",
     "is_dist_checkpoint",
     "unloadable",
+    "written_by",
 ]
 
 
@@ -105,6 +106,42 @@ def check_contents(path: Path, wanted: set[tuple[str, tuple[int, ...]]]) -> list
     if not wanted:
         problems.append("the model has no adapter tensor to save")
     return problems
+
+
+def written_by(path: Path, model: list, params: list[str]) -> list[str]:
+    """Which rank wrote the checkpoint's copy of each of these adapter parameters (``"<chunk>/<name>"``).
+
+    Under data parallelism one replica of a shard is written and every other reloads it: a replica
+    that reloads other values than it holds is told whose copy it got. The writer is the rank in the
+    name of the file holding the copy (``__<rank>_<n>.distcp``, torch's ``FileSystemWriter``).
+    """
+    import re
+
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from torch.distributed.checkpoint import FileSystemReader
+
+    storage = FileSystemReader(str(path)).read_metadata().storage_data
+    files = {(index.fqn, tuple(index.offset or ())): info.relative_path for index, info in storage.items()}
+    by_param = {
+        (v.data.data_ptr(), tuple(v.data.shape)): v
+        for section in bridge_api.model_sections(model).values()
+        for v in (nested_values(section) if isinstance(section, dict) else [])
+        if isinstance(v, ShardedTensor) and v.flattened_range is None and is_adapter(v.key)
+    }
+    named = {f"{i}/{n}": p for i, chunk in enumerate(model) for n, p in chunk.named_parameters()}
+    out = []
+    for key in params:
+        p = named.get(key)
+        shard = by_param.get((p.data_ptr(), tuple(p.shape))) if p is not None else None
+        name = files.get((shard.key, tuple(shard.global_offset))) if shard is not None else None
+        writer = re.match(r"__(\d+)_", name or "")
+        if shard is not None and writer:
+            out.append(
+                f"its copy in the checkpoint ({shard.key} at offset {tuple(shard.global_offset)}) "
+                f"was written by rank {writer.group(1)} ({name})"
+            )
+    return out
 
 
 def unloadable(checkpoint: Path, exc: BaseException) -> str:

@@ -27,7 +27,8 @@ __all__ = [
     "slug_sort_key",
 ]
 
-LAYOUT_KEYS = ("tp", "pp", "ep", "etp", "vpp")
+LAYOUT_KEYS = ("tp", "sp", "pp", "dp", "ep", "etp", "vpp")
+_OFF = {"sp": 0}  # an on/off key, written ``sp`` when on; every other key is a size, 1 when off
 
 NOT_RUN = "-"
 _SHORT = {"pass": "pass", "fail": "fail*", "error": "err*", "unsupported": "unsup"}
@@ -41,7 +42,11 @@ def layout_slug(layout: dict[str, int] | None) -> str:
     one whose layout the current ``Layout`` would reject.
     """
     layout = layout or {}
-    parts = [f"{k}{layout[k]}" for k in LAYOUT_KEYS if int(layout.get(k, 1)) != 1]
+    parts = [
+        "sp" if k == "sp" else f"{k}{layout[k]}"
+        for k in LAYOUT_KEYS
+        if int(layout.get(k, _OFF.get(k, 1))) != _OFF.get(k, 1)
+    ]
     parts += [f"{k}{v}" for k, v in sorted(layout.items()) if k not in LAYOUT_KEYS and int(v) != 1]
     return "-".join(parts) or "tp1"
 
@@ -55,14 +60,14 @@ def column_label(cell: dict[str, Any]) -> str:
 
 def _parse_slug(slug: str) -> tuple[Any, ...]:
     # World size, then simpler layouts first (fewer parallel dimensions, tp before pp before ep ...).
-    values = dict.fromkeys(LAYOUT_KEYS, 1)
+    values = dict.fromkeys(LAYOUT_KEYS, 1)  # sp counts as a dimension when on: 2 here, for ordering only
     for part in slug.split("-"):
-        m = re.fullmatch(r"([a-z]+?)(\d+)", part)
+        m = re.fullmatch(r"([a-z]+?)(\d+)", "sp2" if part == "sp" else part)
         if m and m.group(1) in values:
             values[m.group(1)] = int(m.group(2))
-    tp, pp, ep, etp, _ = (values[k] for k in LAYOUT_KEYS)
+    tp, pp, dp, ep, etp = (values[k] for k in ("tp", "pp", "dp", "ep", "etp"))
     dims = [i for i, k in enumerate(LAYOUT_KEYS) if values[k] != 1]
-    return (pp * lcm(tp, ep * etp), len(dims), dims, [values[k] for k in LAYOUT_KEYS])
+    return (pp * lcm(tp * dp, ep * etp), len(dims), dims, [values[k] for k in LAYOUT_KEYS])
 
 
 def slug_sort_key(label: str) -> tuple[Any, ...]:

@@ -102,7 +102,7 @@ def _build(
     provider.virtual_pipeline_model_parallel_size = layout.vpp if layout.vpp > 1 else None
     provider.expert_model_parallel_size = layout.ep
     provider.expert_tensor_parallel_size = layout.etp
-    provider.sequence_parallel = False
+    provider.sequence_parallel = bool(layout.sp)
     provider.params_dtype = dtype
     provider.pipeline_dtype = dtype
     provider.bf16 = cell.dtype == "bf16"

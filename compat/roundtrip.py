@@ -195,6 +195,9 @@ def _load(
     adapters = adapter_state.adapter_params(built.model)
     if saved is not None:
         problems += adapter_state.compare_values(adapters, saved, "adapter not restored:")
+        wrong = [k for k, p in adapters.items() if k in saved and not p.detach().cpu().equal(saved[k])]
+        if wrong and checkpoint.is_dist_checkpoint(paths.checkpoint):
+            problems += checkpoint.written_by(paths.checkpoint, built.model, wrong[:1])
     else:
         problems += [
             f"adapter {k} still holds the fresh model's values after load"

@@ -68,7 +68,12 @@ CASES = {
         r"layout tp3 cannot shard llama: tp=3 does not divide 8 attention heads",
     ),
     "malformed_layout": (lambda t: ["--family", "llama", "--layout", "tp=two"], r"tp='two' is not an integer"),
-    "unknown_layout_key": (lambda t: ["--family", "llama", "--layout", "dp=2"], r"dp"),
+    "unknown_layout_key": (lambda t: ["--family", "llama", "--layout", "cp=2"], r"cannot read layout 'cp=2'"),
+    "sp_without_tp": (lambda t: ["--family", "llama", "--layout", "sp=1"], r"sp=1 needs tp > 1"),
+    "dp_that_cannot_hold_experts": (
+        lambda t: ["--family", "qwen3_moe", "--layout", "ep=2,dp=1"],
+        r"dp=1 x tp=1 = 1 is not a multiple of ep=2 x etp=1 = 2",
+    ),
     "unknown_adapter": (
         lambda t: ["--family", "llama", "--layout", "tp1", "--adapter", "ia3"],
         r"unknown adapter 'ia3'",

@@ -46,7 +46,7 @@ class CpuBackend:
             stage = v * pp + rank
             last_stage = len(model) * pp - 1
             if stage > 0:
-                buf = torch.empty(input_ids.shape[1], input_ids.shape[0], hidden_size, dtype=_dtype(chunk))
+                buf = torch.empty(_stage_tokens(chunk, input_ids), input_ids.shape[0], hidden_size, dtype=_dtype(chunk))
                 dist.recv(buf, src=ranks[(rank - 1) % pp])
                 chunk.set_input_tensor(buf)
             out = chunk(input_ids=input_ids, position_ids=pos, attention_mask=mask)
@@ -54,6 +54,14 @@ class CpuBackend:
                 dist.send(out.contiguous(), dst=ranks[(rank + 1) % pp])
                 out = None
         return out
+
+
+def _stage_tokens(chunk: torch.nn.Module, input_ids: torch.Tensor) -> int:
+    """Tokens a stage hands on: this TP rank's chunk of the sequence under sequence parallelism."""
+    from compat.model_build import unwrap
+
+    sp = unwrap(chunk).config.sequence_parallel
+    return input_ids.shape[1] // (unwrap(chunk).config.tensor_model_parallel_size if sp else 1)
 
 
 def _dtype(chunk: torch.nn.Module) -> torch.dtype:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from faults import disrupt, tamper
+from faults import disrupt, parallel, tamper
 from faults.tamper import Wrap
 
 __all__ = ["FAULTS", "Fault", "by_name"]
@@ -340,6 +340,26 @@ FAULTS: tuple[Fault, ...] = (
             r"must match the size of tensor b \(\d+\) at megatron/bridge/peft/lora_layers\.py:\d+ "
             r"\(merging decoder\.layers\.0\.self_attention\.linear_proj\)",
         ),
+    ),
+    Fault(
+        "dp_rank1_writes_own_copy",
+        "data-parallel rank 1 writes its own copy (off by 1e-3) of an adapter shard as the one the checkpoint keeps",
+        "llama",
+        "dp=2",
+        ((DIST_CKPT, "save", parallel.dp_rank1_writes_own_copy),),
+        (
+            r"rank 0: adapter not restored: \S+adapter\S+ \(chunk 0\): max \|diff\| \d\.\d+e-0[34], expected bit-exact",
+            r"rank 0: its copy in the checkpoint \(\S+adapter\S+ at offset \([\d, ]+\)\) was written by rank 1 "
+            r"\(__1_\d+\.distcp\)",
+        ),
+    ),
+    Fault(
+        "sp_gather_drops_last_chunk",
+        "the sequence-parallel gather before LoRA-A returns the last TP rank's sequence chunk as zeros",
+        "llama",
+        "tp=2,sp=1",
+        ((PEFT_UTILS, "gather_from_sequence_parallel_region", parallel.sp_gather_drops_last_chunk),),
+        **mismatch_at(0, "self_attn"),
     ),
     # -- run faults: tests/test_run_faults.py ------------------------------------------------------
     Fault(
