@@ -73,7 +73,8 @@ _KINDS: dict[str, type[NewFailure]] = {}
 def failure_kind(status: str, reason: str) -> type[NewFailure]:
     """One exception class per kind of failure (status and the reason's words, numbers and names left out):
     Hypothesis tells bugs apart by exception type, so two kinds are shrunk and reported separately."""
-    words = re.sub(r"\S*[\d.'_/]\S*", "", (reason.splitlines() or [""])[0]).split(":")[0].split()
+    first = re.sub(r"^\[\w+\] ", "", (reason.splitlines() or [""])[0])  # the phase ([save], [load]) aside
+    words = re.sub(r"\S*[\d.'_/]\S*", "", first).split(":")[0].split()
     key = f"{status}: {' '.join(words[:12])}"
     with _KINDS_LOCK:
         if key not in _KINDS:
@@ -232,6 +233,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--jobs", type=int, default=1, help="searches at once, seeds S..S+N-1 (each a rank group)")
     p.add_argument("--dtype", action="append", dest="dtypes", help="dtypes drawn (default: fp32 and bf16)")
     p.add_argument("--max-world", type=int, default=2, help="largest world size drawn (default 2)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per cell launch (default 300)")
     p.add_argument("--out", type=Path, help="where drawn families, the log and the minimal failure go")
     p.add_argument("--no-database", action="store_true", help="neither replay nor save examples")
 
@@ -275,6 +277,7 @@ def main(args: argparse.Namespace) -> int:
             out=out / f"search{i}",
             dtypes=dtypes,
             max_world=args.max_world,
+            timeout=args.timeout,
             database=None if args.no_database else DATABASE,
             printer=lambda line: print(line, flush=True),
         )
