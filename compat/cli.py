@@ -47,10 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     dif = sub.add_parser("diff", help="what changed between two results files (status, max diff)")
     dif.add_argument("before", type=Path)
     dif.add_argument("after", type=Path)
-    from compat import bench, gate
+    from compat import bench, fuzz, gate
 
     gate.add_parser(sub)
     bench.add_parser(sub, _run_arguments)
+    fuzz.add_parser(sub)
     return p
 
 
@@ -223,4 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         from compat import bench
 
         return bench.main(args)
+    if args.command == "fuzz":
+        from compat import fuzz
+
+        return fuzz.main(args)
     return _families(args)

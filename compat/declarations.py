@@ -33,6 +33,7 @@ class Declarations[T]:
     ) -> None:
         self.kind, self.plural, self.resource, self.parse, self.error = kind, plural, resource, parse, error
         self._files: list[Path] = []
+        self._stamps: dict[Path, tuple[int, int]] = {}  # (mtime_ns, size) each file was read at
         self._cache: dict[str, T] | None = None
         _KINDS[kind] = self
 
@@ -46,6 +47,7 @@ class Declarations[T]:
             out = dict(self.parse(builtin, f"compat/data/{self.resource}"))
             for path in self._files:
                 try:
+                    self._stamps[path] = _stamp(path)
                     data = tomllib.loads(path.read_text())
                 except (OSError, tomllib.TOMLDecodeError) as exc:
                     raise self.error(f"{path}: cannot be read as TOML: {exc}") from None
@@ -69,6 +71,10 @@ class Declarations[T]:
         """Add a user's file; validated now (:attr:`error` if malformed or clashing, and it is not added)."""
         path = Path(path).resolve()
         if path in self._files:
+            # A file that grew since it was read (the shapes ``compat fuzz`` draws) is read again.
+            if self._stamps.get(path) != _stamp(path):
+                self._cache = None
+                self.all()
             return
         if not path.is_file():
             raise self.error(f"{self.kind} declarations file {path} does not exist")
@@ -84,6 +90,14 @@ class Declarations[T]:
     @property
     def files(self) -> list[str]:
         return [str(p) for p in self._files]
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except OSError:
+        return (0, 0)
+    return (stat.st_mtime_ns, stat.st_size)
 
 
 def files() -> dict[str, list[str]]:

@@ -1,8 +1,21 @@
-"""Fault-suite summary: how many planted faults ran, and how many the harness caught."""
+"""Fault-suite summary: how many planted faults ran, and how many the harness caught; the fuzz profiles."""
 
 from __future__ import annotations
 
 import pytest
+
+from compat.fuzz import PROFILES, register_profiles
+
+register_profiles()  # before Hypothesis's plugin loads --hypothesis-profile (ci, nightly)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.getgroup("megatron-lora-compat").addoption(
+        "--compat-fuzz",
+        choices=sorted(PROFILES),
+        help="the profile tests/test_fuzz.py searches with (default: --hypothesis-profile if it names one, else ci)",
+    )
+
 
 _faults: dict[str, tuple[bool, str]] = {}
 

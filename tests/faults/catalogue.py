@@ -9,7 +9,9 @@ level: the test process reads the catalogue to parametrize, and only the ranks r
 
 Check faults (``kind="check"``) must end the cell ``fail``, in fp32 and in bf16; run faults
 (``kind="run"``) break the run itself (a rank raises or hangs, upstream code raises where it used
-to be taken for a missing component) and are driven by tests/test_run_faults.py.
+to be taken for a missing component) and are driven by tests/test_run_faults.py; shape faults
+(``kind="shape"``) leave the declared family's cell passing and must be found, and shrunk, by
+``compat fuzz`` (tests/test_fuzz.py).
 """
 
 from __future__ import annotations
@@ -428,6 +430,20 @@ FAULTS: tuple[Fault, ...] = (
         status="error",
         timeout=60,
         dtypes=("fp32",),
+    ),
+)
+
+
+# A fault only some shapes show: compat fuzz's ci profile must find it and shrink it (tests/test_fuzz.py).
+FAULTS += (
+    Fault(
+        "q_width_not_hidden",
+        "layer 0 q_proj lora_B rows reversed only where heads x head_dim != hidden (shape-only)",
+        "llama",
+        "tp1",
+        ((AUTO_BRIDGE, "AutoBridge.export_adapter_weights", tamper.reverse_q_when_not_hidden),),
+        **mismatch_at(0, "self_attn", r"0\.self_attn\.q_proj"),
+        kind="shape",
     ),
 )
 

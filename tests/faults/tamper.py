@@ -148,6 +148,26 @@ def transpose_ab(w: dict[str, Any]) -> dict[str, Any]:
     return {**w, a: w[a].t().contiguous(), b: w[b].t().contiguous()}
 
 
+def reverse_q_when_not_hidden(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Layer 0 q_proj lora_B rows reversed in the export, only where the model's heads x head_dim != hidden
+    (read from the bridge's HF config, whatever the layout): a shape-only bug, invisible at 8 x 8 = 64."""
+
+    def reverse(w: dict[str, Any]) -> dict[str, Any]:
+        b = next(k for k in w if _layer(k, 0) and k.endswith("q_proj.lora_B.weight"))
+        return {**w, b: w[b].flip(0).contiguous()}
+
+    flipped = transform_export(reverse)(original)
+
+    @functools.wraps(original)
+    def export_adapter_weights(self: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        c = getattr(self.hf_pretrained, "config", self.hf_pretrained)
+        if c.num_attention_heads * c.head_dim == c.hidden_size:
+            return original(self, *args, **kwargs)
+        return flipped(self, *args, **kwargs)
+
+    return export_adapter_weights
+
+
 def drop_expert(w: dict[str, Any]) -> dict[str, Any]:
     """Expert 2 of every layer: no adapter tensors written."""
     return {k: v for k, v in w.items() if ".experts.2." not in k}
