@@ -250,3 +250,51 @@ def test_report_side_by_side_labels_must_name_every_file(tmp_path: Path, results
     path = tmp_path / "r.json"
     path.write_text(json.dumps(results))
     assert main(["report", "--side-by-side", str(path), str(path), "--labels", "one"]) == 2
+
+
+SKIPS = {
+    "skipped_checks": {"bridge loader": "this megatron-bridge has no load_peft_adapter_checkpoint"},
+    "merged": {"Megatron with adapters merged by the bridge": {"status": "skipped", "reason": "DoRALinear: no merge"}},
+}
+
+
+def test_a_pass_with_skipped_checks_is_shown_as_such_everywhere() -> None:
+    """Before (1ce6479): ``metrics.skipped_checks`` and skipped merged forms were recorded and shown nowhere."""
+    from compat.report import markdown
+
+    skipping = _cell("llama", metrics=SKIPS)
+    data = {"cells": [skipping, _cell("qwen3")], "versions": {}}
+    md = markdown(data)
+    assert "pass (2 skipped)" in md and "no load_peft_adapter_checkpoint" in md and "DoRALinear: no merge" in md
+    html = html_report(data, "r.json")
+    assert "pass (2 skipped)" in html and "no load_peft_adapter_checkpoint" in html
+    assert "(2 skipped)" in side_by_side([data, data], ["a", "b"])
+    assert "(2 skipped)" in grid_report([data])
+    unskipped = {**data, "cells": [_cell("llama"), _cell("qwen3")]}
+    d = diff(unskipped, data)
+    assert d.skips_changed and "bridge loader" in diff_markdown(d) and not d.outcome_changed
+
+
+def test_the_terminal_row_names_the_skipped_checks() -> None:
+    from compat.report import format_row, summary
+    from compat.results import CellResult
+
+    keys = CellResult.__dataclass_fields__
+    r = CellResult(**{k: v for k, v in _cell("llama", metrics=SKIPS, spec="local").items() if k in keys})
+    assert "pass~" in format_row(r) and "2 checks skipped: bridge loader (" in format_row(r)
+    assert "1 with checks skipped" in summary([r])
+
+
+def test_compat_diff_exits_1_on_a_status_or_problem_change(tmp_path: Path) -> None:
+    """Before: ``compat diff`` always exited 0."""
+    before, after = tmp_path / "a.json", tmp_path / "b.json"
+    problem = {"check": "files", "message": "use_dora is set but 28 of 28 modules carry no lora_magnitude_vector"}
+    cell = _cell("llama", "fail", True, problems=[problem])
+    before.write_text(json.dumps({"cells": [cell]}))
+    after.write_text(json.dumps({"cells": [cell]}))
+    assert main(["diff", str(before), str(after)]) == 0
+    other = {**problem, "message": "adapter_config.json: lora_alpha is 32, expected 16"}
+    after.write_text(json.dumps({"cells": [{**cell, "problems": [problem, other]}]}))
+    assert main(["diff", str(before), str(after)]) == 1
+    after.write_text(json.dumps({"cells": [{**cell, "status": "error", "met": False}]}))
+    assert main(["diff", str(before), str(after)]) == 1
