@@ -12,6 +12,7 @@ names and no base tensor, and one that does not load is diagnosed file by file
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +116,6 @@ def written_by(path: Path, model: list, params: list[str]) -> list[str]:
     that reloads other values than it holds is told whose copy it got. The writer is the rank in the
     name of the file holding the copy (``__<rank>_<n>.distcp``, torch's ``FileSystemWriter``).
     """
-    import re
-
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from torch.distributed.checkpoint import FileSystemReader

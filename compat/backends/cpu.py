@@ -60,8 +60,8 @@ def _stage_tokens(chunk: torch.nn.Module, input_ids: torch.Tensor) -> int:
     """Tokens a stage hands on: this TP rank's chunk of the sequence under sequence parallelism."""
     from compat.model_build import unwrap
 
-    sp = unwrap(chunk).config.sequence_parallel
-    return input_ids.shape[1] // (unwrap(chunk).config.tensor_model_parallel_size if sp else 1)
+    config = unwrap(chunk).config
+    return input_ids.shape[1] // (config.tensor_model_parallel_size if config.sequence_parallel else 1)
 
 
 def _dtype(chunk: torch.nn.Module) -> torch.dtype:

@@ -17,14 +17,14 @@ to be taken for a missing component) and are driven by tests/test_run_faults.py;
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from faults import disrupt, parallel, tamper
+from faults.fault import Fault
 from faults.tamper import Wrap
 
-__all__ = ["FAULTS", "Fault", "by_name"]
+__all__ = ["FAULTS", "Fault", "by_name"]  # Fault re-exported from faults.fault
 
 AUTO_BRIDGE = "megatron.bridge.models.conversion.auto_bridge"
 PEFT_BRIDGE = "megatron.bridge.models.conversion.peft_bridge"
@@ -62,30 +62,6 @@ def mismatch_at(layer: int, part: str, modules: str = "") -> dict[str, tuple[str
     weights differ in ``modules`` (where the fault is in the adapter export alone), or the logits do."""
     common = (weights_differ(modules),) if modules else (LOGITS, DIFF)
     return {"expect": common, "fp32": (LOGITS, FP32_DIFF, diverges_at(layer, part))}
-
-
-@dataclass(frozen=True)
-class Fault:
-    name: str
-    about: str
-    family: str
-    layout: str
-    # (module, attribute path inside it, wrapper of the original)
-    patches: tuple[tuple[str, str, Wrap], ...]
-    expect: tuple[str, ...] = ()  # regexes the reason must match in every dtype (re.search, DOTALL)
-    fp32: tuple[str, ...] = ()  # and in fp32 cells
-    kind: str = "check"
-    status: str = "fail"
-    timeout: float | None = None
-    dtypes: tuple[str, ...] = ("fp32", "bf16")
-    notes: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def id(self) -> str:
-        return self.name
-
-    def patterns(self, dtype: str) -> tuple[str, ...]:
-        return self.expect + (self.fp32 if dtype == "fp32" else ())
 
 
 def _export(fn: Callable[[dict[str, Any]], dict[str, Any]]) -> tuple[str, str, Wrap]:
