@@ -33,9 +33,9 @@ _WHERE = ("sequence", "position", "token")
 def adapter_problems(cell: Cell, paths: CellPaths, reference: bool) -> list[str]:
     """What is wrong in the exported files themselves (and against the export at the save layout)."""
     family = get_family(cell.family)
-    problems = check_adapter_dir(paths.adapter, get_adapter(cell.adapter), paths.hf, family.hf_modules)
+    problems = check_adapter_dir(paths.where(paths.adapter), get_adapter(cell.adapter), paths.hf, family.hf_modules)
     if reference and not problems:
-        problems += compare_exports(paths.adapter, paths.reference_adapter)
+        problems += compare_exports(paths.where(paths.adapter), paths.where(paths.reference_adapter))
     return problems
 
 
@@ -60,12 +60,12 @@ def compare_with_peft(
     with torch.no_grad():
         base_logits = hf(ids).logits
     try:
-        peft_model = PeftModel.from_pretrained(hf, str(paths.adapter)).eval()
+        peft_model = PeftModel.from_pretrained(hf, str(paths.where(paths.adapter))).eval()
     except Exception as exc:  # peft refusing the files is this cell's finding, not a crash
         raise CheckFailed(
             f"peft.PeftModel.from_pretrained refused the export: {type(exc).__name__}: {first_line(exc, 600, lines=3)}"
         ) from exc
-    problems += check_loaded_by_peft(peft_model, paths.adapter)
+    problems += check_loaded_by_peft(peft_model, paths.where(paths.adapter))
     hf_acts: dict[str, torch.Tensor] = {}
     hooks = capture_hf(peft_model, hf_acts)
     with torch.no_grad():

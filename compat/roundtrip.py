@@ -13,6 +13,7 @@ reference the load must reproduce), then ``load`` at the load layout. Every othe
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from compat import adapter_state, checkpoint
@@ -79,7 +80,9 @@ def run_phase(
     lap("merged forms")
     if comm.rank != 0:
         return {}
-    extra = {"skipped_checks": skipped_checks} if skipped_checks else {}
+    extra: dict[str, Any] = {"skipped_checks": skipped_checks} if skipped_checks else {}
+    if paths.plugin_calls():
+        extra["plugin_calls"] = paths.plugin_calls()
     try:
         metrics = compare_with_peft(cell, paths, phase == "load", skipped, backend.device)
     except CheckFailed as exc:
@@ -105,12 +108,12 @@ def _save(built: Built, paths: CellPaths, comm: Collective, plugins: Resolved) -
     if comm.rank == 0:
         paths.checkpoint.mkdir(parents=True, exist_ok=True)
     comm.barrier()
-    plugins.saver(built.bridge, built.model, built.peft, paths.checkpoint)
-    comm.barrier()
+    wrote, problems = plugins.call("saver", paths, built, paths.checkpoint)
+    comm.agree(problems)
     wanted = {s for shards in comm.gather(checkpoint.adapter_shards(built.model)) for s in shards}
-    if not checkpoint.is_dist_checkpoint(paths.checkpoint):
+    if not checkpoint.is_dist_checkpoint(wrote):
         return "the saver wrote no Megatron dist checkpoint: its contents are judged by the reload alone"
-    comm.agree(checkpoint.check_contents(paths.checkpoint, wanted) if comm.rank == 0 else [])
+    comm.agree(checkpoint.check_contents(wrote, wanted) if comm.rank == 0 else [])
     return None
 
 
@@ -123,11 +126,12 @@ def _load(built: Built, paths: CellPaths, comm: Collective, plugins: Resolved, s
         comm.agree([f"the adapter {k} holds the saved values before the load" for k in same[:3]])
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
+    written = paths.where(paths.checkpoint)  # the saver's dist checkpoint, in this launch or the save launch
     try:
-        plugins.loader(built.bridge, built.model, built.peft, paths.checkpoint)
+        plugins.call("loader", paths, built, paths.checkpoint)
         problems = []
     except (Exception, CheckpointException) as exc:  # a checkpoint that does not load fails every rank's check
-        problems = [checkpoint.unloadable(paths.checkpoint, exc)]
+        problems = [checkpoint.unloadable(written, exc)]
     comm.agree(problems)
     problems = adapter_state.compare_values(
         adapter_state.base_params(built.model), base_before, "base weight changed by adapter load:"
@@ -142,11 +146,11 @@ def _load(built: Built, paths: CellPaths, comm: Collective, plugins: Resolved, s
             if p.detach().cpu().equal(other[k])
         ][:3]
     comm.agree(problems)
-    if plugins.checks_bridge_loader:
-        _check_bridge_loader(built, paths, comm)
+    if checkpoint.is_dist_checkpoint(written):  # whoever wrote it: the bridge's loader must read it too
+        _check_bridge_loader(built, written, comm)
 
 
-def _check_bridge_loader(built: Built, paths: CellPaths, comm: Collective) -> None:
+def _check_bridge_loader(built: Built, written: Path, comm: Collective) -> None:
     """The bridge's own loader (0.5+) must restore exactly what the first load restored."""
     from compat import bridge_api
 
@@ -155,7 +159,7 @@ def _check_bridge_loader(built: Built, paths: CellPaths, comm: Collective) -> No
     restored = adapter_state.snapshot(adapter_state.adapter_params(built.model))
     adapter_state.fill(built.model, OTHER_SEED)
     try:
-        bridge_api.load_peft_adapter_checkpoint(built.model, paths.checkpoint, built.peft)
+        bridge_api.load_peft_adapter_checkpoint(built.model, written, built.peft)
         problems = adapter_state.compare_values(
             adapter_state.adapter_params(built.model), restored, "load_peft_adapter_checkpoint:"
         )
@@ -168,8 +172,9 @@ def _check_bridge_loader(built: Built, paths: CellPaths, comm: Collective) -> No
 
 def _export(built: Built, paths: CellPaths, comm: Collective, plugins: Resolved, reference: bool) -> None:
     target = paths.reference_adapter if reference else paths.adapter
-    plugins.exporter(built.bridge, built.model, built.peft, target, paths.hf)
+    _, problems = plugins.call("exporter", paths, built, target, paths.hf)
     comm.barrier()
+    comm.agree(problems)
 
 
 def _merged(
