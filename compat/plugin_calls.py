@@ -26,6 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from compat.adapter_state import is_adapter
 from compat.paths import CellPaths
 
 __all__ = ["PRIMITIVES", "recording"]
@@ -41,7 +42,7 @@ PRIMITIVES = (
 )
 # Frames of these packages are the machinery, not the plugin's code.
 _NOT_THE_PLUGIN = ("compat", "torch", "megatron", "contextlib", "functools", "transformers", "peft")
-_FRAMES = 6
+_FRAMES = 8
 
 
 @contextlib.contextmanager
@@ -90,8 +91,10 @@ def _wrap(owner: Any, name: str, label: str, path_arg: str | None, root: Path, n
         start = time.monotonic()
         out = original(*args, **kwargs)
         note["seconds"] = round(time.monotonic() - start, 3)
-        if is_load and hasattr(out, "missing_keys"):
-            note["missing_keys"], note["unexpected_keys"] = len(out.missing_keys), len(out.unexpected_keys)
+        if is_load and hasattr(out, "missing_keys"):  # what a non-strict caller may have ignored
+            note["missing_adapter_keys"] = sum(1 for k in out.missing_keys if is_adapter(k))
+            note["missing_base_keys"] = len(out.missing_keys) - note["missing_adapter_keys"]
+            note["unexpected_keys"] = len(out.unexpected_keys)
         if note["by"] or not is_load:  # a load_state_dict inside the machinery is not the plugin's call
             notes.append(note)
         return out
@@ -121,12 +124,14 @@ def _argument(signature: inspect.Signature | None, args: tuple, kwargs: dict, na
 
 def _plugin_frames() -> list[str]:
     """``module:line function`` of the calling frames outside the machinery, innermost first."""
-    out = []
+    out: list[str] = []
     frame = sys._getframe(2)
     while frame is not None and len(out) < _FRAMES:
-        module = frame.f_globals.get("__name__", "")
-        if module.split(".")[0] not in _NOT_THE_PLUGIN:
-            out.append(f"{module}:{frame.f_lineno} {frame.f_code.co_name}")
+        top = frame.f_globals.get("__name__", "").split(".")[0]
+        if top == "compat" and out:  # the harness, calling the plugin: the plugin's frames end here
+            break
+        if top not in _NOT_THE_PLUGIN:
+            out.append(f"{frame.f_globals['__name__']}:{frame.f_lineno} {frame.f_code.co_name}")
         frame = frame.f_back
     return out
 

@@ -10,7 +10,7 @@ def test_cell(compat_cell, compat_run):
     compat_run(compat_cell).assert_met()
 
 
-@pytest.mark.xfail(strict=True, raises=CellFailed, reason="negative control: a verl save that drops every linear_fc2 lora_B")
+@pytest.mark.xfail(strict=True, raises=CellFailed, reason="negative control: a verl save drops every linear_fc2 lora_B")
 def test_a_broken_verl_save_is_caught(compat_run):
     """The harness catches a broken verl save (verl's non-strict load would resume from it silently)."""
     from compat import Cell, Layout

@@ -14,7 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["export", "load", "manager", "save"]
+__all__ = ["CHECKPOINT", "export", "load", "manager", "save"]
+
+# verl's checkpoint config for a LoRA run resumed from its adapter: the model only, no optimizer.
+CHECKPOINT = {"save_contents": ["model"], "load_contents": ["model"], "async_save": False}
 
 
 def manager(bridge: Any, model: list, peft: Any) -> Any:
@@ -28,7 +31,7 @@ def manager(bridge: Any, model: list, peft: Any) -> Any:
     chunk = getattr(model[0], "module", model[0])
     return MegatronCheckpointManager(
         config=OmegaConf.create({"model": {"path": str(hf.model_name_or_path)}}),
-        checkpoint_config=OmegaConf.create({"save_contents": ["model"], "load_contents": ["model"], "async_save": False}),
+        checkpoint_config=OmegaConf.create(CHECKPOINT),
         model_config=hf_config,
         transformer_config=get_model_config(model[0]),
         role="actor",
