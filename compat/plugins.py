@@ -42,6 +42,7 @@ from compat.paths import CellPaths
 __all__ = ["ROLES", "PluginError", "Plugins", "Resolved", "check", "load_callable", "plugin_name", "with_paths"]
 
 ROLES = ("exporter", "saver", "loader")
+IMPORT_TIMEOUT = 600  # seconds for the child that imports the plugins (verl and megatron: about 50 s cold)
 
 
 class PluginError(ValueError):
@@ -210,13 +211,19 @@ def check(plugins: Plugins, backend: str) -> None:
     env = {**os.environ, "PYTHONPATH": with_paths(os.environ.get("PYTHONPATH", ""), plugins.search_paths())}
     if backend == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run(
-        [sys.executable, "-m", "compat.plugins", backend, json.dumps(todo)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "compat.plugins", backend, json.dumps(todo)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=IMPORT_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        raise PluginError(
+            f"importing {', '.join(todo.values())} as a rank would took over {IMPORT_TIMEOUT} s "
+            "(an overloaded machine, or a module that blocks at import)"
+        ) from None
     errors = [line.removeprefix("error: ") for line in proc.stdout.splitlines() if line.startswith("error: ")]
     if errors:
         raise PluginError("; ".join(errors))
