@@ -14,6 +14,7 @@ test: venv
 	$(PY) -m ruff check compat tests conftest.py examples
 	$(PY) -m pytest -n $(JOBS) --dist loadgroup --compat-results results.json
 	cd examples/downstream && ../../$(PY) -m pytest -n $(JOBS) -p no:cacheprovider
+	$(PY) examples/verl/run --jobs $(JOBS)
 
 lint: venv
 	$(PY) -m ruff check compat tests conftest.py examples

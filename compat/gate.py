@@ -161,7 +161,7 @@ def _clean_env() -> dict[str, str]:
 def ensure_env(pins: PinSet, root: Path) -> tuple[Path, bool, float]:
     """(gate python, whether it was reused, seconds spent); raises GateError when it can't be built."""
     start = time.monotonic()
-    venv = root / pins.name / "venv"
+    venv = root.resolve() / pins.name / "venv"  # absolute: site-packages is checked to lie inside it
     stamp = venv / "gate-pins.sha256"
     python = _venv_python(venv)
     if stamp.is_file() and stamp.read_text().strip() == pins.digest and python.exists():

@@ -60,6 +60,30 @@ class CellPaths:
         """peft's merge of the adapter export, saved in checkpoint naming to compare with :attr:`merged`."""
         return self.root / "peft-merged-hf"
 
+    @property
+    def plugin_record(self) -> Path:
+        """What the user's plugins wrote and called, one entry per call (rank 0's; ``compat.plugin_calls``)."""
+        return self.root / "plugin-calls.json"
+
+    @property
+    def plugin_tmp(self) -> Path:
+        """``TMPDIR`` while a user's plugin runs: its temporary files stay the cell's."""
+        return self.root / "tmp"
+
+    def plugin_calls(self) -> list[dict[str, Any]]:
+        return json.loads(self.plugin_record.read_text()) if self.plugin_record.is_file() else []
+
+    def record_plugin_call(self, entry: dict[str, Any]) -> None:
+        write_json_atomic(self.plugin_record, [*self.plugin_calls(), entry])
+
+    def where(self, asked: Path) -> Path:
+        """Where a plugin put what the harness asked for at ``asked`` (the path it returned), else ``asked``."""
+        wrote = [e["wrote"] for e in self.plugin_calls() if e.get("asked") == self.relative(asked) and e.get("wrote")]
+        return self.root / wrote[-1] if wrote else asked
+
+    def relative(self, path: Path) -> str:
+        return str(Path(os.path.abspath(path)).relative_to(os.path.abspath(self.root)))
+
     def activations(self, tag: str, pp_rank: int) -> Path:
         """One pipeline stage's activations of a Megatron forward (``tag``: adapter or merged)."""
         return self.root / f"megatron-{tag}-pp{pp_rank}.pt"

@@ -34,11 +34,12 @@ _WHERE = ("sequence", "position", "token")
 def adapter_problems(cell: Cell, paths: CellPaths, reference: bool) -> list[Problem]:
     """What is wrong in the exported files themselves (and against the export at the save layout)."""
     family = get_family(cell.family)
-    files = check_adapter_dir(paths.adapter, get_adapter(cell.adapter), paths.hf, family.hf_modules)
+    adapter = paths.where(paths.adapter)  # the directory the exporter wrote
+    files = check_adapter_dir(adapter, get_adapter(cell.adapter), paths.hf, family.hf_modules)
     problems = [Problem("files", p) for p in files]
-    if reference and (paths.adapter / "adapter_model.safetensors").exists():
+    if reference and (adapter / "adapter_model.safetensors").exists():
         try:
-            problems += [Problem("reshard", p) for p in compare_exports(paths.adapter, paths.reference_adapter)]
+            problems += [Problem("reshard", p) for p in compare_exports(adapter, paths.where(paths.reference_adapter))]
         except Exception as exc:  # an unreadable file is already a file problem; say why this one is not run
             why = f"the export cannot be compared with the save layout's: {describe(exc)}"
             problems.append(Problem("reshard", why))
@@ -68,7 +69,7 @@ def compare_with_peft(
     metrics: dict[str, Any] = {}
     problems += _base_problems(paths, base_logits, tol, metrics)
     try:
-        peft_model = PeftModel.from_pretrained(hf, str(paths.adapter)).eval()
+        peft_model = PeftModel.from_pretrained(hf, str(paths.where(paths.adapter))).eval()
     except Exception as exc:  # peft refusing the files is this cell's finding, not a crash
         problems.append(
             Problem(
@@ -78,7 +79,7 @@ def compare_with_peft(
             )
         )
         raise CheckFailed(problems, metrics, _NEED_PEFT) from exc
-    problems += [Problem("peft placement", p) for p in check_loaded_by_peft(peft_model, paths.adapter)]
+    problems += [Problem("peft placement", p) for p in check_loaded_by_peft(peft_model, paths.where(paths.adapter))]
     hf_acts: dict[str, torch.Tensor] = {}
     hooks = capture_hf(peft_model, hf_acts)
     with torch.no_grad():

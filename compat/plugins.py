@@ -7,8 +7,15 @@ Each is named ``"package.module:function"`` and imported in the ranks from the c
   ``path`` (``base``: the HF base model it adapts). Default: ``AutoBridge.save_hf_adapter``.
 - saver ``save(bridge, model, peft, path)``: writes the adapter checkpoint of this rank's model
   chunks to ``path``. Default: the bridge's PEFT filter and ``dist_checkpointing.save``.
-- loader ``load(bridge, model, peft, path)``: restores it into a model at any layout. Default:
-  the same filter, ``dist_checkpointing.load``, non-strict ``load_state_dict``.
+- loader ``load(bridge, model, peft, path)``: restores it into a model at any layout, from the
+  ``path`` the saver was given. Default: the same filter, ``dist_checkpointing.load``, non-strict
+  ``load_state_dict``.
+
+A saver or exporter that writes a layout of its own returns the directory it wrote inside
+``path`` (verl's ``path/model/dist_ckpt``, ``path/model/huggingface/adapter``): the checks read
+that one. Whoever wrote it, a Megatron dist checkpoint is checked for its contents and loaded a
+second time by the bridge's own loader. A user's plugin runs with ``TMPDIR`` inside the cell's
+directory, and its checkpoint calls are noted in the cell's record (``compat.plugin_calls``).
 
 All three run on every rank of the cell, where the defaults run (so they may use collectives):
 ``bridge`` is the ``AutoBridge``, ``model`` this rank's list of Megatron model chunks, ``peft`` the
@@ -26,13 +33,16 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from compat.paths import CellPaths
 
 __all__ = ["ROLES", "PluginError", "Plugins", "Resolved", "check", "load_callable", "plugin_name", "with_paths"]
 
 ROLES = ("exporter", "saver", "loader")
+IMPORT_TIMEOUT = 600  # seconds for the child that imports the plugins (verl and megatron: about 50 s cold)
 
 
 class PluginError(ValueError):
@@ -93,17 +103,54 @@ class Plugins:
             exporter=load_callable(self.exporter, "exporter") if self.exporter else default_exporter,
             saver=load_callable(self.saver, "saver") if self.saver else default_saver,
             loader=load_callable(self.loader, "loader") if self.loader else default_loader,
-            checks_bridge_loader=self.saver is None,
+            named=self.named(),
         )
 
 
 @dataclass(frozen=True)
 class Resolved:
-    exporter: Callable[..., None]
-    saver: Callable[..., None]
-    loader: Callable[..., None]
-    # The bridge's own loader must read the default saver's checkpoint too; another format, not.
-    checks_bridge_loader: bool
+    exporter: Callable[..., Any]
+    saver: Callable[..., Any]
+    loader: Callable[..., Any]
+    named: dict[str, str] = field(default_factory=dict)  # the user's plugins, by role
+
+    def call(self, role: str, paths: CellPaths, built: Any, path: Path, *rest: Any) -> tuple[Path, list[str]]:
+        """Run ``role`` on ``path``: (the directory it wrote, problems with what it returned).
+
+        A user's plugin runs under :func:`compat.plugin_calls.recording`; rank 0 records the call.
+        """
+        fn = getattr(self, role)
+        if role not in self.named:
+            fn(built.bridge, built.model, built.peft, path, *rest)
+            return path, []
+        from compat.plugin_calls import recording
+
+        notes: list[dict[str, Any]] = []
+        with recording(paths, built.bridge, notes):
+            returned = fn(built.bridge, built.model, built.peft, path, *rest)
+        wrote, problems = _written(role, self.named[role], returned, path, paths)
+        if _rank() == 0:
+            entry = {"role": role, "plugin": self.named[role], "asked": paths.relative(path), "calls": notes}
+            paths.record_plugin_call({**entry, "wrote": paths.relative(wrote)} if role != "loader" else entry)
+        return wrote, problems
+
+
+def _written(role: str, name: str, returned: Any, asked: Path, paths: CellPaths) -> tuple[Path, list[str]]:
+    """The directory a plugin says it wrote: ``asked`` if it returned None; inside the cell's directory."""
+    if returned is None or role == "loader":
+        return asked, []
+    if not isinstance(returned, str | os.PathLike):
+        return asked, [f"{role} {name} returned {returned!r}: return the directory it wrote, or None"]
+    wrote = Path(os.path.abspath(returned))
+    if not wrote.is_relative_to(os.path.abspath(paths.root)):
+        return asked, [f"{role} {name} returned {wrote}, outside the cell's directory {paths.root}: write in {asked}"]
+    return wrote, []
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _split(name: str, role: str) -> tuple[str, str]:
@@ -164,13 +211,19 @@ def check(plugins: Plugins, backend: str) -> None:
     env = {**os.environ, "PYTHONPATH": with_paths(os.environ.get("PYTHONPATH", ""), plugins.search_paths())}
     if backend == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run(
-        [sys.executable, "-m", "compat.plugins", backend, json.dumps(todo)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "compat.plugins", backend, json.dumps(todo)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=IMPORT_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        raise PluginError(
+            f"importing {', '.join(todo.values())} as a rank would took over {IMPORT_TIMEOUT} s "
+            "(an overloaded machine, or a module that blocks at import)"
+        ) from None
     errors = [line.removeprefix("error: ") for line in proc.stdout.splitlines() if line.startswith("error: ")]
     if errors:
         raise PluginError("; ".join(errors))

@@ -13,6 +13,7 @@ reference the load must reproduce), then ``load`` at the load layout. Every othe
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from compat import adapter_state, checkpoint
@@ -121,17 +122,20 @@ def _steps(
     try:
         metrics = compare_with_peft(cell, paths, phase == "load", skipped, backend.device)
     except CheckFailed as exc:
-        _skips(exc.metrics, skipped_checks)
+        _skips(exc.metrics, skipped_checks, paths)
         raise
     lap("hf side")
-    return {**_skips(metrics, skipped_checks), "seconds_by_step": lap.seconds}
+    return {**_skips(metrics, skipped_checks, paths), "seconds_by_step": lap.seconds}
 
 
-def _skips(metrics: dict[str, Any], skipped_checks: dict[str, str]) -> dict[str, Any]:
-    """The Megatron side's skipped checks joined to the HF side's, in ``metrics.skipped_checks``."""
+def _skips(metrics: dict[str, Any], skipped_checks: dict[str, str], paths: CellPaths) -> dict[str, Any]:
+    """The Megatron side's skipped checks joined to the HF side's, in ``metrics.skipped_checks``, and
+    what the user's plugins called (``metrics.plugin_calls``)."""
     both = {**skipped_checks, **metrics.get("skipped_checks", {})}
     if both:
         metrics["skipped_checks"] = both
+    if paths.plugin_calls():
+        metrics["plugin_calls"] = paths.plugin_calls()
     return metrics
 
 
@@ -151,12 +155,12 @@ def _save(built: Built, paths: CellPaths, comm: Collective, plugins: Resolved, f
     if comm.rank == 0:
         paths.checkpoint.mkdir(parents=True, exist_ok=True)
     comm.barrier()
-    plugins.saver(built.bridge, built.model, built.peft, paths.checkpoint)
-    comm.barrier()
+    wrote, problems = plugins.call("saver", paths, built, paths.checkpoint)
+    comm.agree(problems, "saver")
     wanted = {s for shards in comm.gather(checkpoint.adapter_shards(built.model)) for s in shards}
-    if not checkpoint.is_dist_checkpoint(paths.checkpoint):
+    if not checkpoint.is_dist_checkpoint(wrote):
         return "the saver wrote no Megatron dist checkpoint: its contents are judged by the reload alone"
-    contents = checkpoint.check_contents(paths.checkpoint, wanted) if comm.rank == 0 else []
+    contents = checkpoint.check_contents(wrote, wanted) if comm.rank == 0 else []
     found += comm.collect(contents, "checkpoint contents")
     return None
 
@@ -183,11 +187,12 @@ def _load(
         found += comm.collect(unchanged, "fresh values")
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
+    written = paths.where(paths.checkpoint)  # the saver's dist checkpoint, in this launch or the save launch
     try:
-        plugins.loader(built.bridge, built.model, built.peft, paths.checkpoint)
+        plugins.call("loader", paths, built, paths.checkpoint)
         problems = []
     except (Exception, CheckpointException) as exc:  # a checkpoint that does not load fails every rank's check
-        problems = [checkpoint.unloadable(paths.checkpoint, exc)]
+        problems = [checkpoint.unloadable(written, exc)]
     comm.agree(problems, "checkpoint load")
     problems = adapter_state.compare_values(
         adapter_state.base_params(built.model), base_before, "base weight changed by adapter load:"
@@ -196,8 +201,8 @@ def _load(
     if saved is not None:
         problems += adapter_state.compare_values(adapters, saved, "adapter not restored:")
         wrong = [k for k, p in adapters.items() if k in saved and not p.detach().cpu().equal(saved[k])]
-        if wrong and checkpoint.is_dist_checkpoint(paths.checkpoint):
-            problems += checkpoint.written_by(paths.checkpoint, built.model, wrong[:1])
+        if wrong and checkpoint.is_dist_checkpoint(written):
+            problems += checkpoint.written_by(written, built.model, wrong[:1])
     else:
         problems += [
             f"adapter {k} still holds the fresh model's values after load"
@@ -205,12 +210,12 @@ def _load(
             if p.detach().cpu().equal(other[k])
         ][:3]
     found += comm.collect(problems, "values restored")
-    if not plugins.checks_bridge_loader:
-        return "a saver plugin writes the checkpoint: the bridge's own loader is not run on it"
-    return _check_bridge_loader(built, paths, comm, found)
+    if not checkpoint.is_dist_checkpoint(written):
+        return "the loaded checkpoint is no Megatron dist checkpoint: the bridge's own loader cannot read it"
+    return _check_bridge_loader(built, written, comm, found)  # whoever wrote it: the bridge's loader must read it
 
 
-def _check_bridge_loader(built: Built, paths: CellPaths, comm: Collective, found: list[Problem]) -> str | None:
+def _check_bridge_loader(built: Built, written: Path, comm: Collective, found: list[Problem]) -> str | None:
     """The bridge's own loader (0.5+) must restore exactly what the first load restored."""
     from compat import bridge_api
 
@@ -219,7 +224,7 @@ def _check_bridge_loader(built: Built, paths: CellPaths, comm: Collective, found
     restored = adapter_state.snapshot(adapter_state.adapter_params(built.model))
     adapter_state.fill(built.model, OTHER_SEED)
     try:
-        bridge_api.load_peft_adapter_checkpoint(built.model, paths.checkpoint, built.peft)
+        bridge_api.load_peft_adapter_checkpoint(built.model, written, built.peft)
         problems = adapter_state.compare_values(
             adapter_state.adapter_params(built.model), restored, "load_peft_adapter_checkpoint:"
         )
@@ -233,8 +238,9 @@ def _check_bridge_loader(built: Built, paths: CellPaths, comm: Collective, found
 
 def _export(built: Built, paths: CellPaths, comm: Collective, plugins: Resolved, reference: bool) -> None:
     target = paths.reference_adapter if reference else paths.adapter
-    plugins.exporter(built.bridge, built.model, built.peft, target, paths.hf)
+    _, problems = plugins.call("exporter", paths, built, target, paths.hf)
     comm.barrier()
+    comm.agree(problems, "exporter")
 
 
 def _merged(

@@ -1,0 +1,1 @@
+"""verl's own Megatron checkpoint code (``MegatronCheckpointManager``), plugged into megatron-lora-compat."""
