@@ -36,6 +36,7 @@ class CellResult:
     expected_reason: str = ""
     expected_match: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
+    serving: dict[str, Any] = field(default_factory=dict)  # per engine: status, max diff, effect, problems
     files: str | None = None  # where the cell's files were kept (an outcome other than expected)
 
     @classmethod
@@ -67,7 +68,8 @@ class CellResult:
             reason=reason,
             expected_reason=expected.reason,
             expected_match=expected.match,
-            metrics={k: v for k, v in metrics.items() if k not in ("max_abs_diff", "adapter_effect")},
+            metrics={k: v for k, v in metrics.items() if k not in ("max_abs_diff", "adapter_effect", "serving")},
+            serving=metrics.get("serving", {}),
         )
 
 

@@ -79,6 +79,11 @@ def run_phase(
     lap("merged forms")
     if comm.rank != 0:
         return {}
+    if cell.serve:  # what the serving engines' processes read (compat.serving), whatever peft says next
+        from compat.serving import write_inputs
+
+        write_inputs(cell, paths.root, paths.hf, paths.adapter)
+        lap("serving inputs")
     extra = {"skipped_checks": skipped_checks} if skipped_checks else {}
     try:
         metrics = compare_with_peft(cell, paths, phase == "load", skipped, backend.device)
