@@ -105,9 +105,7 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, tolerance: Tolerance) 
     )
 
 
-def effect_problem(
-    base: torch.Tensor, adapted: torch.Tensor, tolerance: Tolerance, side: str = "peft"
-) -> str | None:
+def effect_problem(base: torch.Tensor, adapted: torch.Tensor, tolerance: Tolerance, side: str = "peft") -> str | None:
     """Why the adapter's effect is too small to prove anything at ``tolerance``, or None.
 
     The logits without the adapter are compared with the adapted ones under the cell's own

@@ -4,7 +4,9 @@ A cell with no matching entry is expected to pass. An entry names cell ids (exac
 patterns), optional version specifiers (``when``) and layer specs (``specs``, default every
 spec), the status it expects and why (an upstream issue, or the file and line at fault), and
 ``match``: a regular expression the observed reason must contain, so an expected failure that
-starts failing for another reason is not met. The first matching entry wins: narrow ones first.
+starts failing for another reason is not met; with ``checks`` (e.g. ``["serving.vllm"]``), the reason
+of each of those checks of the cell must contain it (a serving engine's own finding, not the peft
+check's). The first matching entry wins: narrow ones first.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from compat.versions import PACKAGES
 __all__ = ["STATUSES", "Expectation", "Expectations", "Expected", "ExpectedError", "load_expectations"]
 
 STATUSES = ("pass", "fail", "error", "unsupported")
-_KEYS = {"cells", "when", "status", "reason", "match", "specs"}
+_KEYS = {"cells", "when", "status", "reason", "match", "specs", "checks"}
+CHECK_PREFIXES = ("serving.",)  # the checks an entry can name: serving.ENGINE
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,14 @@ class Expected:
     status: str = "pass"
     reason: str = ""
     match: str = ""  # a regular expression the observed reason must contain ("" for any reason)
+    checks: tuple[str, ...] = ()  # where ``match`` must be found: these checks' reasons ("" = the cell's)
 
-    def met_by(self, status: str, reason: str) -> bool:
-        """The observed status is the expected one, for the expected reason."""
-        return status == self.status and (not self.match or re.search(self.match, reason, re.DOTALL) is not None)
+    def met_by(self, status: str, reason: str, check_reasons: dict[str, str] | None = None) -> bool:
+        """The observed status is the expected one, for the expected reason (in each named check's)."""
+        if status != self.status:
+            return False
+        texts = [(check_reasons or {}).get(c) for c in self.checks] if self.checks else [reason]
+        return all(t is not None and (not self.match or re.search(self.match, t, re.DOTALL)) for t in texts)
 
 
 class ExpectedError(ValueError):
@@ -53,6 +60,7 @@ class Expectation:
     when: tuple[tuple[str, SpecifierSet], ...] = ()
     match: str = ""
     specs: tuple[str, ...] = SPECS
+    checks: tuple[str, ...] = ()
 
     def matches(self, cell_id: str, versions: dict[str, str | None], spec: str = "local") -> bool:
         if spec not in self.specs or not any(fnmatchcase(cell_id, pattern) for pattern in self.cells):
@@ -74,7 +82,7 @@ class Expectations:
     def for_cell(self, cell_id: str, versions: dict[str, str | None], spec: str = "local") -> Expected:
         """What a cell is expected to do on these versions; a pass without an entry."""
         entry = self.lookup(cell_id, versions, spec)
-        return Expected(entry.status, entry.reason, entry.match) if entry else Expected()
+        return Expected(entry.status, entry.reason, entry.match, entry.checks) if entry else Expected()
 
 
 def _parse_entry(raw: dict[str, Any], where: str) -> Expectation:
@@ -110,7 +118,10 @@ def _parse_entry(raw: dict[str, Any], where: str) -> Expectation:
     specs = raw.get("specs", list(SPECS))
     if not isinstance(specs, list) or not specs or not set(specs) <= set(SPECS):
         raise ExpectedError(f"{where}: 'specs' must be a non-empty list of {', '.join(SPECS)}")
-    return Expectation(tuple(cells), status, reason, tuple(when), match, tuple(specs))
+    checks = raw.get("checks", [])
+    if not isinstance(checks, list) or not all(isinstance(c, str) and c.startswith(CHECK_PREFIXES) for c in checks):
+        raise ExpectedError(f"{where}: 'checks' must be a list of check names, e.g. [\"serving.vllm\"]")
+    return Expectation(tuple(cells), status, reason, tuple(when), match, tuple(specs), tuple(checks))
 
 
 def load_expectations(path: Path | None) -> Expectations:

@@ -61,7 +61,7 @@ class CellResult:
             spec=cell.spec,
             status=status,
             expected=expected.status,
-            met=expected.met_by(status, reason),
+            met=expected.met_by(status, reason, _check_reasons(metrics.get("serving", {}))),
             max_abs_diff=metrics.get("max_abs_diff"),
             adapter_effect=metrics.get("adapter_effect"),
             seconds=round(seconds, 2),
@@ -71,6 +71,11 @@ class CellResult:
             metrics={k: v for k, v in metrics.items() if k not in ("max_abs_diff", "adapter_effect", "serving")},
             serving=metrics.get("serving", {}),
         )
+
+
+def _check_reasons(serving: dict[str, Any]) -> dict[str, str]:
+    """``serving.ENGINE`` -> that check's problems, for expectations that name the check."""
+    return {f"serving.{engine}": "; ".join(record.get("problems", [])) for engine, record in serving.items()}
 
 
 def device_name(backend: str) -> str:

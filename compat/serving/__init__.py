@@ -116,8 +116,9 @@ def _run_engine(engine: str, python: Path, where: Path, timeout: float) -> dict[
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     log = where / f"{engine}.log"
     with log.open("w") as f:  # -P: the script's directory (compat/serving, holding vllm.py) is not on sys.path
-        step = subprocess.run([str(python), "-P", str(script), str(where)], stdout=f, stderr=subprocess.STDOUT,
-                              env=env, timeout=timeout)
+        step = subprocess.run(
+            [str(python), "-P", str(script), str(where)], stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout
+        )
     result = where / f"{engine}.json"
     if not result.is_file():
         tail = log.read_text(errors="replace")[-2000:]

@@ -31,7 +31,7 @@ from pathlib import Path
 from compat.compare import Tolerance
 from compat.gate import REPO, GateError, build_env
 
-__all__ = ["ENGINES", "EnginePins", "ensure_engine_env", "engine_pins", "load_engine_pins"]
+__all__ = ["ENGINES", "EnginePins", "engine_pins", "ensure_engine_env", "load_engine_pins", "main"]
 
 ENGINES = ("vllm",)  # one module per engine under compat/serving/
 PINS_DIR = REPO / "matrix" / "serving"
@@ -88,7 +88,7 @@ def load_engine_pins(path: Path) -> EnginePins:
     tolerance = data.get("tolerance", {})
     for dtype in data.get("dtypes", ("fp32",)):
         if not isinstance(tolerance.get(dtype), dict) or not isinstance(tolerance[dtype].get("atol"), float):
-            raise GateError(f"{path}: [tolerance] needs {dtype} = {{ atol = <float>, why = \"its cause\" }}")
+            raise GateError(f'{path}: [tolerance] needs {dtype} = {{ atol = <float>, why = "its cause" }}')
     requirements = REPO / data["requirements"] if "requirements" in data else None
     if requirements is not None and not requirements.is_file():
         raise GateError(f"{path}: requirements file {requirements} does not exist")
@@ -115,9 +115,27 @@ def engine_pins(engine: str, device: str) -> EnginePins:
 
 
 def ensure_engine_env(pins: EnginePins, root: Path = REPO / ".gate") -> tuple[Path, bool, float]:
-    """(the engine's python, whether it was reused, seconds spent): built once per pin set."""
+    """(the engine's python, whether it was reused, seconds spent): built once per pin set, under a
+    file lock, so cells served at once (pytest -n 2, --jobs 2) wait for one build instead of racing."""
+    import fcntl
+
     resolved = [f"{n}=={v}" for n, v in pins.packages.items()]
     resolved += ["-r", str(pins.requirements)] if pins.requirements else []
     steps = [resolved, ["--no-deps", *(f"{n}=={v}" for n, v in pins.no_deps.items())]]
     want = {**pins.packages, **pins.no_deps}
-    return build_env(pins.name, pins.digest, root / pins.name / "venv", steps, want, shared=False)
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / f"{pins.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return build_env(pins.name, pins.digest, root / pins.name / "venv", steps, want, shared=False)
+
+
+def main(argv: list[str]) -> int:
+    """``python -m compat.serving ENGINE DEVICE``: build (or reuse) one engine's environment
+    ahead of the cells that need it (``make serving-env``, run by ``make test``)."""
+    try:
+        python, reused, seconds = ensure_engine_env(engine_pins(*argv))
+    except (GateError, TypeError) as exc:
+        print(f"error: {exc} (usage: python -m compat.serving ENGINE DEVICE)", file=sys.stderr)
+        return 2
+    print(f"serving environment {'reused' if reused else 'built'} in {seconds:.1f} s: {python}")
+    return 0

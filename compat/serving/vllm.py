@@ -82,7 +82,8 @@ def serve(serve_dir: Path) -> dict[str, Any]:
     request = json.loads((serve_dir / "request.json").read_text())
     ids = load_file(str(serve_dir / "inputs.safetensors"))["ids"]
     adapter = Path(request["adapter"])
-    rank = json.loads((adapter / "adapter_config.json").read_text()).get("r", 8)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    rank = max([config.get("r", 8), *(config.get("rank_pattern") or {}).values()])
     record: dict[str, Any] = {"seconds": {}}
     clock = time.monotonic()
     from importlib.metadata import version
