@@ -107,7 +107,7 @@ def _check(engine: str, cell: Cell, where: Path, backend: str, timeout: float) -
     record = _run_engine(engine, python, where, timeout)
     record.setdefault("seconds", {})["environment"] = round(build_s, 2)
     if "error" in record:
-        return _record("error", [f"{pins.name}: {record['error']}"], seconds=record["seconds"])
+        return _record("error", [f"{pins.name}: {record['error']}"], seconds=record.get("seconds", {}))
     return {**_compare(engine, cell, pins, where, record), "engine": record.get("engine", pins.name)}
 
 
@@ -135,7 +135,7 @@ def _compare(engine: str, cell: Cell, pins: EnginePins, where: Path, record: dic
     megatron, served = load_file(str(where / "inputs.safetensors")), load_file(str(where / f"{engine}.safetensors"))
     refused = record.get("refused", {})
     if "adapter" in refused:
-        return _record("fail", [f"{engine} refused the export: {refused['adapter']}"], seconds=record["seconds"])
+        return _record("fail", [f"{engine} refused the export: {refused['adapter']}"], seconds=record.get("seconds", {}))
     problems = []
     if "base" in megatron:
         c = compare(served["base"], megatron["base"], tol)
@@ -150,7 +150,7 @@ def _compare(engine: str, cell: Cell, pins: EnginePins, where: Path, record: dic
     if small:
         problems.append(small)
     status = "fail" if problems else "pass"
-    return _record(status, problems, max_abs_diff=c.max_abs_diff, adapter_effect=effect, seconds=record["seconds"])
+    return _record(status, problems, max_abs_diff=c.max_abs_diff, adapter_effect=effect, seconds=record.get("seconds", {}))
 
 
 def _groups_not_applied(engine: str, record: dict[str, Any], served: dict[str, Any], tol: Any) -> list[str]:
