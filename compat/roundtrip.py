@@ -82,7 +82,7 @@ def run_phase(
     if cell.serve:  # what the serving engines' processes read (compat.serving), whatever peft says next
         from compat.serving import write_inputs
 
-        write_inputs(cell, paths.root, paths.hf, paths.adapter)
+        write_inputs(cell, paths)
         lap("serving inputs")
     extra = {"skipped_checks": skipped_checks} if skipped_checks else {}
     try:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from compat.cells import Cell
+from compat.paths import CellPaths
 from compat.serving.engines import ENGINES, EnginePins, engine_pins, ensure_engine_env
 
 __all__ = ["ENGINES", "check", "check_servable", "fold", "write_inputs"]
@@ -48,13 +49,13 @@ def check_servable(cell: Cell, backend: str) -> None:
         if pins.head_dims and head_dim not in pins.head_dims:
             raise ValueError(
                 f"cell {cell.id}: {pins.name}'s attention refuses head_dim {head_dim} (takes {list(pins.head_dims)}); "
-                f"serve a family of the serving profile, e.g. {cell.family.split('_')[0]}_serving"
+                f"serve a family of the serving profile (compat/data/families.toml), e.g. {cell.family}_serving"
             )
         if family.is_moe and not pins.moe_lora:
             raise ValueError(f"cell {cell.id}: {pins.name} has no MoE LoRA: {pins.moe_lora_why}")
 
 
-def write_inputs(cell: Cell, root: Path, hf: Path, adapter: Path) -> None:
+def write_inputs(cell: Cell, paths: CellPaths) -> None:
     """Rank 0, after the export: what every engine's process reads (Megatron's side, in fp32)."""
     import torch
     from safetensors.torch import save_file
@@ -63,22 +64,17 @@ def write_inputs(cell: Cell, root: Path, hf: Path, adapter: Path) -> None:
     from compat.families import get_family
     from compat.paths import write_json_atomic
 
-    out = serve_dir(root)
+    out = serve_dir(paths.root)
     out.mkdir(exist_ok=True)
-    tensors = {"ids": input_ids(get_family(cell.family).dims.vocab_size).contiguous()}
+    vocab = get_family(cell.family).dims.vocab_size
+    tensors = {"ids": input_ids(vocab).contiguous()}
     for tag in ("adapter", "base"):
-        logits = load_megatron(_paths(root, hf), tag).get("logits")
+        logits = load_megatron(paths, tag).get("logits")
         if logits is not None:  # positions 0..T-2 predict the tokens an engine's prompt log-probs score
             tensors[tag] = torch.log_softmax(logits.double(), dim=-1)[:, :-1].float().contiguous()
     save_file(tensors, str(out / "inputs.safetensors"))
-    request = {"base": str(hf), "adapter": str(adapter), "dtype": cell.dtype}
-    write_json_atomic(out / "request.json", {**request, "vocab_size": get_family(cell.family).dims.vocab_size})
-
-
-def _paths(root: Path, hf: Path) -> Any:
-    from compat.paths import CellPaths
-
-    return CellPaths.under(root, hf)
+    request = {"base": str(paths.hf), "adapter": str(paths.adapter), "dtype": cell.dtype, "vocab_size": vocab}
+    write_json_atomic(out / "request.json", request)
 
 
 def check(cell: Cell, root: Path, backend: str, timeout: float) -> dict[str, dict[str, Any]]:
@@ -135,7 +131,9 @@ def _compare(engine: str, cell: Cell, pins: EnginePins, where: Path, record: dic
     megatron, served = load_file(str(where / "inputs.safetensors")), load_file(str(where / f"{engine}.safetensors"))
     refused = record.get("refused", {})
     if "adapter" in refused:
-        return _record("fail", [f"{engine} refused the export: {refused['adapter']}"], seconds=record.get("seconds", {}))
+        return _record(
+            "fail", [f"{engine} refused the export: {refused['adapter']}"], seconds=record.get("seconds", {})
+        )
     problems = []
     if "base" in megatron:
         c = compare(served["base"], megatron["base"], tol)
@@ -150,7 +148,9 @@ def _compare(engine: str, cell: Cell, pins: EnginePins, where: Path, record: dic
     if small:
         problems.append(small)
     status = "fail" if problems else "pass"
-    return _record(status, problems, max_abs_diff=c.max_abs_diff, adapter_effect=effect, seconds=record.get("seconds", {}))
+    return _record(
+        status, problems, max_abs_diff=c.max_abs_diff, adapter_effect=effect, seconds=record.get("seconds", {})
+    )
 
 
 def _groups_not_applied(engine: str, record: dict[str, Any], served: dict[str, Any], tol: Any) -> list[str]:
