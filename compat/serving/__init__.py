@@ -111,14 +111,18 @@ def _run_engine(engine: str, python: Path, where: Path, timeout: float) -> dict[
     script = Path(__file__).with_name(f"{engine}.py")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     log = where / f"{engine}.log"
-    with log.open("w") as f:  # -P: the script's directory (compat/serving, holding vllm.py) is not on sys.path
-        step = subprocess.run(
-            [str(python), "-P", str(script), str(where)], stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout
-        )
+    cmd = [str(python), "-P", str(script), str(where)]  # -P: compat/serving (holding vllm.py) is not on sys.path
+    with log.open("w") as f:
+        try:
+            how = (
+                f"exited {subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode}"
+            )
+        except subprocess.TimeoutExpired:  # killed by subprocess.run
+            how = f"did not finish within the cell's {timeout:.0f} s and was killed"
     result = where / f"{engine}.json"
     if not result.is_file():
         tail = log.read_text(errors="replace")[-2000:]
-        return {"error": f"the {engine} process exited {step.returncode} without a result; its log ends:\n{tail}"}
+        return {"error": f"the {engine} process {how} without a result; its log ends:\n{tail}"}
     return json.loads(result.read_text())
 
 
