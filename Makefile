@@ -3,14 +3,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 JOBS ?= 2
 
-.PHONY: venv matrix test lint format
+.PHONY: venv serving-env matrix test lint format
 venv:
 	@scripts/setup-venv
 
-matrix: venv
+# The pinned environment of each serving engine the CPU cells use (matrix/serving/, .gate/; cached).
+serving-env: venv
+	$(PY) -m compat.serving vllm cpu
+
+matrix: venv serving-env
 	$(PY) -m compat run --matrix matrix/ci.toml --jobs $(JOBS) --output results.json
 
-test: venv
+test: venv serving-env
 	$(PY) -m ruff check compat tests conftest.py examples
 	$(PY) -m pytest -n $(JOBS) --dist loadgroup --compat-results results.json
 	cd examples/downstream && ../../$(PY) -m pytest -n $(JOBS) -p no:cacheprovider

@@ -1,4 +1,5 @@
-"""A cell: family x layout x load layout x adapter x layer spec x dtype, with the readable id of the contract."""
+"""A cell: family x layout x load layout x adapter x layer spec x dtype (x serving engines), with the
+readable id of the contract."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class Cell:
     adapter: str = DEFAULT_ADAPTER
     dtype: str = DEFAULT_DTYPE
     spec: str = DEFAULT_SPEC
+    serve: tuple[str, ...] = ()  # serving engines that load the export too (compat.serving)
 
     @classmethod
     def make(
@@ -39,6 +41,7 @@ class Cell:
         adapter: str = DEFAULT_ADAPTER,
         dtype: str = DEFAULT_DTYPE,
         spec: str = DEFAULT_SPEC,
+        serve: tuple[str, ...] = (),
     ) -> Cell:
         """Build and validate: every reason a cell cannot run is raised here, before any launch."""
         fam = get_family(family)
@@ -53,6 +56,11 @@ class Cell:
             )
         if kind.moe_only and not fam.is_moe:
             raise CellError(f"adapter {adapter} configures routed experts, which family {family} does not have")
+        from compat.serving.engines import ENGINES
+
+        unknown = [e for e in serve if e not in ENGINES]
+        if unknown or len(set(serve)) != len(serve):
+            raise CellError(f"serve {list(serve)}: give each engine once, of {', '.join(ENGINES)}")
         load_layout = load_layout or layout
         check_fits(layout, fam)
         check_fits(load_layout, fam)
@@ -64,11 +72,11 @@ class Cell:
                         "shards LoRA A's rank over tensor parallelism (megatron/bridge/peft/utils.py:1019, "
                         "ColumnParallelLinear(in_features, dim))"
                     )
-        return cls(family, layout, load_layout, adapter, dtype, spec)
+        return cls(family, layout, load_layout, adapter, dtype, spec, tuple(serve))
 
     @property
     def id(self) -> str:
-        """``family.layout[.to.layout][.adapter][.spec][.dtype]``, naming only axes off their default."""
+        """``family.layout[.to.layout][.adapter][.spec][.dtype][.engine]``, naming only axes off their default."""
         parts = [self.family, self.layout.slug]
         if self.reshards:
             parts += ["to", self.load_layout.slug]
@@ -78,7 +86,7 @@ class Cell:
             parts.append(self.spec)
         if self.dtype != DEFAULT_DTYPE:
             parts.append(self.dtype)
-        return ".".join(parts)
+        return ".".join(parts + list(self.serve))
 
     @property
     def phases(self) -> list[tuple[str, Layout]]:
@@ -105,6 +113,7 @@ class Cell:
             "adapter": self.adapter,
             "dtype": self.dtype,
             "spec": self.spec,
+            "serve": list(self.serve),
         }
 
     @classmethod
@@ -116,6 +125,7 @@ class Cell:
             adapter=data["adapter"],
             dtype=data["dtype"],
             spec=data.get("spec", DEFAULT_SPEC),
+            serve=tuple(data.get("serve", ())),
         )
 
     def __str__(self) -> str:

@@ -64,6 +64,9 @@ def _run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--adapter", default="lora", help="one cell: adapter kind (default: lora)")
     run.add_argument("--dtype", default="fp32", choices=DTYPES, help="one cell: dtype (default: fp32)")
     run.add_argument("--spec", default="local", choices=SPECS, help="one cell: layer spec (default: local)")
+    run.add_argument(
+        "--serve", action="append", default=[], help="one cell: a serving engine that loads the export too (vllm)"
+    )
     run.add_argument("--expected", type=Path, help="expected outcomes (default: expected.toml beside the matrix)")
     run.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda"))
     run.add_argument("--timeout", type=float, help=f"seconds per cell launch (default {launch.DEFAULT_TIMEOUT:.0f})")

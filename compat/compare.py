@@ -105,7 +105,7 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, tolerance: Tolerance) 
     )
 
 
-def effect_problem(base: torch.Tensor, adapted: torch.Tensor, tolerance: Tolerance) -> str | None:
+def effect_problem(base: torch.Tensor, adapted: torch.Tensor, tolerance: Tolerance, side: str = "peft") -> str | None:
     """Why the adapter's effect is too small to prove anything at ``tolerance``, or None.
 
     The logits without the adapter are compared with the adapted ones under the cell's own
@@ -118,7 +118,7 @@ def effect_problem(base: torch.Tensor, adapted: torch.Tensor, tolerance: Toleran
     return (
         f"the adapter does not change the logits beyond the tolerance: without it {c.mismatched} / {c.total} "
         f"({100 * share:.1f}%) logits differ by more than {tolerance} (at least {100 * EFFECT_MIN_SHARE:.0f}% must); "
-        f"max |peft - base| = {c.max_abs_diff:.3e}"
+        f"max |{side} - base| = {c.max_abs_diff:.3e}"
     )
 
 

@@ -6,7 +6,9 @@ spec), the status it expects and why (an upstream issue, or the file and line at
 ``match``: a regular expression, or a list of them, for the cell's problems: every problem must be
 matched by one of them and every one of them must match a problem, so an expected failure that
 starts failing for another reason, or for one more, is not met. The first matching entry wins:
-narrow ones first.
+narrow ones first. With ``checks``
+(e.g. ``["serving.vllm"]``), each pattern must be seen in those checks' own problems (a serving
+engine's own finding, not the peft check's).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from compat.versions import PACKAGES
 __all__ = ["STATUSES", "Expectation", "Expectations", "Expected", "ExpectedError", "load_expectations"]
 
 STATUSES = ("pass", "fail", "error", "unsupported")
-_KEYS = {"cells", "when", "status", "reason", "match", "specs"}
+_KEYS = {"cells", "when", "status", "reason", "match", "specs", "checks"}
+CHECK_PREFIXES = ("serving.",)  # the checks an entry can name: serving.ENGINE
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class Expected:
     status: str = "pass"
     reason: str = ""
     match: tuple[str, ...] = ()  # regular expressions, together covering the problems (none: any problems)
+    checks: tuple[str, ...] = ()  # where each pattern must be seen: these checks' problems (none: any)
 
     def unmet(self, status: str, problems: list[Problem]) -> list[str]:
         """Why the observed outcome is not the expected one: a status, a problem no pattern covers, a
@@ -49,7 +53,8 @@ class Expected:
         seen = [p.text() for p in problems]
         out = [f"not expected: [{p.check}] {text[:300]}" for p, text in zip(problems, seen, strict=True)
                if not any(re.search(m, text, re.DOTALL) for m in self.match)]  # fmt: skip
-        out += [f"expected, not seen: {m!r}" for m in self.match if not any(re.search(m, t, re.DOTALL) for t in seen)]
+        pool = [t for p, t in zip(problems, seen, strict=True) if not self.checks or p.check in self.checks]
+        out += [f"expected, not seen: {m!r}" for m in self.match if not any(re.search(m, t, re.DOTALL) for t in pool)]
         return out
 
     def met_by(self, status: str, problems: list[Problem]) -> bool:
@@ -69,6 +74,7 @@ class Expectation:
     when: tuple[tuple[str, SpecifierSet], ...] = ()
     match: tuple[str, ...] = ()
     specs: tuple[str, ...] = SPECS
+    checks: tuple[str, ...] = ()
 
     def matches(self, cell_id: str, versions: dict[str, str | None], spec: str = "local") -> bool:
         if spec not in self.specs or not any(fnmatchcase(cell_id, pattern) for pattern in self.cells):
@@ -90,7 +96,7 @@ class Expectations:
     def for_cell(self, cell_id: str, versions: dict[str, str | None], spec: str = "local") -> Expected:
         """What a cell is expected to do on these versions; a pass without an entry."""
         entry = self.lookup(cell_id, versions, spec)
-        return Expected(entry.status, entry.reason, entry.match) if entry else Expected()
+        return Expected(entry.status, entry.reason, entry.match, entry.checks) if entry else Expected()
 
 
 def _parse_entry(raw: dict[str, Any], where: str) -> Expectation:
@@ -128,7 +134,10 @@ def _parse_entry(raw: dict[str, Any], where: str) -> Expectation:
     specs = raw.get("specs", list(SPECS))
     if not isinstance(specs, list) or not specs or not set(specs) <= set(SPECS):
         raise ExpectedError(f"{where}: 'specs' must be a non-empty list of {', '.join(SPECS)}")
-    return Expectation(tuple(cells), status, reason, tuple(when), tuple(match), tuple(specs))
+    checks = raw.get("checks", [])
+    if not isinstance(checks, list) or not all(isinstance(c, str) and c.startswith(CHECK_PREFIXES) for c in checks):
+        raise ExpectedError(f"{where}: 'checks' must be a list of check names, e.g. [\"serving.vllm\"]")
+    return Expectation(tuple(cells), status, reason, tuple(when), tuple(match), tuple(specs), tuple(checks))
 
 
 def load_expectations(path: Path | None) -> Expectations:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +76,11 @@ class Family:
 
 
 def _parse(data: dict[str, Any], source: str) -> dict[str, Family]:
-    unknown_top = set(data) - {"defaults", "family"}
+    unknown_top = set(data) - {"defaults", "family", "profile"}
     if unknown_top:
         raise FamilyError(
-            f"{source}: unknown top-level keys {sorted(unknown_top)}; write [defaults] and [family.NAME] tables"
+            f"{source}: unknown top-level keys {sorted(unknown_top)}; write [defaults], [family.NAME] "
+            "and [profile.NAME] tables"
         )
     defaults = data.get("defaults", {})
     declared = data.get("family")
@@ -118,6 +119,24 @@ def _parse(data: dict[str, Any], source: str) -> dict[str, Family]:
             num_experts=num_experts,
             hf_modules={k: tuple(v) for k, v in hf_modules.items()},
         )
+    return {**out, **_profiles(data.get("profile", {}), out, source)}
+
+
+def _profiles(profiles: dict[str, Any], declared: dict[str, Family], source: str) -> dict[str, Family]:
+    """``[profile.NAME]``: the listed families again as ``FAMILY_NAME``, its config keys over theirs
+    (the sizes a consumer needs: vLLM's CPU attention refuses the contract's head_dim 8)."""
+    out: dict[str, Family] = {}
+    for profile, spec in profiles.items():
+        unknown = set(spec) - {"about", "families", "config"}
+        if unknown or not isinstance(spec.get("families"), list) or not isinstance(spec.get("config", {}), dict):
+            raise FamilyError(f"{source}: profile {profile!r} needs 'families' (a list) and a 'config' table only")
+        for name in spec["families"]:
+            if name not in declared:
+                raise FamilyError(f"{source}: profile {profile!r} names family {name!r}, not declared here")
+            fam = declared[name]
+            about = f"{fam.about}; {profile} profile: {spec.get('about', '')}".rstrip(": ")
+            config = {**fam.config, **spec.get("config", {})}
+            out[f"{name}_{profile}"] = replace(fam, name=f"{name}_{profile}", about=about, config=config)
     return out
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "GateError",
     "PinSet",
     "add_parser",
+    "build_env",
     "check_complete",
     "compare",
     "failing",
@@ -160,11 +161,22 @@ def _clean_env() -> dict[str, str]:
 
 def ensure_env(pins: PinSet, root: Path) -> tuple[Path, bool, float]:
     """(gate python, whether it was reused, seconds spent); raises GateError when it can't be built."""
+    reqs = [f"{name}=={version}" for name, version in pins.packages.items()]
+    steps = [["--no-deps", "--ignore-installed", *reqs]]
+    return build_env(pins.name, pins.digest, root / pins.name / "venv", steps, pins.packages, shared=True)
+
+
+def build_env(
+    name: str, digest: str, venv: Path, steps: list[list[str]], want: dict[str, str], *, shared: bool
+) -> tuple[Path, bool, float]:
+    """A cached venv: reused while ``digest`` is unchanged, else built by ``pip install`` ``steps`` in
+    order and checked against ``want`` (exact versions). ``shared``: it sees this interpreter's
+    site-packages below its own (the gate); otherwise it is on its own (a serving engine's torch)."""
     start = time.monotonic()
-    venv = root.resolve() / pins.name / "venv"  # absolute: site-packages is checked to lie inside it
+    venv = venv.resolve()  # absolute: site-packages is checked to lie inside it
     stamp = venv / "gate-pins.sha256"
     python = _venv_python(venv)
-    if stamp.is_file() and stamp.read_text().strip() == pins.digest and python.exists():
+    if stamp.is_file() and stamp.read_text().strip() == digest and python.exists():
         return python, True, time.monotonic() - start
     if venv.exists():
         shutil.rmtree(venv)
@@ -172,39 +184,28 @@ def ensure_env(pins: PinSet, root: Path) -> tuple[Path, bool, float]:
     step = subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], capture_output=True, text=True)
     if step.returncode != 0:
         raise GateError(f"could not create {venv}:\n{step.stderr[-2000:]}")
-    # The shared packages come after the gate's own site-packages on sys.path, so pins shadow them.
-    (_gate_site_packages(python) / "_gate_shared.pth").write_text("\n".join(_shared_paths()) + "\n")
-    reqs = [f"{name}=={version}" for name, version in pins.packages.items()]
-    print(f"gate: building {venv} for {pins.name}: pip install --no-deps {' '.join(reqs)}", flush=True)
-    step = subprocess.run(
-        [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "--no-deps",
-            "--ignore-installed",
-            "--no-compile",
-            "--disable-pip-version-check",
-            *reqs,
-        ],
-        capture_output=True,
-        text=True,
-        env=_clean_env(),
-    )
-    if step.returncode != 0:
-        raise GateError(
-            f"could not build the environment for {pins.name} ({pins.path}): pip install failed\n"
-            + (step.stderr or step.stdout)[-3000:]
-        )
-    got = _installed(python, list(pins.packages))
-    wrong = {n: v for n, v in got.items() if v != pins.packages[n]}
+    if shared:  # the shared packages come after the gate's own site-packages on sys.path, so pins shadow them
+        (_gate_site_packages(python) / "_gate_shared.pth").write_text("\n".join(_shared_paths()) + "\n")
+        pip = [str(python), "-m", "pip"]
+    else:  # no pip of its own: this interpreter's pip installs into it
+        pip = [sys.executable, "-m", "pip", "--python", str(python)]
+    for args in steps:
+        print(f"gate: building {venv} for {name}: pip install {' '.join(args)}", flush=True)
+        cmd = [*pip, "install", "--no-compile", "--disable-pip-version-check", *args]
+        step = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env())
+        if step.returncode != 0:
+            raise GateError(
+                f"could not build the environment for {name}: pip install {' '.join(args)} failed\n"
+                + (step.stderr or step.stdout)[-3000:]
+            )
+    got = _installed(python, list(want))
+    wrong = {n: v for n, v in got.items() if v != want[n]}
     if wrong:
         raise GateError(
-            f"the environment for {pins.name} does not resolve the pinned versions: "
-            + ", ".join(f"{n} is {v} (pinned {pins.packages[n]})" for n, v in wrong.items())
+            f"the environment for {name} does not resolve the pinned versions: "
+            + ", ".join(f"{n} is {v} (pinned {want[n]})" for n, v in wrong.items())
         )
-    stamp.write_text(pins.digest + "\n")
+    stamp.write_text(digest + "\n")
     return python, False, time.monotonic() - start
 
 

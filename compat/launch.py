@@ -90,6 +90,12 @@ def run_cell(
         status, reason, metrics, problems = _run_phase(ranks, group, task, paths, timeout)
         if status != "pass":
             break
+    if cell.serve and status in ("pass", "fail"):  # the export exists: each engine loads it too
+        from compat import serving
+
+        metrics = {**metrics, "serving": serving.check(cell, root, backend, timeout)}
+        status, reason = serving.fold(status, reason, metrics["serving"])
+        problems = [*problems, *serving.problems(metrics["serving"])]
     result = CellResult.of(cell, status, reason.strip(), time.monotonic() - start, expected, metrics, problems)
     if result.met and not keep:
         shutil.rmtree(root, ignore_errors=True)

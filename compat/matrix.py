@@ -12,6 +12,7 @@ load_layouts = ["tp1"]           # optional: save at each layout, load at each o
 adapters = ["lora"]              # optional
 specs = ["local"]                # optional: "local" and/or "te"
 dtypes = ["fp32"]                # optional
+serve = ["vllm"]                 # optional: serving engines that load each export too (compat.serving)
 ```
 Every cell is validated on load (unknown names, layouts a family cannot take, duplicate ids)
 so a bad matrix is refused before anything runs.
@@ -34,7 +35,7 @@ from compat.plugins import ROLES, PluginError, Plugins
 __all__ = ["Matrix", "MatrixError", "load_matrix", "parse_matrix"]
 
 _TOP_KEYS = {"timeout", "cells", "about", "families_file", "adapters_file", *ROLES}
-_BLOCK_KEYS = {"families", "layouts", "load_layouts", "adapters", "specs", "dtypes"}
+_BLOCK_KEYS = {"families", "layouts", "load_layouts", "adapters", "specs", "dtypes", "serve"}
 
 
 class MatrixError(ValueError):
@@ -95,11 +96,12 @@ def parse_matrix(data: dict[str, Any], name: str, base: Path | None = None) -> M
             adapters = _strings(block, "adapters", where, [DEFAULT_ADAPTER])
             specs = _strings(block, "specs", where, [DEFAULT_SPEC])
             dtypes = _strings(block, "dtypes", where, [DEFAULT_DTYPE])
+            serve = tuple(_strings(block, "serve", where, [])) if "serve" in block else ()
             product = itertools.product(families, layouts, load_layouts, adapters, specs, dtypes)
             for fam, lay, load, ad, spec, dt in product:
                 if load == lay:
                     continue  # the diagonal of a resharding product is the plain cell
-                cell = Cell.make(fam, lay, load, ad, dt, spec)
+                cell = Cell.make(fam, lay, load, ad, dt, spec, serve)
                 if cell.id in cells:
                     raise MatrixError(f"cell {cell.id} is listed twice")
                 cells[cell.id] = cell

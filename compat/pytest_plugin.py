@@ -148,6 +148,15 @@ def pytest_configure(config: pytest.Config) -> None:
             check(session.plugins, session.backend)
         except PluginError as exc:
             raise pytest.UsageError(f"megatron-lora-compat: {exc}") from None
+    if any(cell.serve for cell in session.cells):  # a cell no engine can serve here is bad input
+        from compat.gate import GateError
+        from compat.serving import check_servable
+
+        try:
+            for cell in session.cells:
+                check_servable(cell, session.backend)
+        except (GateError, ValueError) as exc:
+            raise pytest.UsageError(f"megatron-lora-compat: {exc}") from None
     path = config.getoption("--compat-results")
     if path:
         from compat.pytest_results import ResultsCollector

@@ -47,7 +47,25 @@ def format_row(r: CellResult) -> str:
         row += "\n    " + r.reason.replace("\n", "\n    ")[:2000]
     if skip_note(skipped):
         row += "\n    " + skip_note(skipped)
+    for engine, s in r.serving.items():
+        diff, effect = _num(s["max_abs_diff"]), _num(s["adapter_effect"])
+        row += f"\n    serving.{engine}: {s['status']}, max diff {diff}, effect {effect}"
     return row
+
+
+def _serving_table(cells: list[dict[str, Any]]) -> list[str]:
+    """The served cells: each engine's own status, max diff of log-probs and adapter effect."""
+    rows = [(c["id"], e, s) for c in cells for e, s in c.get("serving", {}).items()]
+    if not rows:
+        return []
+    lines = ["", "Served (log-probs against Megatron's, docs/serving.md):", ""]
+    lines += ["| cell | engine | status | max diff | effect | seconds |", "| --- | --- | --- | --- | --- | --- |"]
+    for cell, engine, s in rows:
+        seconds = s.get("seconds", {}).get("total")
+        row = (cell, s.get("engine", engine), s["status"], _num(s["max_abs_diff"]), _num(s["adapter_effect"]),
+               "-" if seconds is None else f"{seconds:.0f}")  # fmt: skip
+        lines.append("| " + " | ".join(str(x) for x in row) + " |")
+    return lines
 
 
 def summary(results: list[CellResult]) -> str:
@@ -94,6 +112,7 @@ def markdown(data: dict[str, Any], source: str = "") -> str:
         row = (c["id"], c["world_size"], status, c["expected"], _num(c["max_abs_diff"]),
                _num(c["adapter_effect"]), f"{c['seconds']:.0f}", note)  # fmt: skip
         lines.append("| " + " | ".join(str(x) for x in row) + " |")
+    lines += _serving_table(data.get("cells", []))
     if reasons:
         lines += ["", "Reasons (first line) and skipped checks:", ""]
         lines += [f"{n}. {text}" for text, n in reasons.items()]

@@ -37,6 +37,7 @@ class CellResult:
     expected_reason: str = ""
     expected_match: str = ""  # the expectation's one pattern ("" for none or several: expected_matches)
     metrics: dict[str, Any] = field(default_factory=dict)
+    serving: dict[str, Any] = field(default_factory=dict)  # per engine: status, max diff, effect, problems
     files: str | None = None  # where the cell's files were kept (an outcome other than expected)
     problems: list[dict[str, str]] = field(default_factory=list)  # {check, message, where}: the reason as data
     expected_matches: list[str] = field(default_factory=list)  # every pattern of the expectation
@@ -73,11 +74,17 @@ class CellResult:
             reason=reason,
             expected_reason=expected.reason,
             expected_match=expected.match[0] if len(expected.match) == 1 else "",
-            metrics={k: v for k, v in metrics.items() if k not in ("max_abs_diff", "adapter_effect")},
+            metrics={k: v for k, v in metrics.items() if k not in ("max_abs_diff", "adapter_effect", "serving")},
             problems=[p.as_dict() for p in problems],
             expected_matches=list(expected.match),
             unmet=unmet,
+            serving=metrics.get("serving", {}),
         )
+
+
+def _check_reasons(serving: dict[str, Any]) -> dict[str, str]:
+    """``serving.ENGINE`` -> that check's problems, for expectations that name the check."""
+    return {f"serving.{engine}": "; ".join(record.get("problems", [])) for engine, record in serving.items()}
 
 
 def device_name(backend: str) -> str:

@@ -119,6 +119,11 @@ def _steps(
     lap("merged forms")
     if comm.rank != 0:
         return {}
+    if cell.serve:  # what the serving engines' processes read (compat.serving), whatever peft says next
+        from compat.serving import write_inputs
+
+        write_inputs(cell, paths)
+        lap("serving inputs")
     try:
         metrics = compare_with_peft(cell, paths, phase == "load", skipped, backend.device)
     except CheckFailed as exc:

@@ -53,6 +53,7 @@ def configure(args: argparse.Namespace) -> RunConfig:
         backend = backends.resolve(args.backend)
         plugins = Plugins(**{**matrix_plugins.named(), **{r: getattr(args, r) for r in ROLES if getattr(args, r)}})
         check(plugins, backend)
+        _servable(cells, backend)
     except BadInput:
         raise
     except ValueError as exc:  # every declaration, layout, cell, matrix, plugin and stack error
@@ -82,7 +83,8 @@ def _cells(args: argparse.Namespace) -> tuple[list[Cell], float | None, Plugins]
         cells, timeout, plugins = list(matrix.cells), matrix.timeout, matrix.plugins
     elif args.family and args.layout:
         load = Layout.parse(args.load_layout) if args.load_layout else None
-        cell = Cell.make(args.family, Layout.parse(args.layout), load, args.adapter, args.dtype, args.spec)
+        serve = tuple(args.serve or ())
+        cell = Cell.make(args.family, Layout.parse(args.layout), load, args.adapter, args.dtype, args.spec, serve)
         cells, timeout, plugins = [cell], None, Plugins()
     else:
         raise BadInput("give --matrix FILE, or --family F --layout L for one cell")
@@ -96,6 +98,18 @@ def _cells(args: argparse.Namespace) -> tuple[list[Cell], float | None, Plugins]
             raise BadInput(f"--shard {args.shard!r}: expected K/N with 1 <= K <= N, e.g. 1/2")
         cells = cells[int(k) - 1 :: int(n)]
     return cells, timeout, plugins
+
+
+def _servable(cells: list[Cell], backend: str) -> None:
+    """Each served cell's engine has pins for this device and takes its dtype and sizes."""
+    from compat.gate import GateError
+    from compat.serving import check_servable
+
+    for cell in cells:
+        try:
+            check_servable(cell, backend)
+        except GateError as exc:
+            raise BadInput(str(exc)) from None
 
 
 def _expectations(args: argparse.Namespace) -> Expectations:

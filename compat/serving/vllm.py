@@ -1,0 +1,166 @@
+"""vLLM's side of the serving check, run as a script by the engine environment's python (torch and vLLM
+of its own pins, never the harness's): ``python compat/serving/vllm.py SERVE_DIR``.
+
+It loads the HF base model and the exported adapter as vLLM users do (``LLM(enable_lora=True)``, a
+``LoRARequest`` per adapter) and writes the full-vocab prompt log-probs of the cell's token ids
+without the adapter, with it, and with each module group of it alone (``self_attn``, ``mlp``, ...:
+a group that vLLM loads but does not apply moves nothing). It imports nothing of the harness: the
+comparison is the launcher's (compat/serving/__init__.py). The settings are the in-process fast ones
+measured on a 2-core CPU (FIELD-NOTES "vLLM"): import 6-20 s, engine start 3-7 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+FAST_ENV = {
+    "TORCH_COMPILE_DISABLE": "1",  # else inductor compiles gather_logprobs: 13-28 s
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in this process: 3-7 s, not 20-41 s
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "OMP_NUM_THREADS": "1",
+}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # max_lora_rank values vLLM accepts
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost frame of vLLM's own code: where a refusal is located."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/vllm/" in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" ({f.filename[f.filename.rindex('/vllm/') + 1 :]}:{f.lineno})"
+
+
+def _groups(adapter: Path, out: Path) -> dict[str, dict[str, Any]]:
+    """The adapter split by module group (the module's parent: self_attn, mlp, experts), one dir each."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    by_group: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        module = key.split(".lora_")[0].split(".")
+        group = module[-2] if len(module) > 1 and not module[-2].isdigit() else module[-3]
+        by_group.setdefault(group, {})[key] = value
+    info = {}
+    for group, part in sorted(by_group.items()):
+        target = out / f"only-{group}"
+        target.mkdir(exist_ok=True)
+        save_file(part, str(target / "adapter_model.safetensors"))
+        (target / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+        modules = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in part})
+        nonzero = any(float(v.abs().max()) > 0 for k, v in part.items() if ".lora_B" in k)
+        info[group] = {"dir": str(target), "modules": modules, "nonzero": nonzero}
+    return info
+
+
+def _logprobs(output: Any, vocab: int) -> Any:
+    """[positions - 1, vocab]: the prompt log-probs of positions 1.. (position 0 has none)."""
+    import torch
+
+    rows = output.prompt_logprobs[1:]
+    out = torch.full((len(rows), vocab), float("nan"), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        ids = torch.tensor(list(row.keys()))
+        out[i, ids] = torch.tensor([lp.logprob for lp in row.values()], dtype=torch.float32)
+    return out
+
+
+def serve(serve_dir: Path) -> dict[str, Any]:
+    """Run the requests; write ``vllm.safetensors``; return what ``vllm.json`` records."""
+    os.environ.update({k: v for k, v in FAST_ENV.items() if k not in os.environ})
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    request = json.loads((serve_dir / "request.json").read_text())
+    ids = load_file(str(serve_dir / "inputs.safetensors"))["ids"]
+    adapter = Path(request["adapter"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    rank = max([config.get("r", 8), *(config.get("rank_pattern") or {}).values()])
+    record: dict[str, Any] = {"seconds": {}}
+    clock = time.monotonic()
+    from importlib.metadata import version
+
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    record["engine"] = f"vllm {version('vllm') if _has('vllm') else version('vllm-cpu')}"
+    record["seconds"]["import"] = round(time.monotonic() - clock, 2)
+    clock = time.monotonic()
+    llm = LLM(
+        model=request["base"],
+        dtype=DTYPES[request["dtype"]],
+        enable_lora=True,
+        max_lora_rank=next(r for r in LORA_RANKS if r >= rank),
+        max_loras=1,
+        max_model_len=max(64, ids.shape[-1] + 1),
+        max_logprobs=-1,
+        enforce_eager=True,
+        skip_tokenizer_init=True,
+        distributed_executor_backend="uni",
+    )
+    record["seconds"]["engine start"] = round(time.monotonic() - clock, 2)
+    params = SamplingParams(prompt_logprobs=-1, max_tokens=1, detokenize=False)
+    prompts = [{"prompt_token_ids": row.tolist()} for row in ids]
+    vocab = int(request["vocab_size"])
+
+    def run(lora: Any) -> Any:
+        # One prompt per call: with enable_lora, prompt log-probs of several requests in one batch
+        # raise in the LoRA logits processor, which takes one sampler index per request for every
+        # prompt position ("einsum(): subscript b has size 2 ... size 15",
+        # vllm/lora/punica_wrapper/punica_cpu.py:349 -> vllm/lora/ops/torch_ops/lora_ops.py:78, 0.32.0).
+        outputs = [llm.generate([p], params, lora_request=lora, use_tqdm=False)[0] for p in prompts]
+        return torch.stack([_logprobs(o, vocab) for o in outputs])
+
+    clock = time.monotonic()
+    out = {"base": run(None)}
+    groups = _groups(adapter, serve_dir)
+    requests = {"adapter": str(adapter), **{f"only:{g}": info["dir"] for g, info in groups.items()}}
+    record["groups"] = {g: {k: v for k, v in info.items() if k != "dir"} for g, info in groups.items()}
+    for n, (name, path) in enumerate(requests.items(), start=1):
+        try:
+            out[name] = run(LoRARequest(name.replace(":", "-"), n, path))
+        except Exception as exc:  # vLLM refusing the adapter is the finding
+            record.setdefault("refused", {})[name] = f"{type(exc).__name__}: {str(exc)[:600]}{_where(exc)}"
+    record["seconds"]["requests"] = round(time.monotonic() - clock, 2)
+    save_file({k: v.contiguous() for k, v in out.items()}, str(serve_dir / "vllm.safetensors"))
+    return record
+
+
+def _has(dist: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version(dist)
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+def main() -> int:
+    serve_dir = Path(sys.argv[1])
+    try:
+        record = serve(serve_dir)
+    except Exception as exc:  # the engine could not start or run: an error of the check, with where
+        record = {"error": f"{type(exc).__name__}: {str(exc)[:800]}{_where(exc)}", "traceback": traceback.format_exc()}
+    tmp = serve_dir / ".vllm.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(serve_dir / "vllm.json")  # whole or absent: the launcher reads it
+    return 0
+
+
+if __name__ == "__main__":  # vLLM may start worker processes that import this file
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Without the engine's teardown at interpreter exit: on a loaded 2-core machine the process was
+    # still alive about 130 s after writing its result (vllm-cpu 0.32.0, in-process engine): killed at
+    # the cell's deadline, its result discarded.
+    os._exit(code)
