@@ -69,7 +69,9 @@ def run_phase(
         not_run = exc.not_run or (", ".join(later) + after if later else "")
         metrics = {**exc.metrics, "seconds_by_step": lap.seconds, **({"not_run": not_run} if not_run else {})}
         raise CheckFailed([*found, *exc.problems], metrics, not_run) from exc
-    if found:
+    if found and comm.rank == 0:
+        # Every rank holds the same ``found``; rank 0 alone reports it, after its HF side ran (a peer
+        # failing first would be taken as the cause and rank 0 stopped mid-comparison).
         raise CheckFailed(found, metrics)
     return metrics
 
@@ -105,6 +107,7 @@ def _steps(
         if phase == "save":
             _export(built, paths, comm, plugins, reference=True)
             return {}
+    lap.step = "load, verify"
     why = _load(built, paths, comm, plugins, saved, found)
     if why:
         skipped_checks["bridge loader"] = why

@@ -168,3 +168,19 @@ def test_an_exporter_passed_as_a_function_runs_by_its_name(repo, monkeypatch):
         ],
         consecutive=False,
     )
+
+
+def test_a_pass_expected_unsupported_does_not_pass_assert_met():
+    """Before: ``assert_met`` returned on any pass, though the CLI counts this cell unmet."""
+    from compat.cells import Cell
+    from compat.expected import Expected
+    from compat.layouts import Layout
+    from compat.pytest_plugin import CellDidNotPass, CompatResult
+    from compat.results import CellResult
+
+    cell = Cell.make("minimax_m2", Layout.parse("tp1"), None, "lora", "fp32")
+    result = CellResult.of(cell, "pass", "", 1.0, Expected("unsupported", "needs transformer_engine", ("needs",)))
+    assert not result.met
+    with pytest.raises(CellDidNotPass, match="passed, but is expected unsupported"):
+        CompatResult(result).assert_met()
+    CompatResult(CellResult.of(cell, "pass", "", 1.0, Expected())).assert_met()
