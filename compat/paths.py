@@ -60,6 +60,11 @@ class CellPaths:
         """peft's merge of the adapter export, saved in checkpoint naming to compare with :attr:`merged`."""
         return self.root / "peft-merged-hf"
 
+    @property
+    def delta_oracle(self) -> Path:
+        """The per-weight delta comparison rank 0 made on the Megatron side (``compat.delta_oracle``)."""
+        return self.root / "delta-oracle.json"
+
     def activations(self, tag: str, pp_rank: int) -> Path:
         """One pipeline stage's activations of a Megatron forward (``tag``: adapter or merged)."""
         return self.root / f"megatron-{tag}-pp{pp_rank}.pt"

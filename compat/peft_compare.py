@@ -17,6 +17,7 @@ from compat.activations import capture_hf, first_divergence, input_ids, load_meg
 from compat.adapters import get_adapter
 from compat.cells import Cell
 from compat.compare import TOLERANCES, WEIGHT_TOLERANCES, Tolerance, compare, effect_problem, token_agreement
+from compat.delta_oracle import oracle_problems
 from compat.export import MEGATRON_MERGED, MERGED_EXPORT, MERGED_WEIGHTS, PEFT_MERGED
 from compat.families import get_family
 from compat.findings import CheckFailed
@@ -80,6 +81,7 @@ def compare_with_peft(
         "max_rel_diff": cmp.max_rel_diff,
         "adapter_effect": float((peft_logits.double() - base_logits.double()).abs().max()),
     }
+    problems += oracle_problems(paths, metrics)
     if cell.dtype != "fp32":
         metrics["top1_agreement"] = token_agreement(meg["logits"], peft_logits)
     if not cmp.ok:

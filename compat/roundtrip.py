@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from compat import adapter_state, checkpoint
+from compat import adapter_state, checkpoint, delta_oracle
 from compat.activations import megatron_forward
 from compat.backends import Backend
 from compat.cells import Cell
@@ -75,6 +75,9 @@ def run_phase(
     lap("forward")
     _export(built, paths, comm, plugins, reference=False)
     lap("export")
+    delta_oracle.run_oracle(built.bridge, built.model, paths, comm.rank)
+    comm.barrier()
+    lap("delta oracle")
     skipped = _merged(cell, built, paths, backend, comm, vocab, reference=phase == "load")
     lap("merged forms")
     if comm.rank != 0:

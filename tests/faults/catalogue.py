@@ -54,10 +54,19 @@ def weights_differ(modules: str) -> str:
     )
 
 
+def delta_differs(modules: str) -> str:
+    """The delta oracle (compat/delta_oracle.py) names the weights ``modules`` (a regex) and their rows."""
+    return (
+        r"the exported adapter's delta differs from Megatron's in \d+ of \d+ weights .*"
+        rf"model\.layers\.{modules}\.weight \(rows [\d, -]+"
+    )
+
+
 def mismatch_at(layer: int, part: str, modules: str = "") -> dict[str, tuple[str, ...]]:
     """In fp32: a logits mismatch located at ``layer`` ``part`` against 1e-05. In every dtype: the merged
-    weights differ in ``modules`` (where the fault is in the adapter export alone), or the logits do."""
-    common = (weights_differ(modules),) if modules else (LOGITS, DIFF)
+    weights and the deltas differ in ``modules`` (where the fault is in the adapter export alone), or the
+    logits do."""
+    common = (weights_differ(modules), delta_differs(modules)) if modules else (LOGITS, DIFF)
     return {"expect": common, "fp32": (LOGITS, FP32_DIFF, diverges_at(layer, part))}
 
 
@@ -168,6 +177,18 @@ FAULTS: tuple[Fault, ...] = (
         "tp1",
         (_export(tamper.permute_experts),),
         **mismatch_at(0, "mlp", r"0\.mlp\.experts\.\d\.(gate|up|down)_proj"),
+    ),
+    Fault(
+        "q_heads_rotated",
+        "q_proj lora_B rows rolled by one head (layer 1), with the bridge's merged export hidden as in "
+        "releases before merge_adapter_weights: the bf16 logits alone do not show it",
+        "llama",
+        "tp1",
+        (
+            (AUTO_BRIDGE, "AutoBridge.export_adapter_weights", tamper.rotate_q_heads),
+            (AUTO_BRIDGE, "AutoBridge.save_hf_weights", tamper.without_merged_export),
+        ),
+        (delta_differs(r"1\.self_attn\.q_proj"),),
     ),
     Fault(
         "tp_shards_reversed",
