@@ -16,7 +16,16 @@ import torch
 from compat.activations import capture_hf, first_divergence, input_ids, load_megatron
 from compat.adapters import get_adapter
 from compat.cells import Cell
-from compat.compare import TOLERANCES, WEIGHT_TOLERANCES, Tolerance, compare, effect_problem, token_agreement
+from compat.compare import (
+    WEIGHT_TOLERANCES,
+    Tolerance,
+    adapter_tolerance,
+    base_tolerance,
+    compare,
+    effect_problem,
+    forward_noise,
+    token_agreement,
+)
 from compat.delta_oracle import oracle_problems
 from compat.export import MEGATRON_MERGED, MERGED_EXPORT, MERGED_WEIGHTS, PEFT_MERGED
 from compat.families import get_family
@@ -55,7 +64,7 @@ def compare_with_peft(
     problems = adapter_problems(cell, paths, reference)
     if problems:
         raise CheckFailed("; ".join(problems))
-    dtype, tol = TORCH_DTYPES[cell.dtype], TOLERANCES[cell.dtype]
+    dtype = TORCH_DTYPES[cell.dtype]
     hf = AutoModelForCausalLM.from_pretrained(str(paths.hf), dtype=dtype).to(device).eval()
     ids = input_ids(get_family(cell.family).dims.vocab_size, device)
     with torch.no_grad():
@@ -73,13 +82,17 @@ def compare_with_peft(
         peft_logits = peft_model(ids).logits
     for h in hooks:
         h.remove()
-    problems += _base_problems(paths, base_logits, tol)
+    base_problems, noise = _base_problems(cell, paths, base_logits)
+    problems += base_problems
+    tol = adapter_tolerance(cell.dtype, noise.get("base_drift"))
+    noise["adapter_allowed"] = str(tol)
     meg = load_megatron(paths, "adapter")
     cmp = compare(meg["logits"], peft_logits, tol)
     metrics: dict[str, Any] = {
         "max_abs_diff": cmp.max_abs_diff,
         "max_rel_diff": cmp.max_rel_diff,
         "adapter_effect": float((peft_logits.double() - base_logits.double()).abs().max()),
+        "tolerance": noise,
     }
     problems += oracle_problems(paths, metrics)
     if cell.dtype != "fp32":
@@ -99,17 +112,28 @@ def compare_with_peft(
     return metrics
 
 
-def _base_problems(paths: CellPaths, base_logits: torch.Tensor, tol: Tolerance) -> list[str]:
+def _base_problems(cell: Cell, paths: CellPaths, base_logits: torch.Tensor) -> tuple[list[str], dict[str, Any]]:
     """Megatron with its adapters switched off must compute the HF base model: else a mismatch
-    below is the bridge's model conversion, not the adapter's export."""
+    below is the bridge's model conversion, not the adapter's export. Also returns the drift measured
+    and allowed (``compat.compare``: the adapted logits' bound derives from it)."""
     if not paths.all_activations("base"):
-        return []  # a bridge without enable/disable_adapter_layers
+        return [], {"base_drift": None, "derivation": "no base-model forward (no disable_adapter_layers): the table"}
+    dims = get_family(cell.family).dims
+    tol = base_tolerance(cell.dtype, dims.num_layers, dims.hidden_size, base_logits)
     c = compare(load_megatron(paths, "base")["logits"], base_logits, tol)
+    noise = {
+        "base_drift": c.max_abs_diff,
+        "base_allowed": str(tol),
+        "base_rms": float(base_logits.double().pow(2).mean().sqrt()),
+        "base_drift_modelled": forward_noise(cell.dtype, dims.num_layers, dims.hidden_size, base_logits),
+        "derivation": "base: max(table, NOISE_SAFETY x sqrt(L) x u x rms x sqrt(2 ln N)); "
+        "adapter: max(table, ADAPTER_GROWTH x base drift) (compat/compare.py)",
+    }
     if c.ok:
-        return []
+        return [], noise
     return [
         c.message("the base models differ before any adapter: Megatron with its adapters off vs the HF model", _WHERE)
-    ]
+    ], noise
 
 
 def _merged_forms(
@@ -145,13 +169,13 @@ def _merged_forms(
             out[name]["reason"] = c.message(f"{name} logits differ from peft.PeftModel logits", _WHERE)
             problems.append(out[name]["reason"])
     if MERGED_EXPORT not in skipped:
-        out[MERGED_WEIGHTS] = _merged_weights(merged_model, paths, dtype)
+        out[MERGED_WEIGHTS] = _merged_weights(merged_model, paths, dtype, device)
         if out[MERGED_WEIGHTS]["status"] != "pass":
             problems.append(out[MERGED_WEIGHTS]["reason"])
     return out
 
 
-def _merged_weights(merged_model: Any, paths: CellPaths, dtype: torch.dtype) -> dict[str, Any]:
+def _merged_weights(merged_model: Any, paths: CellPaths, dtype: torch.dtype, device: Any) -> dict[str, Any]:
     """peft's merged weights against the bridge's merged HF export, tensor by tensor.
 
     Two exports of one adapter, by two code paths of the bridge (adapter export then peft's merge;
@@ -171,8 +195,8 @@ def _merged_weights(merged_model: Any, paths: CellPaths, dtype: torch.dtype) -> 
         )
     differ = []
     for name in sorted(set(exported) & set(ours)):
-        got, want = exported[name].double(), ours[name].double()
-        delta = float((want - base[name].double()).abs().max()) if name in base else 0.0
+        got, want = exported[name].to(device).double(), ours[name].to(device).double()  # on the cell's device
+        delta = float((want - base[name].to(device).double()).abs().max()) if name in base else 0.0
         tol = Tolerance(atol=max(k * delta, 1e-8), rtol=k)  # an ulp of the value and of the merged delta
         c = compare(got, want, tol)
         worst = max(worst, c.max_abs_diff)

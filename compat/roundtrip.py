@@ -87,9 +87,22 @@ def run_phase(
         metrics = compare_with_peft(cell, paths, phase == "load", skipped, backend.device)
     except CheckFailed as exc:
         lap("hf side")
-        raise CheckFailed(exc.reason, {**exc.metrics, **extra, "seconds_by_step": lap.seconds}) from exc
+        peak = {"seconds_by_step": lap.seconds, "peak_memory": _peak_memory()}
+        raise CheckFailed(exc.reason, {**exc.metrics, **extra, **peak}) from exc
     lap("hf side")
-    return {**metrics, **extra, "seconds_by_step": lap.seconds}
+    return {**metrics, **extra, "seconds_by_step": lap.seconds, "peak_memory": _peak_memory()}
+
+
+def _peak_memory() -> dict[str, float]:
+    """Rank 0's peak host memory (RSS) and GPU memory allocated by torch, in GiB."""
+    import resource
+
+    import torch
+
+    out = {"host_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
 
 
 def _fill(built: Built, comm: Collective, seed: int) -> dict[str, Any]:
