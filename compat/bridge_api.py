@@ -69,9 +69,9 @@ def save_hf_adapter(bridge: Any, model: list, path: Path, peft: Any, base: Path)
     bridge.save_hf_adapter(model, str(path), **kwargs)
 
 
-def export_base_weights(bridge: Any, model: list, keep: Any) -> Any:
+def export_base_weights(bridge: Any, model: list, keep: Any, cpu: bool = True) -> Any:
     """Collective: (HF name, tensor) of the base weights whose Megatron name ``keep`` accepts, by the
-    bridge's base conversion alone (no adapter merge: ``merge_adapter_weights``, 0.5+), on the CPU.
+    bridge's base conversion alone (no adapter merge: ``merge_adapter_weights``, 0.5+), on the CPU if ``cpu``.
 
     The same tasks are kept on every rank (the names are global), so the TP/PP gathers pair up.
     Names are the base checkpoint's: without the merge, 0.6 names a wrapped weight peft's way,
@@ -79,7 +79,7 @@ def export_base_weights(bridge: Any, model: list, keep: Any) -> Any:
     """
     tasks = [t for t in bridge.get_conversion_tasks(model) if t is not None and keep(t.global_param_name)]
     params = inspect.signature(bridge.export_hf_weights).parameters
-    kwargs: dict[str, Any] = {"cpu": True, "conversion_tasks": tasks}
+    kwargs: dict[str, Any] = {"cpu": cpu, "conversion_tasks": tasks}
     if "show_progress" in params:
         kwargs["show_progress"] = False
     if "merge_adapter_weights" in params:

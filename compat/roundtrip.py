@@ -75,7 +75,7 @@ def run_phase(
     lap("forward")
     _export(built, paths, comm, plugins, reference=False)
     lap("export")
-    delta_oracle.run_oracle(built.bridge, built.model, paths, comm.rank)
+    delta_oracle.run_oracle(built.bridge, built.model, paths, comm.rank, backend.device)
     comm.barrier()
     lap("delta oracle")
     skipped = _merged(cell, built, paths, backend, comm, vocab, reference=phase == "load")
