@@ -22,6 +22,7 @@ from typing import Any
 __all__ = [
     "MergeFailed",
     "adapter_filter",
+    "export_base_weights",
     "has_load_peft_adapter_checkpoint",
     "load_peft_adapter_checkpoint",
     "merge_in_place",
@@ -66,6 +67,25 @@ def save_hf_adapter(bridge: Any, model: list, path: Path, peft: Any, base: Path)
     if "show_progress" in inspect.signature(bridge.save_hf_adapter).parameters:
         kwargs["show_progress"] = False
     bridge.save_hf_adapter(model, str(path), **kwargs)
+
+
+def export_base_weights(bridge: Any, model: list, keep: Any, cpu: bool = True) -> Any:
+    """Collective: (HF name, tensor) of the base weights whose Megatron name ``keep`` accepts, by the
+    bridge's base conversion alone (no adapter merge: ``merge_adapter_weights``, 0.5+), on the CPU if ``cpu``.
+
+    The same tasks are kept on every rank (the names are global), so the TP/PP gathers pair up.
+    Names are the base checkpoint's: without the merge, 0.6 names a wrapped weight peft's way,
+    ``<module>.base_layer.weight`` (``megatron/bridge/models/conversion/model_bridge.py:1411-1417``).
+    """
+    tasks = [t for t in bridge.get_conversion_tasks(model) if t is not None and keep(t.global_param_name)]
+    params = inspect.signature(bridge.export_hf_weights).parameters
+    kwargs: dict[str, Any] = {"cpu": cpu, "conversion_tasks": tasks}
+    if "show_progress" in params:
+        kwargs["show_progress"] = False
+    if "merge_adapter_weights" in params:
+        kwargs["merge_adapter_weights"] = False
+    for name, tensor in bridge.export_hf_weights(model, **kwargs):
+        yield re.sub(r"\.base_layer(?=\.[^.]+$|$)", "", name), tensor
 
 
 def has_load_peft_adapter_checkpoint() -> bool:

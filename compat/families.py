@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
-_FAMILY_KEYS = {"model_type", "architecture", "num_experts", "about", "config", "hf_modules"}
+_FAMILY_KEYS = {"model_type", "architecture", "num_experts", "about", "config", "hf_modules", "scale"}
 
 
 class FamilyError(ValueError):
@@ -58,6 +58,7 @@ class Family:
     num_experts: int = 0
     # bridge LoRA target -> the HF module names it adapts, where they differ from Llama's
     hf_modules: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False, compare=False)
+    scale: bool = False  # real widths (matrix/scale.toml, one GPU): never built on a CPU runner
 
     @property
     def dims(self) -> Dims:
@@ -118,6 +119,7 @@ def _parse(data: dict[str, Any], source: str) -> dict[str, Family]:
             config=config,
             num_experts=num_experts,
             hf_modules={k: tuple(v) for k, v in hf_modules.items()},
+            scale=bool(spec.get("scale", False)),
         )
     return {**out, **_profiles(data.get("profile", {}), out, source)}
 

@@ -84,6 +84,11 @@ class CellPaths:
     def relative(self, path: Path) -> str:
         return str(Path(os.path.abspath(path)).relative_to(os.path.abspath(self.root)))
 
+    @property
+    def delta_oracle(self) -> Path:
+        """The per-weight delta comparison rank 0 made on the Megatron side (``compat.delta_oracle``)."""
+        return self.root / "delta-oracle.json"
+
     def activations(self, tag: str, pp_rank: int) -> Path:
         """One pipeline stage's activations of a Megatron forward (``tag``: adapter or merged)."""
         return self.root / f"megatron-{tag}-pp{pp_rank}.pt"

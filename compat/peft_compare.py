@@ -16,7 +16,17 @@ import torch
 from compat.activations import capture_hf, first_divergence, input_ids, load_megatron
 from compat.adapters import get_adapter
 from compat.cells import Cell
-from compat.compare import TOLERANCES, WEIGHT_TOLERANCES, Tolerance, compare, effect_problem, token_agreement
+from compat.compare import (
+    WEIGHT_TOLERANCES,
+    Tolerance,
+    adapter_tolerance,
+    base_tolerance,
+    compare,
+    effect_problem,
+    forward_noise,
+    token_agreement,
+)
+from compat.delta_oracle import oracle_problems
 from compat.export import MEGATRON_MERGED, MERGED_EXPORT, MERGED_WEIGHTS, PEFT_MERGED
 from compat.families import get_family
 from compat.findings import CheckFailed
@@ -61,13 +71,16 @@ def compare_with_peft(
     from transformers import AutoModelForCausalLM
 
     problems = adapter_problems(cell, paths, reference)
-    dtype, tol = TORCH_DTYPES[cell.dtype], TOLERANCES[cell.dtype]
+    dtype = TORCH_DTYPES[cell.dtype]
     hf = AutoModelForCausalLM.from_pretrained(str(paths.hf), dtype=dtype).to(device).eval()
     ids = input_ids(get_family(cell.family).dims.vocab_size, device)
     with torch.no_grad():
         base_logits = hf(ids).logits
     metrics: dict[str, Any] = {}
-    problems += _base_problems(paths, base_logits, tol, metrics)
+    problems += _base_problems(cell, paths, base_logits, metrics)
+    tol = adapter_tolerance(cell.dtype, metrics["tolerance"].get("base_drift"))  # derived from the drift measured
+    metrics["tolerance"]["adapter_allowed"] = str(tol)
+    problems += [Problem("delta oracle", p) for p in oracle_problems(paths, metrics)]  # from the files alone
     try:
         peft_model = PeftModel.from_pretrained(hf, str(paths.where(paths.adapter))).eval()
     except Exception as exc:  # peft refusing the files is this cell's finding, not a crash
@@ -117,25 +130,30 @@ _BASES_DIFFER = "the base models differ before any adapter: Megatron with its ad
 _NEED_PEFT = "peft placement, logits, adapter effect, merged forms (they need the model peft did not load)"
 
 
-def _base_problems(
-    paths: CellPaths, base_logits: torch.Tensor, tol: Tolerance, metrics: dict[str, Any]
-) -> list[Problem]:
+def _base_problems(cell: Cell, paths: CellPaths, base_logits: torch.Tensor, metrics: dict[str, Any]) -> list[Problem]:
     """Megatron with its adapters switched off must compute the HF base model: else a mismatch
-    below is the bridge's model conversion, not the adapter's export."""
+    below is the bridge's model conversion, not the adapter's export. Records the drift measured
+    and allowed in ``metrics["tolerance"]`` (``compat.compare``: the adapted logits' bound derives from it)."""
     if not paths.all_activations("base"):
         metrics.setdefault("skipped_checks", {})["base model"] = (
             "this megatron-bridge's PEFT has no enable/disable_adapter_layers: Megatron's base model was not run"
         )
+        metrics["tolerance"] = {"base_drift": None, "derivation": "no base-model forward: the table"}
         return []
+    dims = get_family(cell.family).dims
+    tol = base_tolerance(cell.dtype, dims.num_layers, dims.hidden_size, base_logits)
     c = compare(load_megatron(paths, "base")["logits"], base_logits, tol)
+    metrics["tolerance"] = {
+        "base_drift": c.max_abs_diff,
+        "base_allowed": str(tol),
+        "base_rms": float(base_logits.double().pow(2).mean().sqrt()),
+        "base_drift_modelled": forward_noise(cell.dtype, dims.num_layers, dims.hidden_size, base_logits),
+        "derivation": "base: max(table, NOISE_SAFETY x sqrt(L) x u x rms x sqrt(2 ln N)); "
+        "adapter: max(table, ADAPTER_GROWTH x base drift) (compat/compare.py)",
+    }
     if c.ok:
         return []
-    return [
-        Problem(
-            "base model",
-            c.message(_BASES_DIFFER, _WHERE),
-        )
-    ]
+    return [Problem("base model", c.message(_BASES_DIFFER, _WHERE))]
 
 
 def _merged_forms(
@@ -171,13 +189,13 @@ def _merged_forms(
             out[name]["reason"] = c.message(f"{name} logits differ from peft.PeftModel logits", _WHERE)
             problems.append(Problem(name, out[name]["reason"]))
     if MERGED_EXPORT not in skipped:
-        out[MERGED_WEIGHTS] = _merged_weights(merged_model, paths, dtype)
+        out[MERGED_WEIGHTS] = _merged_weights(merged_model, paths, dtype, device)
         if out[MERGED_WEIGHTS]["status"] != "pass":
             problems.append(Problem(MERGED_WEIGHTS, out[MERGED_WEIGHTS]["reason"]))
     return out
 
 
-def _merged_weights(merged_model: Any, paths: CellPaths, dtype: torch.dtype) -> dict[str, Any]:
+def _merged_weights(merged_model: Any, paths: CellPaths, dtype: torch.dtype, device: Any) -> dict[str, Any]:
     """peft's merged weights against the bridge's merged HF export, tensor by tensor.
 
     Two exports of one adapter, by two code paths of the bridge (adapter export then peft's merge;
@@ -197,8 +215,8 @@ def _merged_weights(merged_model: Any, paths: CellPaths, dtype: torch.dtype) -> 
         )
     differ = []
     for name in sorted(set(exported) & set(ours)):
-        got, want = exported[name].double(), ours[name].double()
-        delta = float((want - base[name].double()).abs().max()) if name in base else 0.0
+        got, want = exported[name].to(device).double(), ours[name].to(device).double()  # on the cell's device
+        delta = float((want - base[name].to(device).double()).abs().max()) if name in base else 0.0
         tol = Tolerance(atol=max(k * delta, 1e-8), rtol=k)  # an ulp of the value and of the merged delta
         c = compare(got, want, tol)
         worst = max(worst, c.max_abs_diff)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compat import adapter_state, checkpoint
+from compat import adapter_state, checkpoint, delta_oracle
 from compat.activations import megatron_forward
 from compat.backends import Backend
 from compat.cells import Cell
@@ -118,6 +118,9 @@ def _steps(
     lap("forward")
     _export(built, paths, comm, plugins, reference=False)
     lap("export")
+    delta_oracle.run_oracle(built.bridge, built.model, paths, comm.rank, backend.device)
+    comm.barrier()
+    lap("delta oracle")
     skipped = _merged(cell, built, paths, backend, comm, vocab, reference=phase == "load")
     lap("merged forms")
     if comm.rank != 0:
@@ -130,10 +133,10 @@ def _steps(
     try:
         metrics = compare_with_peft(cell, paths, phase == "load", skipped, backend.device)
     except CheckFailed as exc:
-        _skips(exc.metrics, skipped_checks, paths)
+        _skips(exc.metrics, skipped_checks, paths)["peak_memory"] = _peak_memory()
         raise
     lap("hf side")
-    return {**_skips(metrics, skipped_checks, paths), "seconds_by_step": lap.seconds}
+    return {**_skips(metrics, skipped_checks, paths), "seconds_by_step": lap.seconds, "peak_memory": _peak_memory()}
 
 
 def _skips(metrics: dict[str, Any], skipped_checks: dict[str, str], paths: CellPaths) -> dict[str, Any]:
@@ -145,6 +148,18 @@ def _skips(metrics: dict[str, Any], skipped_checks: dict[str, str], paths: CellP
     if paths.plugin_calls():
         metrics["plugin_calls"] = paths.plugin_calls()
     return metrics
+
+
+def _peak_memory() -> dict[str, float]:
+    """Rank 0's peak host memory (RSS) and GPU memory allocated by torch, in GiB."""
+    import resource
+
+    import torch
+
+    out = {"host_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
 
 
 def _fill(built: Built, comm: Collective, seed: int) -> dict[str, Any]:

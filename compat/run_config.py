@@ -54,12 +54,26 @@ def configure(args: argparse.Namespace) -> RunConfig:
         plugins = Plugins(**{**matrix_plugins.named(), **{r: getattr(args, r) for r in ROLES if getattr(args, r)}})
         check(plugins, backend)
         _servable(cells, backend)
+        _scale_on_gpu(cells, backend)
     except BadInput:
         raise
     except ValueError as exc:  # every declaration, layout, cell, matrix, plugin and stack error
         raise BadInput(str(exc)) from None
     timeout = args.timeout or matrix_timeout or launch.DEFAULT_TIMEOUT
     return RunConfig(cells, expectations, backend, timeout, plugins, installed_versions(), device_name(backend))
+
+
+def _scale_on_gpu(cells: list[Cell], backend: str) -> None:
+    """Scale families (real widths, ``scale = true``) build multi-GB models: not on a CPU runner."""
+    from compat.families import get_family
+
+    scale = sorted({c.family for c in cells if get_family(c.family).scale})
+    if scale and backend == "cpu":
+        raise BadInput(
+            f"{', '.join(scale)} {'is a scale family' if len(scale) == 1 else 'are scale families'} "
+            "(real widths, compat/data/families.toml): run them on a GPU (--backend cuda, matrix/scale.toml), "
+            "or pick a toy family"
+        )
 
 
 def _declarations(args: argparse.Namespace) -> None:

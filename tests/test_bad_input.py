@@ -79,6 +79,10 @@ CASES = {
         r"unknown adapter 'ia3'",
     ),
     "no_cell_selected": (lambda t: ["--family", "llama", "--layout", "tp1", "-k", "qwen"], r"selects no cell"),
+    "scale_family_on_cpu": (
+        lambda t: ["--family", "qwen3_1p7b_shape", "--layout", "tp1", "--backend", "cpu"],
+        r"qwen3_1p7b_shape is a scale family \(real widths, .*\): run them on a GPU",
+    ),
 }
 
 

@@ -42,6 +42,8 @@ DIFF = (
     r"greatest absolute difference: \d\.\d+e[-+]\d+ at sequence \d+, position \d+, token \d+ "
     r"\(up to [\d.e-]+ allowed\)"
 )
+# What the delta oracle (compat/delta_oracle.py) says, naming the weights of .format(modules) (a regex).
+DELTAS = r"the exported adapter's delta differs from Megatron's in \d+ of \d+ weights .*\.layers\.{}\.weight \(rows "
 FP32_DIFF = r"greatest absolute difference: \d\.\d+e[-+]\d+ at .* \(up to 1e-05 allowed\)"
 
 
@@ -59,8 +61,8 @@ def weights_differ(modules: str) -> str:
 
 def mismatch_at(layer: int, part: str, modules: str = "") -> dict[str, tuple[str, ...]]:
     """In fp32: a logits mismatch located at ``layer`` ``part`` against 1e-05. In every dtype: the merged
-    weights differ in ``modules`` (where the fault is in the adapter export alone), or the logits do."""
-    common = (weights_differ(modules),) if modules else (LOGITS, DIFF)
+    weights and deltas differ in ``modules`` (where the fault is in the adapter export alone), or the logits do."""
+    common = (weights_differ(modules), DELTAS.format(modules)) if modules else (LOGITS, DIFF)
     return {"expect": common, "fp32": (LOGITS, FP32_DIFF, diverges_at(layer, part))}
 
 
@@ -70,6 +72,9 @@ def _export(fn: Callable[[dict[str, Any]], dict[str, Any]]) -> tuple[str, str, W
 
 def _saved(fn: Callable[[Path], None]) -> tuple[str, str, Wrap]:
     return (AUTO_BRIDGE, "AutoBridge.save_hf_adapter", tamper.after_adapter_saved(fn))
+
+
+_no_merged_export = (AUTO_BRIDGE, "AutoBridge.save_hf_weights", tamper.without_merged_export)
 
 
 def _config(fn: Callable[[dict[str, Any]], None]) -> tuple[str, str, Wrap]:
@@ -147,6 +152,14 @@ FAULTS: tuple[Fault, ...] = (
         "tp1",
         (_export(tamper.permute_experts),),
         **mismatch_at(0, "mlp", r"0\.mlp\.experts\.\d\.(gate|up|down)_proj"),
+    ),
+    Fault(  # the merged export hidden as before merge_adapter_weights: the bf16 logits alone let it pass
+        "q_heads_rotated",
+        "q_proj lora_B rows rolled by one head (layer 1), without the bridge's merged export",
+        "llama",
+        "tp1",
+        ((AUTO_BRIDGE, "AutoBridge.export_adapter_weights", tamper.rotate_q_heads), _no_merged_export),
+        (DELTAS.format(r"1\.self_attn\.q_proj"),),
     ),
     Fault(
         "tp_shards_reversed",

@@ -380,3 +380,33 @@ def merge_in_place_raises_on_rank1(original: Callable[..., Any]) -> Callable[...
         return original(self, base_weight, *args, **kwargs)
 
     return merge
+
+
+def rotate_q_heads(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``AutoBridge.export_adapter_weights``: layer 1's q_proj lora_B rows rolled by one head (a wrong QKV
+    split); the head size is read from the bridge's HF config, so the fault is the same at any width."""
+
+    @functools.wraps(original)
+    def export_adapter_weights(self: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        items = list(original(self, *args, **kwargs))
+        config = self.hf_pretrained.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        out = []
+        for item in items:
+            w = item.weight
+            if _layer(item.param_name, 1) and item.param_name.endswith("q_proj.lora_B.weight"):
+                w = w.roll(head_dim, dims=0)
+            out.append(type(item)(item.param_name, w))
+        return iter(out)
+
+    return export_adapter_weights
+
+
+def without_merged_export(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``AutoBridge.save_hf_weights`` as in releases before ``merge_adapter_weights``: the harness then
+    skips the bridge's merged export, and with it the per-tensor merged-weight check."""
+
+    def save_hf_weights(self: Any, model: Any, path: Any, show_progress: bool = True) -> Any:
+        return original(self, model, path, show_progress=show_progress, merge_adapter_weights=False)
+
+    return save_hf_weights  # no functools.wraps: inspect.signature must not see the original's parameters
