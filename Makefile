@@ -12,7 +12,7 @@ matrix: venv
 
 test: venv
 	$(PY) -m ruff check compat tests conftest.py examples
-	$(PY) -m pytest -n $(JOBS) --dist loadgroup --compat-results results.json
+	$(PY) -m pytest -n $(JOBS) --dist loadgroup --compat-results results.json --compat-fuzz ci
 	cd examples/downstream && ../../$(PY) -m pytest -n $(JOBS) -p no:cacheprovider
 
 lint: venv
