@@ -110,6 +110,9 @@ class Drawn:
         return self.base + self.cell.id[len(self.cell.family) :]
 
 
+_DECLARING = threading.Lock()
+
+
 class DrawnFamilies:
     """A families file the search appends each new drawn shape to, declared as it grows.
 
@@ -119,13 +122,12 @@ class DrawnFamilies:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("# shapes drawn by python -m compat fuzz (compat/shapes.py)\n")
 
     def declare(self, space: Space, overrides: dict[str, int]) -> str:
         name = space.name(overrides)
-        with self._lock:
+        with _DECLARING:  # one lock for every search of this process: a name is declared once, in one file
             # Declared already (by another search in this process: the name says the whole shape): reuse it.
             if overrides and name not in families():
                 with self.path.open("a") as out:
