@@ -16,7 +16,7 @@ matrix: venv serving-env
 
 test: venv serving-env
 	$(PY) -m ruff check compat tests conftest.py examples
-	$(PY) -m pytest -n $(JOBS) --dist loadgroup --compat-results results.json
+	$(PY) -m pytest -n $(JOBS) --dist loadgroup --compat-results results.json --compat-fuzz ci
 	cd examples/downstream && ../../$(PY) -m pytest -n $(JOBS) -p no:cacheprovider
 	$(PY) examples/verl/run --jobs $(JOBS)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from compat.cells import Cell, CellError
-from compat.families import _EXPERT_KEYS, Family, FamilyError, add_families, get_family
+from compat.families import _EXPERT_KEYS, Family, FamilyError, add_families, families, get_family
 from compat.layouts import Layout, LayoutError
 
 __all__ = ["Drawn", "DrawnFamilies", "ShapeError", "Space", "cells", "family_snippet", "load_spaces"]
@@ -110,6 +110,9 @@ class Drawn:
         return self.base + self.cell.id[len(self.cell.family) :]
 
 
+_DECLARING = threading.Lock()
+
+
 class DrawnFamilies:
     """A families file the search appends each new drawn shape to, declared as it grows.
 
@@ -119,18 +122,16 @@ class DrawnFamilies:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("# shapes drawn by python -m compat fuzz (compat/shapes.py)\n")
-        self._known: set[str] = set()
 
     def declare(self, space: Space, overrides: dict[str, int]) -> str:
         name = space.name(overrides)
-        with self._lock:
-            if overrides and name not in self._known:
+        with _DECLARING:  # one lock for every search of this process: a name is declared once, in one file
+            # Declared already (by another search in this process: the name says the whole shape): reuse it.
+            if overrides and name not in families():
                 with self.path.open("a") as out:
                     out.write("\n" + family_snippet(get_family(space.family), name, overrides))
-                self._known.add(name)
                 add_families(self.path)
         return name
 

@@ -84,3 +84,18 @@ def test_snippet_declares_the_drawn_family(tmp_path):
     family = _parse({"family": tomllib.loads(text)["family"]}, "snippet")["qwen3_moe-e6-k3"]
     assert family.num_experts == 6 and family.config["num_experts_per_tok"] == 3
     assert family.config["hidden_size"] == get_family("qwen3_moe").config["hidden_size"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--family", "gemma"], "no shapes declared for gemma"),
+        (["--jobs", "0"], "--jobs must be at least 1"),
+        (["--dtype", "fp16"], "known dtypes are fp32, bf16"),
+    ],
+)
+def test_fuzz_refuses_bad_input_before_any_rank(argv, message, capsys):
+    from compat.cli import main
+
+    assert main(["fuzz", *argv]) == 2
+    assert message in capsys.readouterr().err
