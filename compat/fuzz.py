@@ -163,19 +163,21 @@ class Search:
     def _one(self, drawn: Any, expectations: Any, versions: dict[str, str | None]) -> None:
         from compat.expected import Expected
         from compat.launch import run_cell
+        from compat.problems import Problem
         from compat.report import format_row
 
         cell = drawn.cell
         # Every entry naming the drawn cell, then every one naming its base cell: a drawn cell may show any
         # of several located bugs (canonical resharding and the EP export, say), whichever comes first.
         known = [
-            Expected(e.status, e.reason, e.match)
+            Expected(e.status, e.reason, e.match, e.checks)
             for cell_id in (cell.id, drawn.base_id)
             for e in expectations.entries
             if e.matches(cell_id, versions, cell.spec)
         ]
         result = run_cell(cell, self.backend, known[0] if known else Expected(), self.timeout, workdir=self.out)
-        new = result.status != "pass" and not any(e.met_by(result.status, result.reason) for e in known)
+        problems = [Problem.from_dict(p) for p in result.problems]
+        new = result.status != "pass" and not any(e.met_by(result.status, problems) for e in known)
         shrinking = self.found is not None
         verdict = "NEW FAILURE" if new else ("expected" if result.status != "pass" else "ok")
         self.printer(f"[{len(self.tried) + 1}{' shrink' if shrinking else ''}] {verdict}: {format_row(result)}")
