@@ -16,11 +16,18 @@ import torch
 from compat.activations import capture_hf, first_divergence, input_ids, load_megatron
 from compat.adapters import get_adapter
 from compat.cells import Cell
-from compat.compare import TOLERANCES, WEIGHT_TOLERANCES, Tolerance, compare, effect_problem, token_agreement
+from compat.compare import (
+    TOLERANCES,
+    WEIGHT_TOLERANCES,
+    Tolerance,
+    compare,
+    effect_problem,
+    token_agreement,
+    torch_dtype,
+)
 from compat.export import MEGATRON_MERGED, MERGED_EXPORT, MERGED_WEIGHTS, PEFT_MERGED
 from compat.families import get_family
 from compat.findings import CheckFailed
-from compat.model_build import TORCH_DTYPES
 from compat.paths import CellPaths
 from compat.peft_files import check_adapter_dir, check_loaded_by_peft, compare_exports
 from compat.upstream import first_line
@@ -54,7 +61,7 @@ def compare_with_peft(
     problems = adapter_problems(cell, paths, reference)
     if problems:
         raise CheckFailed("; ".join(problems))
-    dtype, tol = TORCH_DTYPES[cell.dtype], TOLERANCES[cell.dtype]
+    dtype, tol = torch_dtype(cell.dtype), TOLERANCES[cell.dtype]
     hf = AutoModelForCausalLM.from_pretrained(str(paths.hf), dtype=dtype).to(device).eval()
     ids = input_ids(get_family(cell.family).dims.vocab_size, device)
     with torch.no_grad():
