@@ -44,10 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compat.grid import UNMET
+from compat.upstream import HARNESS_ROOT
+
 __all__ = ["GateError", "PinSet", "add_parser", "check_complete", "compare", "load_pins", "main"]
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD = 0, 1, 2
-REPO = Path(__file__).resolve().parent.parent
+REPO = HARNESS_ROOT
 REQUIRED = ("megatron-bridge", "megatron-core", "transformers", "peft")
 SHARED = ("torch",)  # never installed per set
 
@@ -239,7 +242,7 @@ def _verdict(row: dict[str, Any], diff: dict[str, list[dict[str, Any]]]) -> str:
             return word
     if any(r["id"] == row["id"] for r in diff["new"]):
         return "new"
-    return "ok" if row.get("met", True) else "unmet (not a regression)"
+    return "ok" if row.get("met", True) else UNMET
 
 
 def markdown(

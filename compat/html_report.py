@@ -13,7 +13,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from compat.grid import column_label, headline, outcome
+from compat.grid import column_label, headline, outcome, status_text
 
 __all__ = ["html_report"]
 
@@ -90,7 +90,7 @@ _HEAD = (
 
 
 def _row(cell: dict[str, Any]) -> str:
-    status = escape(str(cell.get("status", "?"))) + ("" if cell.get("met") else " (unexpected)")
+    status = escape(status_text(str(cell.get("status", "?")), bool(cell.get("met"))))
     values = [
         f'<td class="id">{escape(str(cell.get("id", "?")))}</td>',
         f"<td>{escape(str(cell.get('family', '?')))}</td>",

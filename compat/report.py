@@ -1,64 +1,16 @@
-"""Results as people read them: the table printed while cells run, and Markdown for docs and CI."""
+"""Results as Markdown, for docs and CI job summaries (what ``compat run`` prints is ``compat.terminal``)."""
 
 from __future__ import annotations
 
-from typing import IO, Any
+from typing import Any
 
-from compat.grid import headline
-from compat.results import CellResult
+from compat.grid import UNMET, headline, status_text
 
-__all__ = ["format_header", "format_row", "markdown", "print_table", "summary"]
-
-_COLUMNS = (
-    ("cell", 40),
-    ("world", 5),
-    ("status", 11),
-    ("expected", 11),
-    ("max diff", 9),
-    ("effect", 9),
-    ("seconds", 7),
-)
-
-
-def format_header() -> str:
-    return "  ".join(name.ljust(width) for name, width in _COLUMNS)
+__all__ = ["markdown"]
 
 
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.2e}"
-
-
-def format_row(r: CellResult) -> str:
-    mark = "" if r.met else " !"
-    cells = (
-        r.id,
-        str(r.world_size),
-        r.status + mark,
-        r.expected,
-        _num(r.max_abs_diff),
-        _num(r.adapter_effect),
-        f"{r.seconds:.1f}",
-    )
-    row = "  ".join(c.ljust(w) for c, (_, w) in zip(cells, _COLUMNS, strict=False))
-    if r.reason and (not r.met or r.status != "pass"):
-        row += "\n    " + r.reason.replace("\n", "\n    ")[:2000]
-    return row
-
-
-def summary(results: list[CellResult]) -> str:
-    met = sum(r.met for r in results)
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r.status] = counts.get(r.status, 0) + 1
-    parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    return f"{len(results)} cells: {parts}; {met} met their expected outcome, {len(results) - met} did not"
-
-
-def print_table(results: list[CellResult], out: IO[str]) -> None:
-    print(format_header(), file=out)
-    for r in results:
-        print(format_row(r), file=out)
-    print(summary(results), file=out)
 
 
 def markdown(data: dict[str, Any], source: str = "") -> str:
@@ -80,7 +32,7 @@ def markdown(data: dict[str, Any], source: str = "") -> str:
         if c["status"] != "pass":
             first = headline(c["reason"])
             note = f"[{reasons.setdefault(first, len(reasons) + 1)}]"
-        status = c["status"] + ("" if c["met"] else " (unexpected)")
+        status = status_text(c["status"], c["met"])
         row = (c["id"], c["world_size"], status, c["expected"], _num(c["max_abs_diff"]),
                _num(c["adapter_effect"]), f"{c['seconds']:.0f}", note)  # fmt: skip
         lines.append("| " + " | ".join(str(x) for x in row) + " |")
@@ -88,5 +40,6 @@ def markdown(data: dict[str, Any], source: str = "") -> str:
         lines += ["", "Reasons (first line):", ""]
         lines += [f"{n}. {text}" for text, n in reasons.items()]
     met = sum(c["met"] for c in data.get("cells", []))
-    lines += ["", f"{len(data.get('cells', []))} cells, {met} met their expected outcome."]
+    n = len(data.get("cells", []))
+    lines += ["", f"{n} cells: {met} met their expected outcome, {n - met} {UNMET}."]
     return "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ from typing import Any
 
 from compat.cells import Cell
 from compat.expected import Expected
+from compat.upstream import relative_paths
 
 __all__ = ["CellResult", "device_name", "read_results", "write_results"]
 
@@ -49,6 +50,7 @@ class CellResult:
         metrics: dict[str, Any] | None = None,
     ) -> CellResult:
         metrics = metrics or {}
+        reason = relative_paths(reason)  # what is matched is what is written and shown
         return cls(
             id=cell.id,
             family=cell.family,

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from compat.grid import UNMET
+
 __all__ = ["Diff", "DiffMove", "StatusChange", "diff", "diff_markdown"]
 
 
@@ -119,7 +121,7 @@ def _num(x: float | None) -> str:
 
 
 def _met(flag: bool) -> str:
-    return "met" if flag else "**unmet**"
+    return "met" if flag else UNMET
 
 
 def diff_markdown(d: Diff, before_name: str = "before", after_name: str = "after") -> str:
