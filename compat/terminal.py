@@ -107,9 +107,12 @@ class RunView:
             from rich.live import Live
             from rich.text import Text
 
-            console = Console(file=self.out, highlight=False)
-            self._live = Live(console=console, transient=True, refresh_per_second=2, redirect_stdout=False)
-            self._live.get_renderable = lambda: Text(self.progress(), no_wrap=True, overflow="ellipsis")
+            self._live = Live(
+                console=Console(file=self.out, highlight=False),
+                get_renderable=lambda: Text(self.progress(), no_wrap=True, overflow="ellipsis"),
+                transient=True,
+                refresh_per_second=2,
+            )
             self._live.start()
         return self
 
@@ -126,7 +129,7 @@ class RunView:
         if running:
             text += f" · running: {', '.join(running)}"
         text += f" · {duration(elapsed)} elapsed"
-        if done:
+        if 0 < done < self.total:
             text += f" · about {duration(elapsed / done * (self.total - done))} left"
         return text
 
