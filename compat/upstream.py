@@ -60,7 +60,10 @@ def upstream_path(filename: str) -> str | None:
 def _prefixes() -> tuple[str, ...]:
     """Absolute directories a written path is made relative to, longest first (site-packages before the venv)."""
     paths = sysconfig.get_paths()
-    found = {HARNESS_ROOT, *_roots(), *(Path(paths[k]).resolve() for k in ("stdlib", "purelib", "platlib"))}
+    # As given and resolved: a file is named by the path it was imported from (a venv reached
+    # through a symlink inside the checkout, say), which may not be its real path.
+    given = {HARNESS_ROOT, *_roots(), *(Path(paths[k]) for k in ("stdlib", "purelib", "platlib"))}
+    found = given | {p.resolve() for p in given}
     return tuple(sorted((f"{p}/" for p in found), key=len, reverse=True))
 
 
