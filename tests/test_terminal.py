@@ -96,9 +96,9 @@ def test_written_reasons_name_files_relative_to_their_root() -> None:
 
     upstream = Path(peft.__file__).resolve().parent / "peft_model.py"
     given = Path(sysconfig.get_paths()["purelib"]) / "torch" / "nn" / "modules" / "module.py"  # a venv symlink's
-    text = f'File "{HARNESS_ROOT}/compat/worker.py", line 52\nFile "{upstream}", line 7\nFile "{given}", line 1'
+    text = f'File "{HARNESS_ROOT}/compat/cli.py", line 52\nFile "{upstream}", line 7\nFile "{given}", line 1'
     assert relative_paths(text).splitlines() == [
-        'File "compat/worker.py", line 52',
+        'File "compat/cli.py", line 52',
         'File "peft/peft_model.py", line 7',
         'File "torch/nn/modules/module.py", line 1',
     ]
@@ -106,7 +106,7 @@ def test_written_reasons_name_files_relative_to_their_root() -> None:
         {"family": "llama", "layout": {"tp": 1}, "load_layout": {"tp": 1}, "adapter": "lora", "dtype": "fp32"}
     )
     r = CellResult.of(cell, "error", text, 1.0, Expected("pass"))
-    assert str(HARNESS_ROOT) not in r.reason and "compat/worker.py" in r.reason
+    assert str(HARNESS_ROOT) not in r.reason and "compat/cli.py" in r.reason
 
 
 def test_families_reads_results_beside_the_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
