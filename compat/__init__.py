@@ -1,41 +1,51 @@
 """megatron-lora-compat: does a LoRA adapter survive Megatron -> dist checkpoint -> HF PEFT?
 
 The public API (docs/downstream.md): build cells, run them, read their results. Importing this
-package imports neither torch nor megatron; cells run in rank processes of their own.
+package imports neither torch nor megatron, nor any module of its own: each public name loads its
+module when first used (PEP 562), so the pytest plugin, which every pytest run that has the
+package installed loads, costs those runs nothing. Cells run in rank processes of their own.
 """
 
-from compat.adapters import Adapter, adapters, add_adapters
-from compat.cells import Cell
-from compat.compare import TOLERANCES, Tolerance, compare
-from compat.expected import Expected, load_expectations
-from compat.families import Family, add_families, families
-from compat.launch import run_cell
-from compat.layouts import Layout
-from compat.matrix import Matrix, load_matrix
-from compat.peft_files import check_adapter_dir
-from compat.plugins import Plugins
-from compat.results import CellResult, read_results, write_results
+from __future__ import annotations
 
-__all__ = [
-    "TOLERANCES",
-    "Adapter",
-    "Cell",
-    "CellResult",
-    "Expected",
-    "Family",
-    "Layout",
-    "Matrix",
-    "Plugins",
-    "Tolerance",
-    "adapters",
-    "add_adapters",
-    "add_families",
-    "check_adapter_dir",
-    "compare",
-    "families",
-    "load_expectations",
-    "load_matrix",
-    "read_results",
-    "run_cell",
-    "write_results",
-]
+from importlib import import_module
+from typing import Any
+
+# Each public name and the module that defines it: the one table of where the API lives.
+_HOMES = {
+    "TOLERANCES": "compat.compare",
+    "Adapter": "compat.adapters",
+    "Cell": "compat.cells",
+    "CellResult": "compat.results",
+    "Expected": "compat.expected",
+    "Family": "compat.families",
+    "Layout": "compat.layouts",
+    "Matrix": "compat.matrix",
+    "Plugins": "compat.plugins",
+    "Tolerance": "compat.compare",
+    "adapters": "compat.adapters",
+    "add_adapters": "compat.adapters",
+    "add_families": "compat.families",
+    "check_adapter_dir": "compat.peft_files",
+    "compare": "compat.compare",
+    "families": "compat.families",
+    "load_expectations": "compat.expected",
+    "load_matrix": "compat.matrix",
+    "read_results": "compat.results",
+    "run_cell": "compat.launch",
+    "write_results": "compat.results",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'compat' has no attribute {name!r}")
+    value = getattr(import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from compat.grid import status_text
+
 __all__ = ["add_parser", "main"]
 
 MODES = ("cold", "fork", "warm")
@@ -88,7 +90,7 @@ def _run_mode(mode: str, config: Any) -> dict[str, dict[str, Any]]:
                 if n == passes - 1:
                     steps = r.metrics.get("seconds_by_step", {})
                     out[cell.id] = {"seconds": round(wall, 2), "status": r.status, "met": r.met, "steps": steps}
-                    print(f"  {mode:5} {cell.id:40} {wall:7.2f} s  {r.status}{'' if r.met else ' (unmet)'}", flush=True)
+                    print(f"  {mode:5} {cell.id:40} {wall:7.2f} s  {status_text(r.status, r.met)}", flush=True)
                 elif n == 0 and passes > 1:
                     print(f"  {mode:5} {cell.id:40} {wall:7.2f} s  (starting groups)", flush=True)
     finally:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from compat import launch
 from compat.cells import DTYPES, Cell
+from compat.grid import UNMET
 from compat.plugins import ROLES
 from compat.run_config import BadInput, RunConfig, configure
 from compat.specs import SPECS
@@ -32,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, required=True, help="results.json to write")
     run.add_argument("--jobs", type=int, default=1, help="cells run at once (each launches world_size ranks)")
     run.add_argument("--keep-dir", type=Path, help="where files of cells that miss their expected outcome are kept")
+    _verbosity(run)
     fam = sub.add_parser("families", help="architectures the installed bridge registers, and the family x layout grid")
     fam.add_argument("--families", type=Path, dest="families_file", help="your own family declarations (TOML)")
     rep = sub.add_parser("report", help="results.json as Markdown; --html/--heatmap write a page and a picture")
@@ -53,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_parser(sub, _run_arguments)
     fuzz.add_parser(sub)
     return p
+
+
+def _verbosity(p: argparse.ArgumentParser) -> None:
+    """``-q``: only what missed its expected outcome, and the summary; ``-v``: each non-pass cell's whole reason."""
+    p.set_defaults(verbosity=0)
+    p.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, help="rows of unmet cells only")
+    p.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, help="whole reasons, tracebacks")
 
 
 def _run_arguments(run: argparse.ArgumentParser) -> None:
@@ -93,50 +102,52 @@ def _run(args: argparse.Namespace) -> int:
     if is_external_launch():
         return _run_external(args, config)
     workdir = Path(tempfile.mkdtemp(prefix="compat-run-", dir=args.keep_dir))
-    print(f"{len(config.cells)} cells on {config.device} ({config.backend}); {config.versions_line()}")
-    from compat.report import format_header, format_row, print_table
+    print(f"{len(config.cells)} cells on {config.device} ({config.backend}); {config.versions_line()}", flush=True)
     from compat.results import write_results
+    from compat.terminal import RunView
 
-    print(format_header(), flush=True)
     results = {}
     order = {c.id: i for i, c in enumerate(config.cells)}
+    view = RunView([c.id for c in config.cells], args.verbosity, jobs=args.jobs)
 
     def one(cell: Cell) -> object:
+        view.started(cell.id)
         return launch.run_cell(
             cell, config.backend, config.expected(cell), config.timeout, workdir=workdir, plugins=config.plugins
         )
 
     executor = ThreadPoolExecutor(max_workers=args.jobs)
     try:
-        pending = {executor.submit(one, c) for c in config.cells}
-        while pending:
-            # A timed wait: Ctrl-C may reach a worker thread, and only the main thread raises
-            # KeyboardInterrupt, when it next runs; an untimed wait would hold it until a cell ends.
-            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            for future in finished:
-                r = future.result()
-                results[r.id] = r
-                print(format_row(r), flush=True)
-            if finished:
-                done = sorted(results.values(), key=lambda r: order[r.id])
-                write_results(
-                    args.output, done, config.backend, config.device, config.versions, False, _selection(args)
-                )
+        with view:
+            pending = {executor.submit(one, c) for c in config.cells}
+            while pending:
+                # A timed wait: Ctrl-C may reach a worker thread, and only the main thread raises
+                # KeyboardInterrupt, when it next runs; an untimed wait would hold it until a cell ends.
+                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    r = future.result()
+                    results[r.id] = r
+                    view.finished(r)
+                if finished:
+                    done = sorted(results.values(), key=lambda r: order[r.id])
+                    write_results(
+                        args.output, done, config.backend, config.device, config.versions, False, _selection(args)
+                    )
+            ordered = sorted(results.values(), key=lambda r: order[r.id])
+            write_results(args.output, ordered, config.backend, config.device, config.versions, True, _selection(args))
+            view.close(ordered)
     except KeyboardInterrupt:
         launch.STOP.set()
         executor.shutdown(wait=True, cancel_futures=True)
         print("interrupted: every rank was stopped", file=sys.stderr)
         return 130
     executor.shutdown()
-    ordered = sorted(results.values(), key=lambda r: order[r.id])
-    write_results(args.output, ordered, config.backend, config.device, config.versions, True, _selection(args))
-    print()
-    print_table(ordered, sys.stdout)
     kept = [r for r in ordered if r.files]
     if kept:
-        print(f"files of the {len(kept)} cells that missed their expected outcome are kept under {workdir}")
+        print(f"files of the {len(kept)} {UNMET} cells are kept under {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
+    print(f"results written to {args.output}")
     return EXIT_OK if all(r.met for r in ordered) else EXIT_UNMET
 
 
@@ -148,14 +159,18 @@ def _selection(args: argparse.Namespace) -> dict[str, str]:
 def _run_external(args: argparse.Namespace, config: RunConfig) -> int:
     """Under torchrun/Slurm: this process is one rank; rank 0 prints and writes the output."""
     from compat.external import run_here
-    from compat.report import print_table
     from compat.results import write_results
+    from compat.terminal import RunView
 
+    view = RunView([c.id for c in config.cells], args.verbosity)
     results = run_here(config.cells, config.backend, config.expectations, config.timeout, config.plugins)
     if results is None:
         return EXIT_OK
     write_results(args.output, results, config.backend, config.device, config.versions, True, _selection(args))
-    print_table(results, sys.stdout)
+    with view:
+        for r in results:
+            view.finished(r)
+        view.close(results)
     return EXIT_OK if all(r.met for r in results) else EXIT_UNMET
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "effect_problem",
     "forward_noise",
     "token_agreement",
+    "torch_dtype",
 ]
 
 
@@ -97,6 +98,14 @@ def adapter_tolerance(dtype: str, base_drift: float | None) -> Tolerance:
 # a delta of up to about 0.06). A wrong split moves rows by the delta's own size (the planted q/k
 # swap: 8.9e-2 on weights of about 0.1).
 WEIGHT_TOLERANCES = {"fp32": 1e-6, "bf16": 2**-6}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a cell's dtype name; torch is imported here, never when ``compat`` loads."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
 
 # The adapter must move the logits by more than the tolerance, in at least this share of them: the
 # logits without the adapter must fail the very comparison the cell makes, or agreement proves nothing.

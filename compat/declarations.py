@@ -106,10 +106,14 @@ def files() -> dict[str, list[str]]:
 
 
 def use(by_kind: dict[str, list[str]] | None) -> None:
-    """Add the files a task names (in a rank); files already added are skipped."""
-    import compat.adapters
-    import compat.families  # noqa: F401 - each registers its kind
+    """Add the files a task names (in a rank); files already added are skipped.
 
+    The kinds register when their modules load (``compat.cells`` imports both): the caller imports
+    them, so that this module, which they import, imports none of its clients.
+    """
+    unknown = sorted(set(by_kind or {}) - set(_KINDS))
+    if unknown:
+        raise KeyError(f"declaration kinds {unknown} are not loaded; import compat.cells before use()")
     for kind, paths in (by_kind or {}).items():
         for path in paths:
             _KINDS[kind].add_file(Path(path))

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compat.worker import process_alive
+from compat.liveness import process_alive
 
 __all__ = ["BASE_ENV", "Forked", "environment", "spawn", "start", "usable"]
 

@@ -164,7 +164,7 @@ class Search:
         from compat.expected import Expected
         from compat.launch import run_cell
         from compat.problems import Problem
-        from compat.report import format_row
+        from compat.terminal import row
 
         cell = drawn.cell
         # Every entry naming the drawn cell, then every one naming its base cell: a drawn cell may show any
@@ -180,7 +180,9 @@ class Search:
         new = result.status != "pass" and not any(e.met_by(result.status, problems) for e in known)
         shrinking = self.found is not None
         verdict = "NEW FAILURE" if new else ("expected" if result.status != "pass" else "ok")
-        self.printer(f"[{len(self.tried) + 1}{' shrink' if shrinking else ''}] {verdict}: {format_row(result)}")
+        self.printer(
+            f"[{len(self.tried) + 1}{' shrink' if shrinking else ''}] {verdict}: {row(result, len(result.id), {})}"
+        )
         self.tried.append(
             {
                 "id": result.id,

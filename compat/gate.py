@@ -49,6 +49,7 @@ from typing import Any
 
 from compat.gate_compare import GateError, check_complete, compare, failing, markdown
 from compat.skips import skipped_checks
+from compat.upstream import HARNESS_ROOT
 
 __all__ = [
     "GateError",
@@ -63,7 +64,7 @@ __all__ = [
 ]
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD = 0, 1, 2
-REPO = Path(__file__).resolve().parent.parent
+REPO = HARNESS_ROOT
 REQUIRED = ("megatron-bridge", "megatron-core", "transformers", "peft")
 SHARED = ("torch",)  # never installed per set
 

@@ -15,6 +15,7 @@ from compat.skips import skip_mark
 
 __all__ = [
     "LAYOUT_KEYS",
+    "UNMET",
     "column_label",
     "family_grid",
     "grid_from_results",
@@ -25,6 +26,7 @@ __all__ = [
     "outcome",
     "short_status",
     "slug_sort_key",
+    "status_text",
 ]
 
 LAYOUT_KEYS = ("tp", "sp", "pp", "dp", "ep", "etp", "vpp")
@@ -32,7 +34,9 @@ _OFF = {"sp": 0}  # an on/off key, written ``sp`` when on; every other key is a 
 
 NOT_RUN = "-"
 _SHORT = {"pass": "pass", "fail": "fail*", "error": "err*", "unsupported": "unsup"}
-_UNMET = {"pass": "PASS", "fail": "FAIL", "error": "ERR", "unsupported": "UNSUP"}
+# The one spelling, in every view (terminal, Markdown, HTML, heatmap, gate): a cell whose outcome is
+# not the one matrix/expected.toml gives it. Never a mark, a case or an emphasis of its own.
+UNMET = "unmet"
 
 
 def layout_slug(layout: dict[str, int] | None) -> str:
@@ -95,11 +99,17 @@ def outcome(cell: dict[str, Any]) -> str:
 
 
 def short_status(cell: dict[str, Any]) -> str:
-    """``pass``, ``fail*`` (expected), ``FAIL`` (unexpected): upper case marks a cell that missed its expectation;
+    """``pass``, ``fail*`` (an expected non-pass), ``fail unmet`` (not the expected outcome);
     ``pass (1 skipped)``: a check did not run."""
     status = cell.get("status", "?")
-    table = _SHORT if cell.get("met", False) else _UNMET
-    return table.get(status, status if cell.get("met", False) else status.upper()) + skip_mark(cell)
+    if cell.get("met", False):
+        return _SHORT.get(status, status) + skip_mark(cell)
+    return status_text(_SHORT.get(status, status).rstrip("*"), False) + skip_mark(cell)
+
+
+def status_text(status: str, met: bool) -> str:
+    """A cell's status as every view writes it: ``fail``, or ``fail unmet`` when not the expected outcome."""
+    return status if met else f"{status} {UNMET}"
 
 
 def headline(reason: str, limit: int = 300) -> str:
@@ -164,7 +174,7 @@ def family_grid(rows: dict[str, dict[str, str]], footer: str = "", width: int = 
             squares = (row.get(c, NOT_RUN).ljust(widths[c]) for c in block)
             lines.append("  ".join([family.ljust(fam_w), *squares]).rstrip())
     lines.append("")
-    lines.append("* expected non-pass (matrix/expected.toml); UPPER CASE: did not meet its expected outcome; - not run")
+    lines.append(f"* expected non-pass (matrix/expected.toml); {UNMET}: not the expected outcome; - not run")
     if footer:
         lines.append(footer)
     return "\n".join(lines) + "\n"

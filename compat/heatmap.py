@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compat.grid import column_label, outcome, slug_sort_key
+from compat.grid import UNMET, column_label, outcome, slug_sort_key
 from compat.skips import skipped_checks
 
 __all__ = ["COLOURS", "heatmap", "panel_key"]
@@ -22,7 +22,7 @@ COLOURS: dict[str, tuple[str, str, str]] = {
     "expected-fail": ("#f6c85f", "#4a3500", "fail, expected"),
     "expected-error": ("#b8b8b8", "#202020", "error, expected"),
     "unsupported": ("#e4e4e4", "#404040", "unsupported"),
-    "unmet": ("#d62728", "#ffffff", "did not meet expected (!)"),
+    "unmet": ("#d62728", "#ffffff", UNMET),
 }
 _NOT_RUN = "#ffffff"
 _LETTER = {"pass": "P", "fail": "F", "error": "E", "unsupported": "U"}
@@ -160,7 +160,7 @@ def _header(fig: Any, data: dict[str, Any], fig_h: float, patch: Any) -> None:
     head = f"{data.get('device', '?')}, {data.get('backend', '?')} backend, {when}{done}"
     skipped = sum(bool(skipped_checks(c)) for c in cells)
     sub = (
-        f"{len(cells)} cells, {unmet} did not meet their expected outcome, {skipped} skipped checks.  "
+        f"{len(cells)} cells, {unmet} {UNMET}, {skipped} with skipped checks.  "
         "Square: status letter (~N: N checks skipped) + max |logit diff|"
     )
     fig.text(0.01, 1 - 0.25 / fig_h, head, fontsize=13, weight="bold", va="top")

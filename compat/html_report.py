@@ -13,7 +13,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from compat.grid import column_label, headline, outcome
+from compat.grid import column_label, headline, outcome, status_text
 from compat.skips import skip_mark, skip_note
 
 __all__ = ["html_report"]
@@ -94,7 +94,7 @@ _HEAD = (
 
 
 def _row(cell: dict[str, Any]) -> str:
-    status = escape(str(cell.get("status", "?")) + skip_mark(cell)) + ("" if cell.get("met") else " (unexpected)")
+    status = escape(status_text(str(cell.get("status", "?")) + skip_mark(cell), bool(cell.get("met"))))
     values = [
         f'<td class="id">{escape(str(cell.get("id", "?")))}</td>',
         f"<td>{escape(str(cell.get('family', '?')))}</td>",

@@ -17,25 +17,17 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from compat import bridge_api, specs
+from compat import bridge_api, provider_spec, specs
 from compat.adapters import Adapter, get_adapter
 from compat.backends import Backend
 from compat.cells import Cell
+from compat.compare import torch_dtype
 from compat.families import Family, get_family
 from compat.findings import Unsupported
 from compat.layouts import Layout
 from compat.upstream import describe, upstream_frames, upstream_path
 
-__all__ = ["TORCH_DTYPES", "Built", "build", "unwrap"]
-
-
-def _torch_dtypes() -> dict[str, Any]:
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-TORCH_DTYPES = _torch_dtypes()
+__all__ = ["Built", "build", "unwrap"]
 
 
 @dataclass
@@ -93,10 +85,10 @@ def _build(
     from megatron.bridge.models.gpt_provider import local_layer_spec
     from megatron.core import parallel_state
 
-    dtype = TORCH_DTYPES[cell.dtype]
+    dtype = torch_dtype(cell.dtype)
     bridge = AutoBridge.from_hf_pretrained(str(hf_dir), torch_dtype=dtype)
     provider = bridge.to_megatron_provider(load_weights=True)
-    specs.configure(cell.spec, provider, local_layer_spec, cell.dtype)
+    provider_spec.configure(cell.spec, provider, local_layer_spec, cell.dtype)
     provider.tensor_model_parallel_size = layout.tp
     provider.pipeline_model_parallel_size = layout.pp
     provider.virtual_pipeline_model_parallel_size = layout.vpp if layout.vpp > 1 else None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CellPaths", "write_json_atomic"]
+__all__ = ["CellPaths", "task_file", "write_json_atomic"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,11 @@ class CellPaths:
 
     def all_activations(self, tag: str) -> list[Path]:
         return sorted(self.root.glob(f"megatron-{tag}-pp*.pt"))
+
+
+def task_file(group_dir: Path, rank: int, seq: int) -> Path:
+    """The next task of a rank of a group: written by the launcher (``compat.pool``), read by the rank."""
+    return group_dir / f"rank{rank}-{seq}.task"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -25,12 +25,12 @@ from compat.compare import (
     effect_problem,
     forward_noise,
     token_agreement,
+    torch_dtype,
 )
 from compat.delta_oracle import oracle_problems
 from compat.export import MEGATRON_MERGED, MERGED_EXPORT, MERGED_WEIGHTS, PEFT_MERGED
 from compat.families import get_family
 from compat.findings import CheckFailed
-from compat.model_build import TORCH_DTYPES
 from compat.paths import CellPaths
 from compat.peft_files import check_adapter_dir, check_loaded_by_peft, compare_exports
 from compat.problems import Problem
@@ -71,7 +71,7 @@ def compare_with_peft(
     from transformers import AutoModelForCausalLM
 
     problems = adapter_problems(cell, paths, reference)
-    dtype = TORCH_DTYPES[cell.dtype]
+    dtype = torch_dtype(cell.dtype)
     hf = AutoModelForCausalLM.from_pretrained(str(paths.hf), dtype=dtype).to(device).eval()
     ids = input_ids(get_family(cell.family).dims.vocab_size, device)
     with torch.no_grad():

@@ -94,15 +94,16 @@ class Plugins:
                     out.append(path)
         return out
 
-    def resolve(self) -> Resolved:
-        """The callables (in a rank: imports the user's modules and the bridge's defaults)."""
-        from compat.checkpoint import default_loader, default_saver
-        from compat.export import default_exporter
+    def resolve(self, defaults: dict[str, Callable[..., None]]) -> Resolved:
+        """The callables, a role not named taking its default (in a rank: imports the user's modules).
 
+        The defaults (the bridge's saver, loader, exporter) come from the rank side
+        (``compat.roundtrip.DEFAULT_PLUGINS``): a configuration module imports nothing it configures.
+        """
         return Resolved(
-            exporter=load_callable(self.exporter, "exporter") if self.exporter else default_exporter,
-            saver=load_callable(self.saver, "saver") if self.saver else default_saver,
-            loader=load_callable(self.loader, "loader") if self.loader else default_loader,
+            exporter=load_callable(self.exporter, "exporter") if self.exporter else defaults["exporter"],
+            saver=load_callable(self.saver, "saver") if self.saver else defaults["saver"],
+            loader=load_callable(self.loader, "loader") if self.loader else defaults["loader"],
             named=self.named(),
         )
 
@@ -213,7 +214,7 @@ def check(plugins: Plugins, backend: str) -> None:
         env["CUDA_VISIBLE_DEVICES"] = ""
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "compat.plugins", backend, json.dumps(todo)],
+            [sys.executable, "-m", "compat.plugin_import", backend, json.dumps(todo)],
             capture_output=True,
             text=True,
             env=env,
@@ -236,19 +237,3 @@ def with_paths(pythonpath: str, paths: list[str]) -> str:
     """``paths`` in front of a PYTHONPATH value, each once, relative entries made absolute."""
     entries = [*paths, *(os.path.abspath(p) for p in pythonpath.split(os.pathsep) if p)]
     return os.pathsep.join(dict.fromkeys(entries))
-
-
-def _child(backend: str, todo: dict[str, str]) -> int:
-    from compat import workarounds
-
-    workarounds.apply(backend)
-    for role, name in todo.items():
-        try:
-            load_callable(name, role)
-        except PluginError as exc:
-            print(f"error: {exc}", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1], json.loads(sys.argv[2])))

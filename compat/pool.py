@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from compat import forkserver
-from compat.paths import write_json_atomic
-from compat.worker import task_file
+from compat.paths import task_file, write_json_atomic
 
 __all__ = ["MODES", "GroupKey", "Pool", "RankGroup", "pool"]
 

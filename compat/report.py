@@ -1,56 +1,17 @@
-"""Results as people read them: the table printed while cells run, and Markdown for docs and CI."""
+"""Results as Markdown, for docs and CI job summaries (what ``compat run`` prints is ``compat.terminal``)."""
 
 from __future__ import annotations
 
-from typing import IO, Any
+from typing import Any
 
-from compat.grid import headline
-from compat.results import CellResult
+from compat.grid import UNMET, headline, status_text
 from compat.skips import skip_mark, skip_note
 
-__all__ = ["format_header", "format_row", "markdown", "print_table", "summary"]
-
-_COLUMNS = (
-    ("cell", 40),
-    ("world", 5),
-    ("status", 11),
-    ("expected", 11),
-    ("max diff", 9),
-    ("effect", 9),
-    ("seconds", 7),
-)
-
-
-def format_header() -> str:
-    return "  ".join(name.ljust(width) for name, width in _COLUMNS)
+__all__ = ["markdown"]
 
 
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.2e}"
-
-
-def format_row(r: CellResult) -> str:
-    mark = "" if r.met else " !"
-    skipped = {"metrics": r.metrics}
-    mark += "~" if skip_note(skipped) else ""  # a check did not run (the note below says which and why)
-    cells = (
-        r.id,
-        str(r.world_size),
-        r.status + mark,
-        r.expected,
-        _num(r.max_abs_diff),
-        _num(r.adapter_effect),
-        f"{r.seconds:.1f}",
-    )
-    row = "  ".join(c.ljust(w) for c, (_, w) in zip(cells, _COLUMNS, strict=False))
-    if r.reason and (not r.met or r.status != "pass"):
-        row += "\n    " + r.reason.replace("\n", "\n    ")[:2000]
-    if skip_note(skipped):
-        row += "\n    " + skip_note(skipped)
-    for engine, s in r.serving.items():
-        diff, effect = _num(s["max_abs_diff"]), _num(s["adapter_effect"])
-        row += f"\n    serving.{engine}: {s['status']}, max diff {diff}, effect {effect}"
-    return row
 
 
 def _serving_table(cells: list[dict[str, Any]]) -> list[str]:
@@ -66,26 +27,6 @@ def _serving_table(cells: list[dict[str, Any]]) -> list[str]:
                "-" if seconds is None else f"{seconds:.0f}")  # fmt: skip
         lines.append("| " + " | ".join(str(x) for x in row) + " |")
     return lines
-
-
-def summary(results: list[CellResult]) -> str:
-    met = sum(r.met for r in results)
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r.status] = counts.get(r.status, 0) + 1
-    parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    skipped = sum(bool(skip_note({"metrics": r.metrics})) for r in results)
-    return (
-        f"{len(results)} cells: {parts}; {met} met their expected outcome, {len(results) - met} did not; "
-        f"{skipped} with checks skipped"
-    )
-
-
-def print_table(results: list[CellResult], out: IO[str]) -> None:
-    print(format_header(), file=out)
-    for r in results:
-        print(format_row(r), file=out)
-    print(summary(results), file=out)
 
 
 def markdown(data: dict[str, Any], source: str = "") -> str:
@@ -108,7 +49,7 @@ def markdown(data: dict[str, Any], source: str = "") -> str:
             [skip_note(c)] if skip_note(c) else []
         ):
             note += f"[{reasons.setdefault(text, len(reasons) + 1)}]"
-        status = c["status"] + skip_mark(c) + ("" if c["met"] else " (unexpected)")
+        status = status_text(c["status"] + skip_mark(c), c["met"])
         row = (c["id"], c["world_size"], status, c["expected"], _num(c["max_abs_diff"]),
                _num(c["adapter_effect"]), f"{c['seconds']:.0f}", note)  # fmt: skip
         lines.append("| " + " | ".join(str(x) for x in row) + " |")
@@ -117,5 +58,6 @@ def markdown(data: dict[str, Any], source: str = "") -> str:
         lines += ["", "Reasons (first line) and skipped checks:", ""]
         lines += [f"{n}. {text}" for text, n in reasons.items()]
     met = sum(c["met"] for c in data.get("cells", []))
-    lines += ["", f"{len(data.get('cells', []))} cells, {met} met their expected outcome."]
+    n = len(data.get("cells", []))
+    lines += ["", f"{n} cells: {met} met their expected outcome, {n - met} {UNMET}."]
     return "\n".join(lines) + "\n"

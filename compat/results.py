@@ -13,6 +13,7 @@ from typing import Any
 from compat.cells import Cell
 from compat.expected import Expected
 from compat.problems import Problem
+from compat.upstream import relative_paths
 
 __all__ = ["CellResult", "device_name", "read_results", "write_results"]
 
@@ -54,7 +55,9 @@ class CellResult:
         metrics: dict[str, Any] | None = None,
         problems: list[Problem] | None = None,
     ) -> CellResult:
-        metrics, problems = metrics or {}, problems or []
+        metrics = metrics or {}
+        reason = relative_paths(reason)  # what is matched is what is written and shown
+        problems = [Problem(p.check, relative_paths(p.message), p.where) for p in problems or []]
         unmet = expected.unmet(status, problems)
         return cls(
             id=cell.id,

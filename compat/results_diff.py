@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from compat.grid import UNMET
 from compat.problems import problem_key
 from compat.skips import skipped_checks
 
@@ -154,7 +155,7 @@ def _num(x: float | None) -> str:
 
 
 def _met(flag: bool) -> str:
-    return "met" if flag else "**unmet**"
+    return "met" if flag else UNMET
 
 
 def diff_markdown(d: Diff, before_name: str = "before", after_name: str = "after") -> str:

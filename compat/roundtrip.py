@@ -21,7 +21,7 @@ from compat.activations import megatron_forward
 from compat.backends import Backend
 from compat.cells import Cell
 from compat.collective import Collective
-from compat.export import MEGATRON_MERGED, MERGED_EXPORT, merged_export, merged_in_place
+from compat.export import MEGATRON_MERGED, MERGED_EXPORT, default_exporter, merged_export, merged_in_place
 from compat.families import ensure_tiny_model, get_family
 from compat.findings import CheckFailed
 from compat.model_build import Built, build
@@ -30,9 +30,16 @@ from compat.peft_compare import adapter_problems, compare_with_peft
 from compat.plugins import Resolved
 from compat.problems import Problem
 
-__all__ = ["OTHER_SEED", "SAVE_SEED", "run_phase"]
+__all__ = ["DEFAULT_PLUGINS", "OTHER_SEED", "SAVE_SEED", "run_phase"]
 
 SAVE_SEED, OTHER_SEED = 1, 2
+
+# The bridge's own calls: what a role takes when the run names no plugin for it (Plugins.resolve).
+DEFAULT_PLUGINS = {
+    "exporter": default_exporter,
+    "saver": checkpoint.default_saver,
+    "loader": checkpoint.default_loader,
+}
 
 
 class _Laps:

@@ -1,6 +1,7 @@
 """``compat families``: what the installed bridge registers, what the harness declares, and how it went.
 
-The last known status comes from the committed results (``matrix/results/``, newest wins) as a
+The last known status comes from the committed results (``matrix/results/`` beside the package,
+wherever the command runs from; newest wins) as a
 compact family x layout grid; a family with no results says what ``matrix/expected.toml`` expects.
 """
 
@@ -13,11 +14,13 @@ from typing import IO, Any
 from compat.expected import load_expectations
 from compat.families import Family, families
 from compat.grid import grid_report, headline
+from compat.upstream import HARNESS_ROOT
 from compat.versions import installed_versions
 
 __all__ = ["RESULTS_DIR", "print_families"]
 
-RESULTS_DIR = Path("matrix/results")
+RESULTS_DIR = HARNESS_ROOT / "matrix" / "results"
+EXPECTED = HARNESS_ROOT / "matrix" / "expected.toml"
 
 
 def print_families(out: IO[str], results_dir: Path = RESULTS_DIR) -> None:
@@ -34,16 +37,22 @@ def print_families(out: IO[str], results_dir: Path = RESULTS_DIR) -> None:
     runs = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
     print(file=out)
     for spec in sorted({c.get("spec", "local") for run in runs for c in run.get("cells", [])}):
-        print(f"Last known status (lora, fp32, {spec} spec; newest of {len(runs)} files in {results_dir}):", file=out)
+        where = f"newest of {len(runs)} files in {_shown(results_dir)}"
+        print(f"Last known status (lora, fp32, {spec} spec; {where}):", file=out)
         print(grid_report(runs, adapters=("lora", "lora_mla"), spec=spec), file=out)
     untested = sorted(set(families()) - {c["family"] for run in runs for c in run.get("cells", [])})
     for name, text in _expected(untested).items():
         print(f"{name}: no results yet; {text}", file=out)
 
 
+def _shown(path: Path) -> str:
+    """``matrix/results`` for the package's own folder, the path as given for another."""
+    return path.relative_to(HARNESS_ROOT).as_posix() if path.is_relative_to(HARNESS_ROOT) else str(path)
+
+
 def _expected(names: list[str]) -> dict[str, str]:
     """What expected.toml says of families with no results (their first entry on these versions)."""
-    expectations = load_expectations(Path("matrix/expected.toml"))
+    expectations = load_expectations(EXPECTED)
     versions = installed_versions()
     out: dict[str, Any] = {}
     for name in names:

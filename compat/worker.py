@@ -24,16 +24,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from compat.paths import CellPaths, write_json_atomic
+from compat.liveness import process_alive
+from compat.paths import CellPaths, task_file, write_json_atomic
 
-__all__ = ["main", "process_alive", "run_task", "task_file"]
+__all__ = ["main", "run_task"]
 
 POLLS = (0.002, 0.05)  # seconds between looks for the next task: soon after a task, then when idle
 BUSY_FOR = 1.0  # seconds after a task during which the next one is looked for often
-
-
-def task_file(group_dir: Path, rank: int, seq: int) -> Path:
-    return group_dir / f"rank{rank}-{seq}.task"
 
 
 def run_task(task: dict[str, Any], comm: Any, backend: Any) -> dict[str, Any]:
@@ -42,12 +39,12 @@ def run_task(task: dict[str, Any], comm: Any, backend: Any) -> dict[str, Any]:
     from compat.cells import Cell
     from compat.findings import CheckFailed, Unsupported
     from compat.plugins import Plugins
-    from compat.roundtrip import run_phase
+    from compat.roundtrip import DEFAULT_PLUGINS, run_phase
 
     rank = comm.rank
     try:
         declarations.use(task.get("declarations"))
-        plugins = Plugins.from_dict(task.get("plugins")).resolve()
+        plugins = Plugins.from_dict(task.get("plugins")).resolve(DEFAULT_PLUGINS)
         paths = CellPaths.under(Path(task["root"]), Path(task["hf"]))
         metrics = run_phase(Cell.from_dict(task["cell"]), task["phase"], paths, backend, comm, plugins)
         return {"rank": rank, "status": "pass", "metrics": metrics}
@@ -142,17 +139,6 @@ def _next_task(group_dir: Path, rank: int, seq: int, launcher: int) -> dict[str,
             return None
         time.sleep(POLLS[time.monotonic() - since > BUSY_FOR])
     return json.loads(path.read_text())
-
-
-def process_alive(pid: int) -> bool:
-    """A process of this id exists (a zombie counts: it has not been reaped yet)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def serve(group_dir: Path) -> int:

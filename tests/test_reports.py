@@ -157,7 +157,7 @@ def test_diff_finds_planted_changes(results: dict[str, Any]) -> None:
     assert d.versions_changed == (("torch", "2.11.0", "2.12.0"),)
     md = diff_markdown(d, "old.json", "new.json")
     assert md.startswith("**old.json → new.json:** 1 status change (1 newly unmet, 0 newly met); 1 added; 1 removed")
-    assert "| llama.tp2 | pass → fail | met → **unmet** |" in md
+    assert "| llama.tp2 | pass → fail | met → unmet |" in md
     assert "| llama.tp1.bf16 | 5.90e-03 | 5.90e-01 | 100x |" in md
     assert "| llama.tp2 | 2.40e-07 | 7.00e-02 |" in md
     assert "llama.tp1 |" not in md.replace("llama.tp1.bf16 |", "")
@@ -183,7 +183,7 @@ def test_grid_from_results_newest_wins_and_plain_only(results: dict[str, Any]) -
     older["cells"].append(_cell("mistral", layout={"pp": 2}))
     rows = grid_from_results([results, older])  # order given must not matter: finished_at decides
     assert rows["llama"] == {"tp1": "pass", "tp2": "pass"}
-    assert rows["qwen3_moe"] == {"tp1": "pass", "ep2": "fail*", "tp2": "ERR"}
+    assert rows["qwen3_moe"] == {"tp1": "pass", "ep2": "fail*", "tp2": "err unmet"}
     assert rows["gemma3"] == {"tp1": "unsup"}
     assert rows["mistral"] == {"pp2": "pass"}
 
@@ -204,7 +204,7 @@ def test_family_grid_one_row_per_family(results: dict[str, Any]) -> None:
     body = [line.split() for line in lines[2:5]]
     assert body == [
         ["llama", "pass", "pass", "-"],
-        ["qwen3_moe", "pass", "ERR", "fail*"],
+        ["qwen3_moe", "pass", "err", "unmet", "fail*"],
         ["gemma3", "unsup", "-", "-"],
     ]
     assert lines[5] == ""
@@ -276,13 +276,14 @@ def test_a_pass_with_skipped_checks_is_shown_as_such_everywhere() -> None:
 
 
 def test_the_terminal_row_names_the_skipped_checks() -> None:
-    from compat.report import format_row, summary
     from compat.results import CellResult
+    from compat.terminal import row, summary
 
     keys = CellResult.__dataclass_fields__
     r = CellResult(**{k: v for k, v in _cell("llama", metrics=SKIPS, spec="local").items() if k in keys})
-    assert "pass~" in format_row(r) and "2 checks skipped: " in format_row(r) and "bridge loader (this" in format_row(r)
-    assert "1 with checks skipped" in summary([r])
+    line = row(r, 10, {})
+    assert "pass (2 skipped)" in line and "2 checks skipped: " in line and "bridge loader (this" in line
+    assert "1 with checks skipped" in summary([r], 1.0)[0]
 
 
 def test_compat_diff_exits_1_on_a_status_or_problem_change(tmp_path: Path) -> None:

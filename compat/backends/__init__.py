@@ -55,7 +55,7 @@ def get_backend(name: str) -> Backend:
     if name == "cuda":
         from compat.backends.cuda import CudaBackend
 
-        return CudaBackend()
+        return CudaBackend(CUDA_RANK_ENV)
     raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
 
 

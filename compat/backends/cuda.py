@@ -6,7 +6,6 @@ import os
 
 import torch
 
-from compat.backends import CUDA_RANK_ENV
 from compat.backends.common import causal_mask, position_ids
 
 __all__ = ["CudaBackend"]
@@ -16,8 +15,12 @@ class CudaBackend:
     name = "cuda"
     dist_backend = "nccl"
 
+    def __init__(self, rank_env: dict[str, str]) -> None:
+        # Given by compat.backends (CUDA_RANK_ENV), which imports this module: no import back.
+        self.rank_env = rank_env
+
     def setup(self, local_rank: int) -> None:
-        for key, value in CUDA_RANK_ENV.items():  # ranks started by an outside launcher (torchrun) too
+        for key, value in self.rank_env.items():  # ranks started by an outside launcher (torchrun) too
             os.environ.setdefault(key, value)
         torch.cuda.set_device(local_rank)
         from compat import workarounds
