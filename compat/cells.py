@@ -22,6 +22,9 @@ class CellError(ValueError):
     """A cell that cannot exist: unknown family/adapter/dtype, or a layout the family can't take."""
 
 
+ENGINES = ("vllm",)  # the serving engines, one module each under compat/serving/
+
+
 @dataclass(frozen=True, order=True)
 class Cell:
     family: str
@@ -56,7 +59,6 @@ class Cell:
             )
         if kind.moe_only and not fam.is_moe:
             raise CellError(f"adapter {adapter} configures routed experts, which family {family} does not have")
-        from compat.serving.engines import ENGINES
 
         unknown = [e for e in serve if e not in ENGINES]
         if unknown or len(set(serve)) != len(serve):

@@ -14,11 +14,10 @@ from compat.skips import skipped_checks
 if TYPE_CHECKING:
     from compat.gate import PinSet
 
+from compat.envs import GateError
+from compat.grid import UNMET
+
 __all__ = ["GateError", "check_complete", "compare", "failing", "markdown"]
-
-
-class GateError(Exception):
-    """Bad input, or an environment that could not be built: exit 2."""
 
 
 def check_complete(results: dict[str, Any], where: str) -> None:
@@ -79,7 +78,7 @@ def failing(diff: dict[str, list[dict[str, Any]]], accept: bool, narrowed: bool)
 
 
 def _verdict(row: dict[str, Any], diff: dict[str, list[dict[str, Any]]]) -> str:
-    words = (("regressions", "REGRESSION"), ("unmet", "UNMET"), ("changed", "CHANGED"),
+    words = (("regressions", "REGRESSION"), ("unmet", UNMET), ("changed", "CHANGED"),
              ("problems", "PROBLEMS CHANGED"), ("fixes", "fixed"), ("new", "new"))  # fmt: skip
     found = [word for key, word in words if any(r["id"] == row["id"] for r in diff[key])]
     return ", ".join(found) or "ok"

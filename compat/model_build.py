@@ -15,17 +15,19 @@ import inspect
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compat import bridge_api, provider_spec, specs
 from compat.adapters import Adapter, get_adapter
-from compat.backends import Backend
 from compat.cells import Cell
 from compat.compare import torch_dtype
 from compat.families import Family, get_family
 from compat.findings import Unsupported
 from compat.layouts import Layout
 from compat.upstream import describe, upstream_frames, upstream_path
+
+if TYPE_CHECKING:
+    from compat.backends import Backend
 
 __all__ = ["Built", "build", "unwrap"]
 

@@ -35,9 +35,10 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from compat.paths import CellPaths
+if TYPE_CHECKING:
+    from compat.paths import CellPaths
 
 __all__ = ["ROLES", "PluginError", "Plugins", "Resolved", "check", "load_callable", "plugin_name", "with_paths"]
 
@@ -94,17 +95,19 @@ class Plugins:
                     out.append(path)
         return out
 
-    def resolve(self, defaults: dict[str, Callable[..., None]]) -> Resolved:
+    def resolve(self, defaults: dict[str, Callable[..., None]], recording: Callable[..., Any]) -> Resolved:
         """The callables, a role not named taking its default (in a rank: imports the user's modules).
 
-        The defaults (the bridge's saver, loader, exporter) come from the rank side
-        (``compat.roundtrip.DEFAULT_PLUGINS``): a configuration module imports nothing it configures.
+        The defaults (the bridge's saver, loader, exporter) and what records a user's plugin's calls
+        (``compat.plugin_calls.recording``) come from the rank side (``compat.roundtrip.DEFAULT_PLUGINS``):
+        a configuration module imports nothing it configures.
         """
         return Resolved(
             exporter=load_callable(self.exporter, "exporter") if self.exporter else defaults["exporter"],
             saver=load_callable(self.saver, "saver") if self.saver else defaults["saver"],
             loader=load_callable(self.loader, "loader") if self.loader else defaults["loader"],
             named=self.named(),
+            recording=recording,
         )
 
 
@@ -114,6 +117,7 @@ class Resolved:
     saver: Callable[..., Any]
     loader: Callable[..., Any]
     named: dict[str, str] = field(default_factory=dict)  # the user's plugins, by role
+    recording: Callable[..., Any] | None = None  # compat.plugin_calls.recording, given by the rank
 
     def call(self, role: str, paths: CellPaths, built: Any, path: Path, *rest: Any) -> tuple[Path, list[str]]:
         """Run ``role`` on ``path``: (the directory it wrote, problems with what it returned).
@@ -121,13 +125,11 @@ class Resolved:
         A user's plugin runs under :func:`compat.plugin_calls.recording`; rank 0 records the call.
         """
         fn = getattr(self, role)
-        if role not in self.named:
+        if role not in self.named or self.recording is None:
             fn(built.bridge, built.model, built.peft, path, *rest)
             return path, []
-        from compat.plugin_calls import recording
-
         notes: list[dict[str, Any]] = []
-        with recording(paths, built.bridge, notes):
+        with self.recording(paths, built.bridge, notes):
             returned = fn(built.bridge, built.model, built.peft, path, *rest)
         wrote, problems = _written(role, self.named[role], returned, path, paths)
         if _rank() == 0:

@@ -149,7 +149,7 @@ def pytest_configure(config: pytest.Config) -> None:
         except PluginError as exc:
             raise pytest.UsageError(f"megatron-lora-compat: {exc}") from None
     if any(cell.serve for cell in session.cells):  # a cell no engine can serve here is bad input
-        from compat.gate import GateError
+        from compat.envs import GateError
         from compat.serving import check_servable
 
         try:

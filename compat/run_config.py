@@ -116,7 +116,7 @@ def _cells(args: argparse.Namespace) -> tuple[list[Cell], float | None, Plugins]
 
 def _servable(cells: list[Cell], backend: str) -> None:
     """Each served cell's engine has pins for this device and takes its dtype and sizes."""
-    from compat.gate import GateError
+    from compat.envs import GateError
     from compat.serving import check_servable
 
     for cell in cells:

@@ -71,7 +71,8 @@ def row(r: CellResult, id_width: int, problems: dict[str, int], count: str = "")
     if skip_note(skipped):
         line += "\n    " + skip_note(skipped)
     for engine, s in r.serving.items():
-        line += f"\n    serving.{engine}: {s['status']}, max diff {_num(s['max_abs_diff'])}, effect {_num(s['adapter_effect'])}"
+        diff, effect = _num(s["max_abs_diff"]), _num(s["adapter_effect"])
+        line += f"\n    serving.{engine}: {s['status']}, max diff {diff}, effect {effect}"
     return line
 
 

@@ -38,13 +38,14 @@ def run_task(task: dict[str, Any], comm: Any, backend: Any) -> dict[str, Any]:
     from compat import declarations
     from compat.cells import Cell
     from compat.findings import CheckFailed, Unsupported
+    from compat.plugin_calls import recording
     from compat.plugins import Plugins
     from compat.roundtrip import DEFAULT_PLUGINS, run_phase
 
     rank = comm.rank
     try:
         declarations.use(task.get("declarations"))
-        plugins = Plugins.from_dict(task.get("plugins")).resolve(DEFAULT_PLUGINS)
+        plugins = Plugins.from_dict(task.get("plugins")).resolve(DEFAULT_PLUGINS, recording)
         paths = CellPaths.under(Path(task["root"]), Path(task["hf"]))
         metrics = run_phase(Cell.from_dict(task["cell"]), task["phase"], paths, backend, comm, plugins)
         return {"rank": rank, "status": "pass", "metrics": metrics}

@@ -21,17 +21,18 @@ ROOT = Path(__file__).resolve().parents[1] / "compat"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = tuple(
     (name, tuple(members.split()))
     for name, members in (
-        ("checks", "findings upstream compare peft_files"),
-        ("declare", "data versions declarations specs families layouts adapters cells matrix expected plugins"),
+        ("checks", "problems findings upstream compare peft_files"),
+        ("declare", "data versions declarations specs families layouts shapes adapters cells matrix expected plugins"),
         (
             "rank",
             "paths liveness backends workarounds bridge_api registry collective adapter_state provider_spec "
-            "model_build activations checkpoint export peft_compare roundtrip worker preload plugin_import",
+            "model_build activations checkpoint export delta_oracle plugin_calls envs serving peft_compare "
+            "roundtrip worker preload plugin_import",
         ),
-        ("results", "results verdict"),
+        ("results", "skips results verdict"),
         ("launch", "gpus forkserver pool launch external run_config"),
         ("report", "grid terminal report results_diff heatmap html_report side_by_side status"),
-        ("commands", "__main__ cli gate bench pytest_plugin"),
+        ("commands", "__main__ cli gate_compare gate bench fuzz pytest_results pytest_plugin"),
     )
 )
 # The package itself (``compat/__init__.py``: the public names, loaded lazily) sits on top.

