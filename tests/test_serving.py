@@ -20,6 +20,7 @@ from compat.cells import Cell, CellError
 from compat.expected import Expected, ExpectedError, _parse_entry
 from compat.gate import GateError
 from compat.layouts import Layout
+from compat.problems import Problem
 from compat.serving import _compare, fold
 from compat.serving.engines import engine_pins, load_engine_pins
 
@@ -85,9 +86,11 @@ def test_expectation_checks_match_the_named_check_only():
         {"cells": "*.vllm", "status": "fail", "reason": "r", "match": "refused", "checks": ["serving.vllm"]}, "t"
     )
     expected = Expected(entry.status, entry.reason, entry.match, entry.checks)
-    assert expected.met_by("fail", "serving.vllm: refused", {"serving.vllm": "vllm refused the export"})
-    assert not expected.met_by("fail", "peft refused the export", {"serving.vllm": "log-probs differ"})
-    assert not expected.met_by("fail", "peft refused the export", {})  # the cell was not served
+    served = Problem("serving.vllm", "vllm refused the export")
+    assert expected.met_by("fail", [served])
+    assert not expected.met_by("fail", [Problem("logits", "Megatron logits differ"), served])  # one more
+    assert not expected.met_by("fail", [Problem("peft load", "peft refused the export")])  # not in the check's own
+    assert not expected.met_by("fail", [])  # the cell was not served
     with pytest.raises(ExpectedError, match="'checks' must be a list of check names"):
         _parse_entry({"cells": "*", "status": "pass", "checks": ["peft"]}, "t")
 

@@ -55,7 +55,9 @@ def test_each_cell_once_no_traceback_and_problems_grouped() -> None:
     for r in results:
         assert sum(line.startswith(r.id + " ") for line in lines) == 1, r.id
     assert "Traceback" not in text and 'File "' not in text
-    assert len(lines) == 1 + len(results) + 2  # header, one row per cell, blank line, summary (all met)
+    notes = [line for line in lines if line.startswith("    ")]  # under a row: its skipped checks, named
+    assert all("skipped: " in line for line in notes)
+    assert len(lines) - len(notes) == 1 + len(results) + 2  # header, one row per cell, blank line, summary
     numbered = re.findall(r"  \[(\d+)\] (.+?)  \[\d+/\d+\]$", text, re.M)
     texts = [t for _, t in numbered]
     assert texts and len(texts) == len(set(texts)), "each first problem is spelled out once"
