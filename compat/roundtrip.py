@@ -83,8 +83,8 @@ def run_phase(
     return metrics
 
 
-STEPS = ("hf model", "build", "fill, save, check checkpoint", "load, verify", "forward", "export", "merged forms",
-         "hf side")  # fmt: skip
+STEPS = ("hf model", "build", "fill, save, check checkpoint", "load, verify", "forward", "export", "delta oracle",
+         "merged forms", "serving inputs", "hf side")  # fmt: skip
 SAVE_STEPS = (*STEPS[:3], "export")
 
 
