@@ -13,13 +13,26 @@ import site
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
+from typing import Any
 
-__all__ = ["GateError", "build_env", "shared_paths"]
+__all__ = ["GateError", "build_env", "read_pins_file", "shared_paths"]
 
 
 class GateError(Exception):
     """Bad input for the gate, or an environment that could not be built: exit 2, with why."""
+
+
+def read_pins_file(path: Path, what: str) -> tuple[bytes, dict[str, Any]]:
+    """A pins file's bytes (its cache key) and its TOML; :class:`GateError` if it is missing or not TOML."""
+    if not path.is_file():
+        raise GateError(f"{what} {path} does not exist")
+    raw = path.read_bytes()
+    try:
+        return raw, tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise GateError(f"{path}: not valid TOML: {exc}") from None
 
 
 def shared_paths() -> list[str]:

@@ -40,12 +40,11 @@ import os
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compat.envs import GateError, build_env, shared_paths
+from compat.envs import GateError, build_env, read_pins_file, shared_paths
 from compat.gate_compare import check_complete, compare, failing, markdown
 from compat.skips import skipped_checks
 from compat.upstream import HARNESS_ROOT
@@ -80,13 +79,7 @@ class PinSet:
 def load_pins(path: Path) -> PinSet:
     from packaging.version import InvalidVersion, Version
 
-    if not path.is_file():
-        raise GateError(f"pins file {path} does not exist")
-    raw = path.read_bytes()
-    try:
-        data = tomllib.loads(raw.decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise GateError(f"{path}: not valid TOML: {exc}") from None
+    raw, data = read_pins_file(path, "pins file")
     unknown = set(data) - {"about", "packages"}
     if unknown:
         raise GateError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: about, [packages]")

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from compat.cells import ENGINES
 from compat.compare import Tolerance
-from compat.envs import GateError, build_env
+from compat.envs import GateError, build_env, read_pins_file
 from compat.upstream import HARNESS_ROOT as REPO
 
 __all__ = ["ENGINES", "EnginePins", "engine_pins", "ensure_engine_env", "load_engine_pins", "main"]
@@ -64,13 +63,7 @@ def load_engine_pins(path: Path) -> EnginePins:
     """Parse and check one engine pin set; :class:`GateError` says what is wrong with it."""
     from packaging.version import InvalidVersion, Version
 
-    if not path.is_file():
-        raise GateError(f"engine pins file {path} does not exist")
-    raw = path.read_bytes()
-    try:
-        data = tomllib.loads(raw.decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise GateError(f"{path}: not valid TOML: {exc}") from None
+    raw, data = read_pins_file(path, "engine pins file")
     if set(data) - _KEYS:
         raise GateError(f"{path}: unknown keys {sorted(set(data) - _KEYS)}; allowed: {sorted(_KEYS)}")
     if data.get("engine") not in ENGINES:
