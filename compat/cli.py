@@ -13,12 +13,12 @@ import tempfile
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from compat import launch
-from compat.cells import DTYPES, Cell
-from compat.grid import UNMET
-from compat.plugins import ROLES
-from compat.run_config import BadInput, RunConfig, configure
-from compat.specs import SPECS
+from compat.declare.cells import DTYPES, Cell
+from compat.declare.plugins import ROLES
+from compat.declare.specs import SPECS
+from compat.launch import launcher as launch
+from compat.launch.run_config import BadInput, RunConfig, configure
+from compat.report.vocabulary import UNMET
 
 __all__ = ["main"]
 
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     dif = sub.add_parser("diff", help="what changed between two results files (status, max diff)")
     dif.add_argument("before", type=Path)
     dif.add_argument("after", type=Path)
-    from compat import bench, fuzz, gate
+    from compat.commands import bench, fuzz, gate
 
     gate.add_parser(sub)
     bench.add_parser(sub, _run_arguments)
@@ -97,14 +97,14 @@ def _run(args: argparse.Namespace) -> int:
     except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from compat.external import is_external_launch
+    from compat.launch.external import is_external_launch
 
     if is_external_launch():
         return _run_external(args, config)
     workdir = Path(tempfile.mkdtemp(prefix="compat-run-", dir=args.keep_dir))
     print(f"{len(config.cells)} cells on {config.device} ({config.backend}); {config.versions_line()}", flush=True)
-    from compat.results import write_results
-    from compat.terminal import RunView
+    from compat.report.terminal import RunView
+    from compat.results.record import write_results
 
     results = {}
     order = {c.id: i for i, c in enumerate(config.cells)}
@@ -158,9 +158,9 @@ def _selection(args: argparse.Namespace) -> dict[str, str]:
 
 def _run_external(args: argparse.Namespace, config: RunConfig) -> int:
     """Under torchrun/Slurm: this process is one rank; rank 0 prints and writes the output."""
-    from compat.external import run_here
-    from compat.results import write_results
-    from compat.terminal import RunView
+    from compat.launch.external import run_here
+    from compat.report.terminal import RunView
+    from compat.results.record import write_results
 
     view = RunView([c.id for c in config.cells], args.verbosity)
     results = run_here(config.cells, config.backend, config.expectations, config.timeout, config.plugins)
@@ -175,11 +175,11 @@ def _run_external(args: argparse.Namespace, config: RunConfig) -> int:
 
 
 def _families(args: argparse.Namespace) -> int:
-    from compat.status import print_families
+    from compat.report.families_view import print_families
 
     try:
         if args.families_file:
-            from compat.families import add_families
+            from compat.declare.families import add_families
 
             add_families(args.families_file)
     except ValueError as exc:
@@ -190,12 +190,12 @@ def _families(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from compat.report import markdown
-    from compat.results import read_results
+    from compat.report.markdown import markdown
+    from compat.results.record import read_results
 
     runs = [read_results(path) for path in args.results]
     if args.side_by_side:
-        from compat.side_by_side import side_by_side
+        from compat.report.side_by_side import side_by_side
 
         labels = args.labels.split(",") if args.labels else [path.stem for path in args.results]
         if len(labels) != len(runs):
@@ -205,12 +205,12 @@ def _report(args: argparse.Namespace) -> int:
     else:
         print("\n".join(markdown(data, str(path)) for data, path in zip(runs, args.results, strict=True)))
     if args.heatmap:
-        from compat.heatmap import heatmap
+        from compat.report.heatmap import heatmap
 
         heatmap(runs[0], args.heatmap)
         print(f"heatmap written to {args.heatmap}")
     if args.html:
-        from compat.html_report import html_report
+        from compat.report.html import html_report
 
         args.html.write_text(html_report(runs[0], str(args.results[0]), args.heatmap))
         print(f"HTML report written to {args.html}")
@@ -218,8 +218,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from compat.results import read_results
-    from compat.results_diff import diff, diff_markdown
+    from compat.report.diff import diff, diff_markdown
+    from compat.results.record import read_results
 
     changes = diff(read_results(args.before), read_results(args.after))
     print(diff_markdown(changes, str(args.before), str(args.after)))
@@ -235,15 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "diff":
         return _diff(args)
     if args.command == "gate":
-        from compat import gate
+        from compat.commands import gate
 
         return gate.main(args)
     if args.command == "bench":
-        from compat import bench
+        from compat.commands import bench
 
         return bench.main(args)
     if args.command == "fuzz":
-        from compat import fuzz
+        from compat.commands import fuzz
 
         return fuzz.main(args)
     return _families(args)

@@ -23,15 +23,15 @@ import pytest
 
 # Light (standard library only); imported now so the fork server's baseline environment is the one
 # pytest started with, not whatever the first test to launch a cell had patched in.
-import compat.forkserver  # noqa: F401
+import compat.launch.forkserver  # noqa: F401
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from compat.cells import Cell
-    from compat.expected import Expectations
-    from compat.plugins import Plugins
-    from compat.results import CellResult
+    from compat.declare.cells import Cell
+    from compat.declare.expected import Expectations
+    from compat.declare.plugins import Plugins
+    from compat.results.record import CellResult
 
 __all__ = ["CellDidNotPass", "CellErrored", "CellFailed", "CompatResult", "CompatRunner"]
 
@@ -83,7 +83,7 @@ class Session:
     def backend(self) -> str:
         """``auto`` resolved once (imports torch: not at load time)."""
         if self._backend is None:
-            from compat.backends import resolve
+            from compat.rank.backends import resolve
 
             self._backend = resolve(self.backend_option)
         return self._backend
@@ -104,11 +104,11 @@ def _session(config: pytest.Config) -> Session:
     """Declarations, matrix, expectations and plugins, read once; bad input stops with UsageError."""
     if _SESSION in config.stash:
         return config.stash[_SESSION]
-    from compat.adapters import add_adapters
-    from compat.expected import load_expectations
-    from compat.families import add_families
-    from compat.matrix import load_matrix
-    from compat.plugins import Plugins
+    from compat.declare.adapters import add_adapters
+    from compat.declare.expected import load_expectations
+    from compat.declare.families import add_families
+    from compat.declare.matrix import load_matrix
+    from compat.declare.plugins import Plugins
 
     matrix_path = _path(config, "--compat-matrix", "compat_matrix")
     try:
@@ -142,14 +142,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cell: a matrix cell (launches rank processes)")
     session = _session(config)  # bad files and plugin names stop the run here, as usage errors
     if session.plugins.named():
-        from compat.plugins import PluginError, check
+        from compat.declare.plugins import PluginError, check
 
         try:
             check(session.plugins, session.backend)
         except PluginError as exc:
             raise pytest.UsageError(f"megatron-lora-compat: {exc}") from None
     if any(cell.serve for cell in session.cells):  # a cell no engine can serve here is bad input
-        from compat.envs import GateError
+        from compat.declare.pin_sets import GateError
         from compat.serving import check_servable
 
         try:
@@ -159,7 +159,7 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"megatron-lora-compat: {exc}") from None
     path = config.getoption("--compat-results")
     if path:
-        from compat.pytest_results import ResultsCollector
+        from compat.commands.pytest_results import ResultsCollector
 
         config.pluginmanager.register(ResultsCollector(config, Path(path), _session), "compat-results-collector")
 
@@ -167,7 +167,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "compat_cell" not in metafunc.fixturenames:
         return
-    from compat.versions import installed_versions
+    from compat.declare.versions import installed_versions
 
     session = _session(metafunc.config)
     versions = installed_versions()
@@ -232,9 +232,9 @@ class CompatRunner:
         loader: str | Callable[..., None] | None = None,
         timeout: float | None = None,
     ) -> CompatResult:
-        from compat.launch import DEFAULT_TIMEOUT, run_cell
-        from compat.plugins import PluginError, Plugins, check, plugin_name
-        from compat.versions import installed_versions
+        from compat.declare.plugins import PluginError, Plugins, check, plugin_name
+        from compat.declare.versions import installed_versions
+        from compat.launch.launcher import DEFAULT_TIMEOUT, run_cell
 
         s = self.session
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from compat.fuzz import PROFILES, register_profiles
+from compat.commands.fuzz import PROFILES, register_profiles
 
 register_profiles()  # before Hypothesis's plugin loads --hypothesis-profile (ci, nightly)
 

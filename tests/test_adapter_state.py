@@ -6,7 +6,7 @@ import pytest
 import torch
 from megatron.core import parallel_state as ps
 
-from compat.adapter_state import fill
+from compat.rank.adapter_state import fill
 
 
 class _Grouped(torch.nn.Module):

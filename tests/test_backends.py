@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from compat import backends
+from compat.rank import backends
 
 
 def test_auto_is_cuda_where_a_gpu_is_visible(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -109,7 +109,7 @@ def test_bridge_too_old_for_save_hf_adapter_exits_2(tmp_path):
 
 
 def test_check_stack_in_process(monkeypatch):
-    from compat import versions
+    from compat.declare import versions
 
     real = versions.installed_versions()
     monkeypatch.setattr(versions, "installed_versions", lambda: {**real, "torch": None, "peft": None})

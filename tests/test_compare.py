@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from compat.compare import TOLERANCES, Tolerance, compare, effect_problem
+from compat.checks.compare import TOLERANCES, Tolerance, compare, effect_problem
 
 
 def test_identical_tensors_match():
@@ -71,7 +71,7 @@ def test_noise_bounds_keep_the_toy_table_and_grow_with_size():
     """At the toy's size the table governs; at 28 layers x 151936 logits the modelled drift does."""
     import torch
 
-    from compat.compare import TOLERANCES, adapter_tolerance, base_tolerance, forward_noise
+    from compat.checks.compare import TOLERANCES, adapter_tolerance, base_tolerance, forward_noise
 
     g = torch.Generator().manual_seed(0)
     toy, big = torch.randn(2, 16, 256, generator=g) * 0.16, torch.randn(2, 16, 151936, generator=g) * 0.9

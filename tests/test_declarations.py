@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from compat.adapters import adapters
-from compat.cells import Cell
-from compat.expected import Expected, ExpectedError, load_expectations
-from compat.families import FamilyError, _parse, families
-from compat.layouts import Layout
-from compat.matrix import MatrixError, load_matrix, parse_matrix
-from compat.problems import Problem
+from compat.checks.problems import Problem
+from compat.declare.adapters import adapters
+from compat.declare.cells import Cell
+from compat.declare.expected import Expected, ExpectedError, load_expectations
+from compat.declare.families import FamilyError, _parse, families
+from compat.declare.layouts import Layout
+from compat.declare.matrix import MatrixError, load_matrix, parse_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def test_cells_round_trip_through_tasks():
     ],
 )
 def test_impossible_cells_are_refused_with_the_reason(args, message):
-    from compat.cells import CellError
+    from compat.declare.cells import CellError
 
     with pytest.raises((CellError, ValueError), match=message):
         Cell.make(*args)
@@ -169,8 +169,8 @@ def test_a_list_of_patterns_must_each_be_seen(tmp_path: Path) -> None:
 def test_a_family_the_installed_transformers_lacks_is_unsupported(tmp_path: Path) -> None:
     # Gemma 4 and HY-V3 under transformers 5.3.0 (the bridge-0.4.2 pins): the cell says why, as for
     # an architecture the bridge does not register, rather than erroring in AutoConfig.
-    from compat.families import Family, build_tiny_model
-    from compat.findings import Unsupported
+    from compat.checks.findings import Unsupported
+    from compat.declare.families import Family, build_tiny_model
 
     family = Family("future", "no_such_model_type", "FutureForCausalLM", "", dict(families()["llama"].config))
     with pytest.raises(Unsupported, match=r"transformers \S+ has no model type 'no_such_model_type'"):

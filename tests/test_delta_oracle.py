@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from compat.delta_oracle import DELTA_RTOL, check_deltas, hf_deltas
+from compat.rank.delta_oracle import DELTA_RTOL, check_deltas, hf_deltas
 
 Q = "model.layers.1.self_attn.q_proj"
 OPROJ = "model.layers.1.self_attn.o_proj"

@@ -41,15 +41,15 @@ def plant(monkeypatch: pytest.MonkeyPatch, fault: str | None) -> None:
 
 def cell_of(fault: Fault, dtype: str = "fp32", adapter: str = "lora"):
     """The fault's cell: ``layout`` is the save layout, or ``save:load`` for a resharding cell."""
-    from compat.cells import Cell
-    from compat.layouts import Layout
+    from compat.declare.cells import Cell
+    from compat.declare.layouts import Layout
 
     save, _, load = fault.layout.partition(":")
     return Cell.make(fault.family, Layout.parse(save), Layout.parse(load) if load else None, adapter, dtype)
 
 
 def run(fault: Fault, backend: str, workdir: Path, dtype: str = "fp32", **kwargs):
-    from compat.launch import DEFAULT_TIMEOUT, run_cell
+    from compat.launch.launcher import DEFAULT_TIMEOUT, run_cell
 
     return run_cell(cell_of(fault, dtype), backend, timeout=fault.timeout or DEFAULT_TIMEOUT, workdir=workdir, **kwargs)
 
@@ -86,9 +86,9 @@ def test_an_expected_failure_with_a_second_fault_is_unmet(dtype, monkeypatch, tm
     problem riding along in the joined reason; and every check after the file checks never ran)."""
     from faults.catalogue import by_name
 
-    from compat.expected import load_expectations
-    from compat.launch import run_cell
-    from compat.versions import installed_versions
+    from compat.declare.expected import load_expectations
+    from compat.declare.versions import installed_versions
+    from compat.launch.launcher import run_cell
 
     plant(monkeypatch, "lora_alpha_wrong")
     cell = cell_of(by_name("lora_alpha_wrong"), dtype, adapter="dora")
@@ -107,9 +107,9 @@ def test_an_expected_failure_for_another_reason_is_not_met(monkeypatch, tmp_path
     still fails, for another reason, and must not count as met (before ``match``: "1 met")."""
     from faults.catalogue import by_name
 
-    from compat.expected import load_expectations
-    from compat.launch import run_cell
-    from compat.versions import installed_versions
+    from compat.declare.expected import load_expectations
+    from compat.declare.versions import installed_versions
+    from compat.launch.launcher import run_cell
 
     plant(monkeypatch, "keys_unprefixed")
     cell = cell_of(by_name("keys_unprefixed"), adapter="dora")

@@ -11,8 +11,8 @@ import pytest
 from faults.catalogue import by_name
 from test_faults import plant, unmatched
 
-from compat.families import get_family
-from compat.fuzz import CORE, PROFILES, Search
+from compat.commands.fuzz import CORE, PROFILES, Search
+from compat.declare.families import get_family
 
 pytestmark = pytest.mark.cell
 

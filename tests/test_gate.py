@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from compat.gate import GateError, check_complete, compare, load_pins
+from compat.commands.gate import GateError, check_complete, compare, load_pins
 
 PINS = Path(__file__).resolve().parent.parent / "matrix" / "pins"
 
@@ -70,7 +70,7 @@ def _gate_with(monkeypatch, tmp_path: Path, results: dict, accepted: dict | None
     import subprocess
     import sys
 
-    from compat import gate
+    from compat.commands import gate
 
     repo = tmp_path / "repo"
     (repo / "matrix" / "pins" / "accepted").mkdir(parents=True, exist_ok=True)
@@ -159,7 +159,7 @@ def test_accept_keeps_problems_and_refuses_a_narrowed_run(monkeypatch, tmp_path)
 
 
 def test_measured_values_do_not_make_a_problem_new() -> None:
-    from compat.problems import problem_key
+    from compat.checks.problems import problem_key
 
     a = {"check": "logits", "message": "mismatched elements: 8190 / 8192 (100.0%); greatest 6.970e-01 at token 197"}
     b = {"check": "logits", "message": "mismatched elements: 8191 / 8192 (99.9%); greatest 6.971e-01 at token 197"}

@@ -21,25 +21,20 @@ ROOT = Path(__file__).resolve().parents[1] / "compat"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = tuple(
     (name, tuple(members.split()))
     for name, members in (
-        ("checks", "problems findings upstream compare peft_files"),
-        ("declare", "data versions declarations specs families layouts shapes adapters cells matrix expected plugins"),
-        (
-            "rank",
-            "paths liveness backends workarounds bridge_api registry collective adapter_state provider_spec "
-            "model_build activations checkpoint export delta_oracle plugin_calls envs serving peft_compare "
-            "roundtrip worker preload plugin_import",
-        ),
-        ("results", "skips results verdict"),
-        ("launch", "gpus forkserver pool launch external run_config"),
-        ("report", "grid terminal report results_diff heatmap html_report side_by_side status"),
-        ("commands", "__main__ cli gate_compare gate bench fuzz pytest_results pytest_plugin"),
+        ("checks", "checks"),
+        ("declare", "data declare"),
+        ("rank", "rank serving"),
+        ("results", "results"),
+        ("launch", "launch"),
+        ("report", "report"),
+        ("commands", "__main__ cli pytest_plugin commands"),
     )
 )
 # The package itself (``compat/__init__.py``: the public names, loaded lazily) sits on top.
 ROOT_LAYER = len(LAYERS) - 1
 
 # What loading the pytest plugin may import of compat (packages above them aside): stdlib-only modules.
-PLUGIN_LOADS = {"compat.pytest_plugin", "compat.forkserver", "compat.liveness"}
+PLUGIN_LOADS = {"compat.pytest_plugin", "compat.launch.forkserver", "compat.rank.liveness"}
 
 
 def modules(root: Path = ROOT) -> dict[str, Path]:
@@ -150,16 +145,20 @@ def test_imports_run_downward() -> None:
 
 def test_the_checks_catch_a_cycle_and_an_upward_import() -> None:
     """The planted faults of this check: a two-module cycle, and a declaration importing a rank module."""
-    graph = {"compat.cells": {"compat.worker"}, "compat.worker": {"compat.cells"}, "compat.findings": set()}
-    assert cycles(graph) == [["compat.cells", "compat.worker", "compat.cells"]]
-    assert upward(graph) == [f"compat.cells ({LAYERS[1][0]}) -> compat.worker ({LAYERS[2][0]})"]
-    assert upward({"compat.worker": {"compat.cells"}}) == []
+    graph = {
+        "compat.declare.cells": {"compat.rank.worker"},
+        "compat.rank.worker": {"compat.declare.cells"},
+        "compat.checks.findings": set(),
+    }
+    assert cycles(graph) == [["compat.declare.cells", "compat.rank.worker", "compat.declare.cells"]]
+    assert upward(graph) == [f"compat.declare.cells ({LAYERS[1][0]}) -> compat.rank.worker ({LAYERS[2][0]})"]
+    assert upward({"compat.rank.worker": {"compat.declare.cells"}}) == []
 
 
 def test_an_unplaced_module_is_named(tmp_path: Path) -> None:
     (tmp_path / "compat").mkdir()
     (tmp_path / "compat" / "__init__.py").write_text("")
-    (tmp_path / "compat" / "brand_new.py").write_text("import compat.cells\n")
+    (tmp_path / "compat" / "brand_new.py").write_text("import compat.declare.cells\n")
     assert [m for m in modules(tmp_path / "compat") if layer_of(m) is None] == ["compat.brand_new"]
 
 

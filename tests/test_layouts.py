@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from compat.families import get_family
-from compat.layouts import Layout, LayoutError, check_fits
+from compat.declare.families import get_family
+from compat.declare.layouts import Layout, LayoutError, check_fits
 
 sizes = st.integers(min_value=1, max_value=8)
 
@@ -35,8 +35,8 @@ def test_cli_and_id_forms_round_trip(layout):
 
 @given(layouts())
 def test_ids_agree_with_the_reports_slug(layout):
-    """Reports recompute ids from results.json's layout tables (compat.grid): both must name a layout alike."""
-    from compat.grid import layout_slug
+    """Reports recompute ids from results.json's layout tables (report.vocabulary): both must name a layout alike."""
+    from compat.report.vocabulary import layout_slug
 
     assert layout_slug(layout.as_dict()) == layout.slug
 

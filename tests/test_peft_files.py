@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compat.peft_files import check_loaded_by_peft
+from compat.checks.peft_files import check_loaded_by_peft
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -98,8 +98,8 @@ def _rewrite(path: Path, edit) -> None:
 
 
 def test_a_sound_export_has_no_problems(tmp_path):
-    from compat.adapters import get_adapter
-    from compat.peft_files import check_adapter_dir
+    from compat.checks.peft_files import check_adapter_dir
+    from compat.declare.adapters import get_adapter
 
     path, hf = _attn_adapter(tmp_path)
     assert check_adapter_dir(path, get_adapter("attn"), hf) == []
@@ -109,8 +109,8 @@ def test_without_target_modules_the_tensors_are_still_checked(tmp_path):
     """Before: a config without target_modules returned early, skipping every tensor, shape and coverage check."""
     import json
 
-    from compat.adapters import get_adapter
-    from compat.peft_files import check_adapter_dir
+    from compat.checks.peft_files import check_adapter_dir
+    from compat.declare.adapters import get_adapter
 
     path, hf = _attn_adapter(tmp_path)
     config = json.loads((path / "adapter_config.json").read_text())
@@ -125,8 +125,8 @@ def test_without_target_modules_the_tensors_are_still_checked(tmp_path):
 
 
 def test_unprefixed_keys_are_one_problem_not_one_per_tensor(tmp_path):
-    from compat.adapters import get_adapter
-    from compat.peft_files import check_adapter_dir
+    from compat.checks.peft_files import check_adapter_dir
+    from compat.declare.adapters import get_adapter
 
     path, hf = _attn_adapter(tmp_path)
     _rewrite(path, lambda t: {k.removeprefix("base_model.model."): v for k, v in t.items()})

@@ -25,7 +25,7 @@ TEST = "def test_cell(compat_cell, compat_run):\n    compat_run(compat_cell).ass
 EXPORTER = """
 from safetensors.torch import load_file, save_file
 
-from compat.export import default_exporter
+from compat.rank.export import default_exporter
 
 
 def drops_one_lora_b(bridge, model, peft, path, base):
@@ -172,11 +172,11 @@ def test_an_exporter_passed_as_a_function_runs_by_its_name(repo, monkeypatch):
 
 def test_a_pass_expected_unsupported_does_not_pass_assert_met():
     """Before: ``assert_met`` returned on any pass, though the CLI counts this cell unmet."""
-    from compat.cells import Cell
-    from compat.expected import Expected
-    from compat.layouts import Layout
+    from compat.declare.cells import Cell
+    from compat.declare.expected import Expected
+    from compat.declare.layouts import Layout
     from compat.pytest_plugin import CellDidNotPass, CompatResult
-    from compat.results import CellResult
+    from compat.results.record import CellResult
 
     cell = Cell.make("minimax_m2", Layout.parse("tp1"), None, "lora", "fp32")
     result = CellResult.of(cell, "pass", "", 1.0, Expected("unsupported", "needs transformer_engine", ("needs",)))

@@ -13,9 +13,9 @@ import pytest
 from faults.catalogue import by_name
 from test_faults import plant
 
-from compat.cells import Cell
-from compat.layouts import Layout
-from compat.plugins import Plugins
+from compat.declare.cells import Cell
+from compat.declare.layouts import Layout
+from compat.declare.plugins import Plugins
 
 pytestmark = pytest.mark.cell
 
@@ -23,7 +23,7 @@ OWN = Plugins(saver="faults.own_layout:save", loader="faults.own_layout:load", e
 
 
 def run(backend: str, workdir, plugins: Plugins = OWN, dtype: str = "fp32", keep: bool = False):
-    from compat.launch import run_cell
+    from compat.launch.launcher import run_cell
 
     return run_cell(Cell.make("llama", Layout(), dtype=dtype), backend, workdir=workdir, plugins=plugins, keep=keep)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from compat.cells import Cell
-from compat.expected import Expected
-from compat.export import MEGATRON_MERGED, MERGED_EXPORT, PEFT_MERGED
-from compat.launch import run_cell
-from compat.layouts import Layout
-from compat.pool import Pool
+from compat.declare.cells import Cell
+from compat.declare.expected import Expected
+from compat.declare.layouts import Layout
+from compat.launch.launcher import run_cell
+from compat.launch.pool import Pool
+from compat.rank.export import MEGATRON_MERGED, MERGED_EXPORT, PEFT_MERGED
 
 pytestmark = pytest.mark.cell
 

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 
 from compat.cli import main
-from compat.grid import family_grid, grid_from_results, grid_report, layout_slug
-from compat.heatmap import heatmap
-from compat.html_report import html_report
-from compat.results_diff import diff, diff_markdown
-from compat.side_by_side import side_by_side
+from compat.report.diff import diff, diff_markdown
+from compat.report.heatmap import heatmap
+from compat.report.html import html_report
+from compat.report.side_by_side import side_by_side
+from compat.report.vocabulary import family_grid, grid_from_results, grid_report, layout_slug
 
 FULL = Path(__file__).resolve().parent.parent / "matrix/results/cpu-x86_64-2cores-full-2026-11-26.json"
 ONE = {"tp": 1, "pp": 1, "ep": 1, "etp": 1, "vpp": 1}
@@ -260,7 +260,7 @@ SKIPS = {
 
 def test_a_pass_with_skipped_checks_is_shown_as_such_everywhere() -> None:
     """Before (1ce6479): ``metrics.skipped_checks`` and skipped merged forms were recorded and shown nowhere."""
-    from compat.report import markdown
+    from compat.report.markdown import markdown
 
     skipping = _cell("llama", metrics=SKIPS)
     data = {"cells": [skipping, _cell("qwen3")], "versions": {}}
@@ -276,8 +276,8 @@ def test_a_pass_with_skipped_checks_is_shown_as_such_everywhere() -> None:
 
 
 def test_the_terminal_row_names_the_skipped_checks() -> None:
-    from compat.results import CellResult
-    from compat.terminal import row, summary
+    from compat.report.terminal import row, summary
+    from compat.results.record import CellResult
 
     keys = CellResult.__dataclass_fields__
     r = CellResult(**{k: v for k, v in _cell("llama", metrics=SKIPS, spec="local").items() if k in keys})

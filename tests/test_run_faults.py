@@ -75,18 +75,20 @@ def _signal_state(pid: int) -> str:
 
 def idle_ranks() -> set[int]:
     """Pids of the rank processes waiting warm in this process's pool, and their children."""
-    from compat.pool import pool
+    from compat.launch.pool import pool
 
     ranks = {p.pid for g in pool()._idle for p in g.procs}
     return ranks | {pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _parent(pid) in ranks}
 
 
 def ranks_with(token: str) -> list[int]:
-    """Rank processes: started cold (``compat.worker``) or forked by the fork server (its children)."""
+    """Rank processes: started cold (``compat.rank.worker``) or forked by the fork server (its children)."""
     pids = []
     for pid in processes_with(token):
         cmd = _cmdline(pid)
-        if b"compat.worker" in cmd or (b"compat.forkserver" in cmd and b"compat.forkserver" in _cmdline(_parent(pid))):
+        if b"compat.rank.worker" in cmd or (
+            b"compat.launch.forkserver" in cmd and b"compat.launch.forkserver" in _cmdline(_parent(pid))
+        ):
             pids.append(pid)
     return pids
 
@@ -102,9 +104,9 @@ def test_rank_that_raises_is_an_error_and_other_cells_still_run(monkeypatch, tmp
     """Rank 1 of llama.tp2 raises; llama.tp1 runs at the same time (it has no rank 1) and passes."""
     fault = by_name("rank1_raises")
     plant(monkeypatch, fault.name)
-    from compat.cells import Cell
-    from compat.launch import run_cell
-    from compat.layouts import Layout
+    from compat.declare.cells import Cell
+    from compat.declare.layouts import Layout
+    from compat.launch.launcher import run_cell
 
     results = {}
 
@@ -130,7 +132,7 @@ def test_rank_that_raises_is_an_error_and_other_cells_still_run(monkeypatch, tmp
         assert (root / "checkpoint").is_dir()
     # The broken cell's ranks are gone; the clean one's wait warm, and go with the pool.
     assert set(processes_with(token)) <= idle_ranks()
-    from compat.pool import pool
+    from compat.launch.pool import pool
 
     pool().shutdown()
     assert not processes_with(token)
@@ -164,8 +166,8 @@ def test_a_regression_that_looks_like_a_missing_component_is_an_error(name, monk
     """Before: a module missing inside megatron-bridge read "unsupported: needs the package ..."
     (model_build.py:62-64), and any TypeError of a spec builder "needs transformer_engine"
     (local_spec.py:47), met for a family expected unsupported (minimax_m2)."""
-    from compat.expected import load_expectations
-    from compat.versions import installed_versions
+    from compat.declare.expected import load_expectations
+    from compat.declare.versions import installed_versions
 
     fault = by_name(name)
     plant(monkeypatch, fault.name)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from compat.cells import Cell, CellError
-from compat.expected import Expected, ExpectedError, _parse_entry
-from compat.gate import GateError
-from compat.layouts import Layout
-from compat.problems import Problem
+from compat.checks.problems import Problem
+from compat.commands.gate import GateError
+from compat.declare.cells import Cell, CellError
+from compat.declare.expected import Expected, ExpectedError, _parse_entry
+from compat.declare.layouts import Layout
 from compat.serving import _compare, fold
 from compat.serving.engines import engine_pins, load_engine_pins
 
@@ -153,7 +153,7 @@ def test_doubled_alpha_is_caught_by_the_serving_check(monkeypatch, tmp_path, com
     adapter by 4 instead of 2, so its log-probs are not Megatron's."""
     from test_faults import plant
 
-    from compat.launch import run_cell
+    from compat.launch.launcher import run_cell
 
     if compat_backend != "cpu":
         pytest.skip("the CPU engine's pins; the GPU's are matrix/serving/vllm-cuda.toml")

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compat import shapes
-from compat.families import get_family
-from compat.layouts import check_fits
+from compat.declare import shapes
+from compat.declare.families import get_family
+from compat.declare.layouts import check_fits
 
 SPACES, ORDER = shapes.load_spaces()
 
@@ -76,7 +76,7 @@ def test_drawn_cells_can_exist(data, drawn_families):
 def test_snippet_declares_the_drawn_family(tmp_path):
     import tomllib
 
-    from compat.families import _parse
+    from compat.declare.families import _parse
 
     text = shapes.family_snippet(
         get_family("qwen3_moe"), "qwen3_moe-e6-k3", {"num_experts": 6, "num_experts_per_tok": 3}

@@ -15,17 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from compat import status
-from compat.cells import Cell
-from compat.expected import Expected
-from compat.gate_compare import _verdict
-from compat.grid import grid_report
-from compat.html_report import html_report
-from compat.report import markdown
-from compat.results import CellResult
-from compat.results_diff import diff, diff_markdown
-from compat.terminal import RunView, duration
-from compat.upstream import HARNESS_ROOT, relative_paths
+from compat.checks.upstream import HARNESS_ROOT, relative_paths
+from compat.commands.gate_compare import _verdict
+from compat.declare.cells import Cell
+from compat.declare.expected import Expected
+from compat.report import families_view as status
+from compat.report.diff import diff, diff_markdown
+from compat.report.html import html_report
+from compat.report.markdown import markdown
+from compat.report.terminal import RunView, duration
+from compat.report.vocabulary import grid_report
+from compat.results.record import CellResult
 
 FULL = HARNESS_ROOT / "matrix/results/cpu-x86_64-2cores-full-2026-11-26.json"
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from compat.verdict import RankOutcome, verdict
+from compat.results.verdict import RankOutcome, verdict
 
 
 def _rank(rank: int, status: str, at: float, reason: str) -> RankOutcome:

@@ -13,8 +13,8 @@ import types
 
 import pytest
 
-from compat import forkserver
-from compat.gpus import Devices, NoGPUs
+from compat.launch import forkserver
+from compat.launch.gpus import Devices, NoGPUs
 
 
 def test_a_fork_server_that_does_not_answer_is_given_up_on():
@@ -48,7 +48,7 @@ def test_more_gpus_than_the_machine_has_are_refused_at_once():
 def test_a_server_that_ran_start_up_code_refuses_another_compat_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     # sitecustomize read the server's environment when it started; a child with another COMPAT_FAULT
     # would silently run without the fault a fresh interpreter would have planted.
-    from compat.forkserver import refusal
+    from compat.launch.forkserver import refusal
 
     base = {"PATH": "/bin", "COMPAT_RANKS": "warm"}
     monkeypatch.delitem(sys.modules, "sitecustomize", raising=False)

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compat.cells import Cell
-from compat.paths import CellPaths
-from compat.problems import Problem
+from compat.checks.problems import Problem
+from compat.declare.cells import Cell
+from compat.rank.paths import CellPaths
 from compat.serving.engines import ENGINES, EnginePins, engine_pins, ensure_engine_env
 
 __all__ = ["ENGINES", "check", "check_servable", "fold", "problems", "write_inputs"]
@@ -39,7 +39,7 @@ def serve_dir(root: Path) -> Path:
 def check_servable(cell: Cell, backend: str) -> None:
     """Bad input before anything starts: an engine with no pins for this device, a dtype it does not
     serve well enough to check, a head_dim its attention refuses, MoE LoRA where it has no kernels."""
-    from compat.families import get_family
+    from compat.declare.families import get_family
 
     family = get_family(cell.family)
     for engine in cell.serve:
@@ -61,9 +61,9 @@ def write_inputs(cell: Cell, paths: CellPaths) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from compat.activations import input_ids, load_megatron
-    from compat.families import get_family
-    from compat.paths import write_json_atomic
+    from compat.declare.families import get_family
+    from compat.rank.activations import input_ids, load_megatron
+    from compat.rank.paths import write_json_atomic
 
     out = serve_dir(paths.root)
     out.mkdir(exist_ok=True)
@@ -130,7 +130,7 @@ def _run_engine(engine: str, python: Path, where: Path, timeout: float) -> dict[
 def _compare(engine: str, cell: Cell, pins: EnginePins, where: Path, record: dict[str, Any]) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    from compat.compare import compare, effect_problem
+    from compat.checks.compare import compare, effect_problem
 
     tol = pins.tolerance(cell.dtype)
     megatron, served = load_file(str(where / "inputs.safetensors")), load_file(str(where / f"{engine}.safetensors"))
@@ -160,7 +160,7 @@ def _compare(engine: str, cell: Cell, pins: EnginePins, where: Path, record: dic
 
 def _groups_not_applied(engine: str, record: dict[str, Any], served: dict[str, Any], tol: Any) -> list[str]:
     """Where a mismatch is located: module groups the engine loads (non-zero B) but does not apply."""
-    from compat.compare import compare
+    from compat.checks.compare import compare
 
     out = []
     for group, info in record.get("groups", {}).items():

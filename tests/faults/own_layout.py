@@ -22,7 +22,7 @@ def _dist(path: Path) -> Path:
 def save(bridge: Any, model: list, peft: Any, path: Path) -> Path:
     import torch.distributed as dist
 
-    from compat.checkpoint import default_saver
+    from compat.rank.checkpoint import default_saver
 
     with tempfile.NamedTemporaryFile(prefix="own_layout_", suffix=".lock", delete=False):
         pass
@@ -34,13 +34,13 @@ def save(bridge: Any, model: list, peft: Any, path: Path) -> Path:
 
 
 def load(bridge: Any, model: list, peft: Any, path: Path) -> None:
-    from compat.checkpoint import default_loader
+    from compat.rank.checkpoint import default_loader
 
     default_loader(bridge, model, peft, _dist(path))
 
 
 def export(bridge: Any, model: list, peft: Any, path: Path, base: Path) -> Path:
-    from compat.export import default_exporter
+    from compat.rank.export import default_exporter
 
     where = Path(path) / "model" / "huggingface" / "adapter"
     default_exporter(bridge, model, peft, where, base)

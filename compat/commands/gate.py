@@ -1,0 +1,195 @@
+"""``python -m compat gate``: run the CI matrix (or another) on a pinned set of releases, in an isolated
+environment, and compare with the expected outcomes and with the last accepted results.
+
+A pin set is data, ``matrix/pins/NAME.toml``:
+
+```toml
+about = "megatron-bridge 0.5.1 with the megatron-core and transformers of its release"
+[packages]                    # exact versions; torch is never pinned here (shared)
+megatron-bridge = "0.5.1"
+megatron-core = "0.18.2"
+transformers = "5.8.1"
+peft = "0.19.1"
+tokenizers = "0.22.2"         # and whatever else the release needs (pulp, ...)
+```
+
+The environment lives in ``.gate/NAME/venv`` and is reused while the pins file is unchanged
+(keyed by a hash of its bytes and of the interpreter). It sees the calling environment's packages
+at lower priority (a ``.pth`` file naming this interpreter's site-packages), and only the pinned
+packages are installed into it, ``--no-deps``, so they shadow the shared ones (torch is never
+installed per set). The harness is made importable through ``PYTHONPATH`` (repo root first, then
+the caller's own ``PYTHONPATH``); every other variable of the caller's environment is passed on.
+
+Then ``<gate python> -m compat run --matrix ... --output .gate/NAME/results.json`` runs there
+(workers start with ``sys.executable``, so they use the gate interpreter too).
+
+Exit 0: everything vouched for. 1: what the gate cannot vouch for: a cell unmet (its status or its
+problems are not the expected ones), and, unless ``--accept`` records them, a regression (a cell
+expected to pass, or that passed in the accepted results ``matrix/pins/accepted/NAME.json``, does
+not pass now), another status change, other problems than accepted, or an accepted cell that did
+not run (unless ``-k`` narrowed the run; ``-k`` with ``--accept`` is refused). 2: bad input, or the
+environment could not be built (the message says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compat.checks.upstream import HARNESS_ROOT
+from compat.commands.gate_compare import check_complete, compare, failing, markdown
+from compat.declare.pin_sets import GateError, build_env, read_pins_file, shared_paths
+from compat.results.skips import skipped_checks
+
+__all__ = [
+    "GateError",
+    "PinSet",
+    "add_parser",
+    "build_env",
+    "check_complete",
+    "compare",
+    "failing",
+    "load_pins",
+    "main",
+]
+
+EXIT_OK, EXIT_REGRESSION, EXIT_BAD = 0, 1, 2
+REPO = HARNESS_ROOT
+REQUIRED = ("megatron-bridge", "megatron-core", "transformers", "peft")
+SHARED = ("torch",)  # never installed per set
+
+
+@dataclass(frozen=True)
+class PinSet:
+    name: str
+    path: Path
+    packages: dict[str, str]
+    about: str
+    digest: str
+
+
+def load_pins(path: Path) -> PinSet:
+    from packaging.version import InvalidVersion, Version
+
+    raw, data = read_pins_file(path, "pins file")
+    unknown = set(data) - {"about", "packages"}
+    if unknown:
+        raise GateError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: about, [packages]")
+    packages = data.get("packages")
+    if not isinstance(packages, dict) or not packages:
+        raise GateError(f'{path}: needs a [packages] table of name = "exact version"')
+    missing = [p for p in REQUIRED if p not in packages]
+    if missing:
+        raise GateError(f"{path}: [packages] must pin {', '.join(missing)} (required: {', '.join(REQUIRED)})")
+    for name, version in packages.items():
+        if name in SHARED:
+            raise GateError(f"{path}: {name} is shared with the calling environment and is not pinned per set")
+        if not isinstance(version, str):
+            raise GateError(f"{path}: {name} = {version!r}: give the exact version as a string")
+        try:
+            Version(version)
+        except InvalidVersion:
+            raise GateError(f'{path}: {name} = {version!r} is not an exact version (e.g. "0.5.1")') from None
+    key = hashlib.sha256(raw + sys.version.encode() + "\n".join(shared_paths()).encode()).hexdigest()[:16]
+    return PinSet(path.stem, path, dict(packages), str(data.get("about", "")), key)
+
+
+def ensure_env(pins: PinSet, root: Path) -> tuple[Path, bool, float]:
+    """(gate python, whether it was reused, seconds spent); raises GateError when it can't be built."""
+    reqs = [f"{name}=={version}" for name, version in pins.packages.items()]
+    steps = [["--no-deps", "--ignore-installed", *reqs]]
+    return build_env(pins.name, pins.digest, root / pins.name / "venv", steps, pins.packages, shared=True)
+
+
+def add_parser(sub: Any) -> None:
+    g = sub.add_parser("gate", help="run a matrix on a pinned release set in its own environment and compare")
+    g.add_argument("--pins", type=Path, required=True, help="pin set, matrix/pins/NAME.toml")
+    g.add_argument("--matrix", type=Path, default=REPO / "matrix" / "ci.toml", help="default: matrix/ci.toml")
+    g.add_argument("--expected", type=Path, help="expected outcomes (default: matrix/expected.toml)")
+    g.add_argument("--summary", type=Path, help="also write the comparison as Markdown (CI job summaries)")
+    g.add_argument("--accept", action="store_true", help="record these results as accepted for the set")
+    g.add_argument("--gate-dir", type=Path, default=REPO / ".gate", help="where environments live (.gate/)")
+    g.add_argument("--timeout", type=float, help="seconds per cell launch (passed to compat run)")
+    g.add_argument("--jobs", type=int, help="cells run at once (passed to compat run)")
+    g.add_argument(
+        "-k", dest="select", help="run only cells whose id contains this text (passed to compat run; not with --accept)"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        return _gate(args)
+    except GateError as exc:
+        print(f"gate: error: {exc}", file=sys.stderr)
+        return EXIT_BAD
+
+
+def _gate(args: argparse.Namespace) -> int:
+    pins = load_pins(args.pins)
+    if args.select and args.accept:
+        raise GateError("--accept with -k would shrink the accepted results to the selected cells: accept a full run")
+    if not args.matrix.is_file():
+        raise GateError(f"matrix {args.matrix} does not exist")
+    expected = args.expected or REPO / "matrix" / "expected.toml"
+    if not expected.is_file():
+        raise GateError(f"expected-outcomes file {expected} does not exist")
+    accepted_path = REPO / "matrix" / "pins" / "accepted" / f"{pins.name}.json"
+    accepted = json.loads(accepted_path.read_text()) if accepted_path.is_file() else None
+
+    python, reused, build_s = ensure_env(pins, args.gate_dir)
+    print(f"gate: environment {'reused' if reused else 'built'} in {build_s:.1f} s: {python}", flush=True)
+
+    out = (args.gate_dir / pins.name / "results.json").resolve()
+    out.unlink(missing_ok=True)
+    env = dict(os.environ)  # the caller's environment, PYTHONPATH included, goes through
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env["VIRTUAL_ENV"] = str(python.parent.parent)
+    env["PATH"] = os.pathsep.join((str(python.parent), env.get("PATH", "")))
+    cmd = [str(python), "-m", "compat", "run", "--matrix", str(args.matrix.resolve())]
+    cmd += ["--expected", str(expected.resolve())]
+    cmd += ["--output", str(out)] + (["--timeout", str(args.timeout)] if args.timeout else [])
+    cmd += ["-k", args.select] if args.select else []
+    cmd += ["--jobs", str(args.jobs)] if args.jobs else []
+    start = time.monotonic()
+    rc = subprocess.run(cmd, env=env, cwd=REPO).returncode
+    run_s = time.monotonic() - start
+    if rc == EXIT_BAD or not out.is_file():
+        raise GateError(f"`compat run` in the gate environment exited {rc} without results ({' '.join(cmd)})")
+    results = json.loads(out.read_text())
+    check_complete(results, f"`compat run` exited {rc}; {out}")
+    want = {n: v for n, v in pins.packages.items() if n in results.get("versions", {})}
+    off = {n: results["versions"][n] for n, v in want.items() if results["versions"][n] != v}
+    if off:
+        raise GateError(f"the run saw other versions than pinned: {off} (pins {want})")
+
+    diff = compare(results, accepted)
+    fails = failing(diff, args.accept, bool(args.select))
+    timing = (
+        f"Environment {'reused' if reused else 'built'} in {build_s:.1f} s; matrix ran in {run_s:.1f} s "
+        f"({len(results.get('cells', []))} cells, {args.matrix.name})."
+    )
+    text = markdown(pins, results, accepted, diff, timing, fails)
+    print()
+    print(text)
+    if args.summary:
+        args.summary.write_text(text)
+    if args.accept:
+        accepted_path.parent.mkdir(parents=True, exist_ok=True)
+        keep = ("id", "status", "expected", "met", "max_abs_diff", "adapter_effect", "problems")
+        record = {
+            "pins": pins.packages,
+            "versions": results.get("versions"),
+            "device": results.get("device"),
+            "cells": [{**{k: c.get(k) for k in keep}, "skipped": skipped_checks(c)} for c in results.get("cells", [])],
+        }
+        accepted_path.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"gate: accepted results written to {accepted_path.relative_to(REPO)}")
+    return EXIT_REGRESSION if fails else EXIT_OK

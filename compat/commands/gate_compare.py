@@ -1,0 +1,142 @@
+"""The gate's verdict: a run's results against the accepted ones and the expectations, and its Markdown.
+
+What the gate cannot vouch for fails it (``failing``); ``compat.commands.gate`` builds the environment and
+runs the matrix.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from compat.checks.problems import problem_key
+from compat.results.skips import skipped_checks
+
+if TYPE_CHECKING:
+    from compat.commands.gate import PinSet
+
+from compat.declare.pin_sets import GateError
+from compat.report.vocabulary import UNMET
+
+__all__ = ["GateError", "check_complete", "compare", "failing", "markdown"]
+
+
+def check_complete(results: dict[str, Any], where: str) -> None:
+    """A run that stopped before every cell ran (interrupted, killed) is no verdict: GateError."""
+    if results.get("complete") is not True:
+        raise GateError(f"the run stopped before every cell ran ({where} is not marked complete): no verdict")
+
+
+def compare(results: dict[str, Any], accepted: dict[str, Any] | None) -> dict[str, list[dict[str, Any]]]:
+    """Sort cells into regressions, fixes, new, changed (other status changes), unmet (by status or
+    problems, against the expectations), problems (other problems than accepted) and dropped."""
+    before = {c["id"]: c for c in (accepted or {}).get("cells", [])}
+    keys = ("regressions", "fixes", "new", "changed", "unmet", "problems", "dropped")
+    out: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
+    seen = set()
+    for c in results.get("cells", []):
+        seen.add(c["id"])
+        then = before.get(c["id"])
+        prev = then["status"] if then else None
+        row = {
+            "id": c["id"],
+            "status": c["status"],
+            "expected": c["expected"],
+            "accepted": prev,
+            "reason": c.get("reason") or "",
+            "unmet": c.get("unmet") or [],
+        }
+        if c["status"] != "pass" and (c["expected"] == "pass" or prev == "pass"):
+            out["regressions"].append(row)
+        elif c["status"] == "pass" and (c["expected"] != "pass" or (prev is not None and prev != "pass")):
+            out["fixes"].append(row)
+        elif prev is not None and prev != c["status"]:
+            out["changed"].append(row)
+        if not c.get("met", True):
+            out["unmet"].append(row)
+        if then is not None and prev == c["status"] and "problems" in then:
+            gone, new = _problem_change(then["problems"] or [], c.get("problems") or [])
+            if gone or new:
+                out["problems"].append({**row, "gone": gone, "new": new})
+        if accepted is not None and prev is None:
+            out["new"].append(row)
+    out["dropped"] = [{"id": i, "accepted": c["status"]} for i, c in before.items() if i not in seen]
+    return out
+
+
+def _problem_change(before: list[dict[str, Any]], now: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """(problems accepted but gone, problems not accepted), each as :func:`problem_key`."""
+    a, b = [problem_key(p) for p in before], [problem_key(p) for p in now]
+    return [k for k in a if k not in b], [k for k in b if k not in a]
+
+
+def failing(diff: dict[str, list[dict[str, Any]]], accept: bool, narrowed: bool) -> list[str]:
+    """What the gate cannot vouch for, by kind: unmet cells always; regressions, status changes,
+    changed problems and dropped cells unless they are being accepted (dropped: unless ``-k``)."""
+    kinds = ["unmet"] + ([] if accept else ["regressions", "changed", "problems"])
+    kinds += [] if accept or narrowed else ["dropped"]
+    return [k for k in kinds if diff[k]]
+
+
+def _verdict(row: dict[str, Any], diff: dict[str, list[dict[str, Any]]]) -> str:
+    words = (("regressions", "REGRESSION"), ("unmet", UNMET), ("changed", "CHANGED"),
+             ("problems", "PROBLEMS CHANGED"), ("fixes", "fixed"), ("new", "new"))  # fmt: skip
+    found = [word for key, word in words if any(r["id"] == row["id"] for r in diff[key])]
+    return ", ".join(found) or "ok"
+
+
+def _skips(c: dict[str, Any]) -> str:
+    """A cell's skipped checks: the count, and the names (the reasons are in the results file)."""
+    names = skipped_checks(c)
+    return f"{len(names)} skipped: {', '.join(names)}" if names else ""
+
+
+def markdown(
+    pins: PinSet,
+    results: dict[str, Any],
+    accepted: dict[str, Any] | None,
+    diff: dict[str, Any],
+    timing: str,
+    fails: list[str] | None = None,
+) -> str:
+    fails = fails or []
+    versions = results.get("versions", {})
+    lines = [
+        f"## Gate `{pins.name}`: " + (f"**fails: {', '.join(fails)}**" if fails else "passes"),
+        "",
+        ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; {results.get('device', '')}",
+        "",
+        timing,
+        "",
+        "| cell | status | expected | accepted | verdict | max diff | checks skipped |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    accepted_status = {c["id"]: c["status"] for c in (accepted or {}).get("cells", [])}
+    for c in results.get("cells", []):
+        d = c.get("max_abs_diff")
+        lines.append(
+            f"| `{c['id']}` | {c['status']} | {c['expected']} | {accepted_status.get(c['id'], '-')} "
+            f"| {_verdict(c, diff)} | {'-' if d is None else f'{d:.1e}'} | {_skips(c) or '-'} |"
+        )
+    if accepted is None:
+        lines += ["", f"No accepted results for `{pins.name}` yet (`--accept` writes them)."]
+    for key, title in (
+        ("regressions", "Regressions (expected or previously accepted pass, now not pass)"),
+        ("fixes", "Fixes (expected or accepted not pass, now pass)"),
+        ("new", "New cells (not in the accepted results)"),
+        ("changed", "Other status changes"),
+        ("unmet", "Cells that did not meet their expected outcome (status or problems)"),
+        ("problems", "Other problems than accepted (same status)"),
+        ("dropped", "Cells in the accepted results that did not run"),
+    ):
+        if diff[key]:
+            lines += ["", f"### {title}", ""]
+            for r in diff[key]:
+                extra = f" (was {r['accepted']})" if r.get("accepted") else ""
+                now = f": {r['status']}, expected {r['expected']}" if "status" in r else ""
+                lines.append(f"- `{r['id']}`{now}{extra}")
+                lines += [f"  - {why}" for why in (r["unmet"] if key == "unmet" else [])]
+                lines += [f"  - now: {k[:300]}" for k in r.get("new", [])]
+                lines += [f"  - gone: {k[:300]}" for k in r.get("gone", [])]
+                if key == "regressions" and r.get("reason"):
+                    lines.append("  ```\n  " + r["reason"][:800].replace("\n", "\n  ") + "\n  ```")
+    return "\n".join(lines) + "\n"

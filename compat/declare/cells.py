@@ -1,0 +1,134 @@
+"""A cell: family x layout x load layout x adapter x layer spec x dtype (x serving engines), with the
+readable id of the contract."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from compat.declare.adapters import get_adapter
+from compat.declare.families import get_family
+from compat.declare.layouts import Layout, check_fits
+from compat.declare.specs import DEFAULT_SPEC, SPECS
+
+__all__ = ["DEFAULT_ADAPTER", "DEFAULT_DTYPE", "DEFAULT_SPEC", "DTYPES", "Cell", "CellError"]
+
+DTYPES = ("fp32", "bf16")
+DEFAULT_ADAPTER = "lora"
+DEFAULT_DTYPE = "fp32"
+
+
+class CellError(ValueError):
+    """A cell that cannot exist: unknown family/adapter/dtype, or a layout the family can't take."""
+
+
+ENGINES = ("vllm",)  # the serving engines, one module each under compat/serving/
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    family: str
+    layout: Layout
+    load_layout: Layout
+    adapter: str = DEFAULT_ADAPTER
+    dtype: str = DEFAULT_DTYPE
+    spec: str = DEFAULT_SPEC
+    serve: tuple[str, ...] = ()  # serving engines that load the export too (compat.serving)
+
+    @classmethod
+    def make(
+        cls,
+        family: str,
+        layout: Layout,
+        load_layout: Layout | None = None,
+        adapter: str = DEFAULT_ADAPTER,
+        dtype: str = DEFAULT_DTYPE,
+        spec: str = DEFAULT_SPEC,
+        serve: tuple[str, ...] = (),
+    ) -> Cell:
+        """Build and validate: every reason a cell cannot run is raised here, before any launch."""
+        fam = get_family(family)
+        kind = get_adapter(adapter)
+        if dtype not in DTYPES:
+            raise CellError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+        if spec not in SPECS:
+            raise CellError(f"unknown layer spec {spec!r}; known: {', '.join(SPECS)}")
+        if kind.specs and spec not in kind.specs:
+            raise CellError(
+                f"adapter {adapter} exists only for the {'/'.join(kind.specs)} spec ({kind.about}), not {spec}"
+            )
+        if kind.moe_only and not fam.is_moe:
+            raise CellError(f"adapter {adapter} configures routed experts, which family {family} does not have")
+
+        unknown = [e for e in serve if e not in ENGINES]
+        if unknown or len(set(serve)) != len(serve):
+            raise CellError(f"serve {list(serve)}: give each engine once, of {', '.join(ENGINES)}")
+        load_layout = load_layout or layout
+        check_fits(layout, fam)
+        check_fits(load_layout, fam)
+        for lay in {layout, load_layout}:
+            for size, what in ((lay.tp, "tp"), (lay.etp if fam.is_moe else 1, "etp")):
+                if kind.rank % size:
+                    raise CellError(
+                        f"adapter {adapter} has rank {kind.rank}, which {what}={size} does not divide: the bridge "
+                        "shards LoRA A's rank over tensor parallelism (megatron/bridge/peft/utils.py:1019, "
+                        "ColumnParallelLinear(in_features, dim))"
+                    )
+        return cls(family, layout, load_layout, adapter, dtype, spec, tuple(serve))
+
+    @property
+    def id(self) -> str:
+        """``family.layout[.to.layout][.adapter][.spec][.dtype][.engine]``, naming only axes off their default."""
+        parts = [self.family, self.layout.slug]
+        if self.reshards:
+            parts += ["to", self.load_layout.slug]
+        if self.adapter != DEFAULT_ADAPTER:
+            parts.append(self.adapter)
+        if self.spec != DEFAULT_SPEC:
+            parts.append(self.spec)
+        if self.dtype != DEFAULT_DTYPE:
+            parts.append(self.dtype)
+        return ".".join(parts + list(self.serve))
+
+    @property
+    def phases(self) -> list[tuple[str, Layout]]:
+        """The launches of the cell: save then load when it reshards, else one round trip."""
+        if self.reshards:
+            return [("save", self.layout), ("load", self.load_layout)]
+        return [("roundtrip", self.layout)]
+
+    @property
+    def reshards(self) -> bool:
+        """Saved at one layout and loaded at another: two launches, two world sizes."""
+        return self.load_layout != self.layout
+
+    @property
+    def world_size(self) -> int:
+        """Processes of the launch that loads, exports and compares (the one results report)."""
+        return self.load_layout.world_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "layout": self.layout.as_dict(),
+            "load_layout": self.load_layout.as_dict(),
+            "adapter": self.adapter,
+            "dtype": self.dtype,
+            "spec": self.spec,
+            "serve": list(self.serve),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Cell:
+        return cls(
+            family=data["family"],
+            layout=Layout.from_mapping(data["layout"]),
+            load_layout=Layout.from_mapping(data["load_layout"]),
+            adapter=data["adapter"],
+            dtype=data["dtype"],
+            spec=data.get("spec", DEFAULT_SPEC),
+            serve=tuple(data.get("serve", ())),
+        )
+
+    def __str__(self) -> str:
+        return self.id

@@ -1,0 +1,224 @@
+"""Model families: tiny HF configs declared as data (``compat/data/families.toml``), validated on load.
+
+Nothing here imports torch or transformers at module load: the CLI and the pytest plugin read
+families to refuse bad input before any worker starts. Building the model is a separate call,
+made inside a worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from compat.declare.declarations import Declarations
+
+__all__ = [
+    "Dims",
+    "Family",
+    "FamilyError",
+    "add_families",
+    "build_tiny_model",
+    "ensure_tiny_model",
+    "families",
+    "get_family",
+    "tiny_model_dir",
+]
+
+_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+_FAMILY_KEYS = {"model_type", "architecture", "num_experts", "about", "config", "hf_modules", "scale"}
+
+
+class FamilyError(ValueError):
+    """An unknown family, or a malformed family declaration."""
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes a layout must divide (read from the merged HF config)."""
+
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    hidden_size: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_type: str
+    architecture: str
+    about: str
+    config: dict[str, Any] = field(hash=False, compare=False)
+    num_experts: int = 0
+    # bridge LoRA target -> the HF module names it adapts, where they differ from Llama's
+    hf_modules: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False, compare=False)
+    scale: bool = False  # real widths (matrix/scale.toml, one GPU): never built on a CPU runner
+
+    @property
+    def dims(self) -> Dims:
+        c = self.config
+        return Dims(
+            num_layers=c["num_hidden_layers"],
+            num_attention_heads=c["num_attention_heads"],
+            num_key_value_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
+            hidden_size=c["hidden_size"],
+            vocab_size=c["vocab_size"],
+        )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+
+def _parse(data: dict[str, Any], source: str) -> dict[str, Family]:
+    unknown_top = set(data) - {"defaults", "family", "profile"}
+    if unknown_top:
+        raise FamilyError(
+            f"{source}: unknown top-level keys {sorted(unknown_top)}; write [defaults], [family.NAME] "
+            "and [profile.NAME] tables"
+        )
+    defaults = data.get("defaults", {})
+    declared = data.get("family")
+    if not isinstance(declared, dict) or not declared:
+        raise FamilyError(f"{source}: no [family.NAME] tables")
+    out: dict[str, Family] = {}
+    for name, spec in declared.items():
+        unknown = set(spec) - _FAMILY_KEYS
+        if unknown:
+            raise FamilyError(f"{source}: family {name!r} has unknown keys {sorted(unknown)}")
+        for key in ("model_type", "architecture"):
+            if not isinstance(spec.get(key), str):
+                raise FamilyError(f"{source}: family {name!r} needs a string {key!r}")
+        config = {**defaults, **spec.get("config", {})}
+        num_experts = spec.get("num_experts", 0)
+        if num_experts:
+            declared_experts = [config[k] for k in _EXPERT_KEYS if k in config]
+            if declared_experts != [num_experts]:
+                raise FamilyError(
+                    f"{source}: family {name!r} says num_experts={num_experts} but its config "
+                    f"gives {dict((k, config[k]) for k in _EXPERT_KEYS if k in config)}"
+                )
+        hf_modules = spec.get("hf_modules", {})
+        if not isinstance(hf_modules, dict) or not all(
+            isinstance(v, list) and v and all(isinstance(m, str) for m in v) for v in hf_modules.values()
+        ):
+            raise FamilyError(
+                f"{source}: family {name!r}: hf_modules must map bridge targets to non-empty lists of HF module names"
+            )
+        out[name] = Family(
+            name=name,
+            model_type=spec["model_type"],
+            architecture=spec["architecture"],
+            about=spec.get("about", ""),
+            config=config,
+            num_experts=num_experts,
+            hf_modules={k: tuple(v) for k, v in hf_modules.items()},
+            scale=bool(spec.get("scale", False)),
+        )
+    return {**out, **_profiles(data.get("profile", {}), out, source)}
+
+
+def _profiles(profiles: dict[str, Any], declared: dict[str, Family], source: str) -> dict[str, Family]:
+    """``[profile.NAME]``: the listed families again as ``FAMILY_NAME``, its config keys over theirs
+    (the sizes a consumer needs: vLLM's CPU attention refuses the contract's head_dim 8)."""
+    out: dict[str, Family] = {}
+    for profile, spec in profiles.items():
+        unknown = set(spec) - {"about", "families", "config"}
+        if unknown or not isinstance(spec.get("families"), list) or not isinstance(spec.get("config", {}), dict):
+            raise FamilyError(f"{source}: profile {profile!r} needs 'families' (a list) and a 'config' table only")
+        for name in spec["families"]:
+            if name not in declared:
+                raise FamilyError(f"{source}: profile {profile!r} names family {name!r}, not declared here")
+            fam = declared[name]
+            about = f"{fam.about}; {profile} profile: {spec.get('about', '')}".rstrip(": ")
+            config = {**fam.config, **spec.get("config", {})}
+            out[f"{name}_{profile}"] = replace(fam, name=f"{name}_{profile}", about=about, config=config)
+    return out
+
+
+_DECLARED = Declarations("family", "families", "families.toml", _parse, FamilyError)
+
+
+def families() -> dict[str, Family]:
+    """Every declared family (built-in, then the user's files), by name."""
+    return _DECLARED.all()
+
+
+def get_family(name: str) -> Family:
+    return _DECLARED.get(name)
+
+
+def add_families(path: Path) -> None:
+    """Add a user's family declarations (same schema as ``compat/data/families.toml``)."""
+    _DECLARED.add_file(path)
+
+
+def build_tiny_model(family: Family, path: Path, seed: int = 0) -> None:
+    """Write the family's tiny HF model (seeded random fp32 weights) to ``path``.
+
+    The same seed gives the same weights, so a resharding cell's second launch sees the model
+    its first launch saved against. Weights are stored in fp32; a bf16 cell casts on load.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if family.model_type not in CONFIG_MAPPING:  # an older transformers: the family cannot exist here
+        from importlib.metadata import version
+
+        from compat.checks.findings import Unsupported
+
+        raise Unsupported(
+            f"transformers {version('transformers')} has no model type {family.model_type!r} "
+            "(transformers/models/auto/configuration_auto.py, CONFIG_MAPPING)"
+        )
+    config = AutoConfig.for_model(family.model_type, **family.config)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+
+
+def _cache_root() -> Path:
+    """``$COMPAT_CACHE``, else ``$XDG_CACHE_HOME/megatron-lora-compat`` (``~/.cache/...``)."""
+    if os.environ.get("COMPAT_CACHE"):
+        return Path(os.environ["COMPAT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megatron-lora-compat"
+
+
+def tiny_model_dir(family: Family, seed: int = 0) -> Path:
+    """Where the family's tiny HF model is cached, read-only, for every cell that uses it.
+
+    The weights depend only on the family's declaration, the seed and the torch and transformers
+    releases that write them, so those make the key: a change to any gives another directory.
+    """
+    from importlib.metadata import version
+
+    key = json.dumps(
+        [family.model_type, family.config, seed, version("torch"), version("transformers")], sort_keys=True
+    )
+    return _cache_root() / "hf" / f"{family.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def ensure_tiny_model(family: Family, path: Path, seed: int = 0) -> None:
+    """Write the tiny model at ``path`` unless it is there; complete or absent, never half-written.
+
+    It is built next to ``path`` and renamed into place, so cells building the same family at
+    once cannot see a partial model: the first rename wins, the others discard their copy.
+    """
+    if (path / "config.json").is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny_model(family, tmp, seed)
+    try:
+        tmp.rename(path)
+    except OSError:  # another process put it there first
+        shutil.rmtree(tmp, ignore_errors=True)

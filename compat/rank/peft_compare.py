@@ -1,0 +1,243 @@
+"""Rank 0's side of a cell: the export as ``peft`` loads it, against Megatron's logits.
+
+The exported files are checked first (``compat.checks.peft_files``); then the HF base model and
+``peft.PeftModel`` are built from the files alone, their logits compared with Megatron's at every
+position, the adapter's effect shown to exceed the tolerance, and every merged form of the
+adapter compared with the unmerged one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compat.checks.compare import (
+    WEIGHT_TOLERANCES,
+    Tolerance,
+    adapter_tolerance,
+    base_tolerance,
+    compare,
+    effect_problem,
+    forward_noise,
+    token_agreement,
+    torch_dtype,
+)
+from compat.checks.findings import CheckFailed
+from compat.checks.peft_files import check_adapter_dir, check_loaded_by_peft, compare_exports
+from compat.checks.problems import Problem
+from compat.checks.upstream import describe, first_line, upstream_frame
+from compat.declare.adapters import get_adapter
+from compat.declare.cells import Cell
+from compat.declare.families import get_family
+from compat.rank.activations import capture_hf, first_divergence, input_ids, load_megatron
+from compat.rank.delta_oracle import oracle_problems
+from compat.rank.export import MEGATRON_MERGED, MERGED_EXPORT, MERGED_WEIGHTS, PEFT_MERGED
+from compat.rank.paths import CellPaths
+
+__all__ = ["adapter_problems", "compare_with_peft"]
+
+_WHERE = ("sequence", "position", "token")
+
+
+def adapter_problems(cell: Cell, paths: CellPaths, reference: bool) -> list[Problem]:
+    """What is wrong in the exported files themselves (and against the export at the save layout)."""
+    family = get_family(cell.family)
+    adapter = paths.where(paths.adapter)  # the directory the exporter wrote
+    files = check_adapter_dir(adapter, get_adapter(cell.adapter), paths.hf, family.hf_modules)
+    problems = [Problem("files", p) for p in files]
+    if reference and (adapter / "adapter_model.safetensors").exists():
+        try:
+            problems += [Problem("reshard", p) for p in compare_exports(adapter, paths.where(paths.reference_adapter))]
+        except Exception as exc:  # an unreadable file is already a file problem; say why this one is not run
+            why = f"the export cannot be compared with the save layout's: {describe(exc)}"
+            problems.append(Problem("reshard", why))
+    return problems
+
+
+def compare_with_peft(
+    cell: Cell, paths: CellPaths, reference: bool, skipped: dict[str, str], device: Any = "cpu"
+) -> dict[str, Any]:
+    """Metrics of the comparison; :class:`CheckFailed` (with the metrics and every problem) if any check fails.
+
+    Every check whose inputs exist runs: a file problem does not stop peft from loading the export,
+    nor the logits from being compared. Only peft refusing the export stops what needs the loaded model.
+    ``skipped``: merged forms the Megatron side could not produce, with the reason. The HF side runs
+    on the cell's own device (a GPU cell's models load where a serving engine would load them: and
+    some HF models take GPU-only kernels whenever their package is installed, Qwen3-Next's fla).
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    problems = adapter_problems(cell, paths, reference)
+    dtype = torch_dtype(cell.dtype)
+    hf = AutoModelForCausalLM.from_pretrained(str(paths.hf), dtype=dtype).to(device).eval()
+    ids = input_ids(get_family(cell.family).dims.vocab_size, device)
+    with torch.no_grad():
+        base_logits = hf(ids).logits
+    metrics: dict[str, Any] = {}
+    problems += _base_problems(cell, paths, base_logits, metrics)
+    tol = adapter_tolerance(cell.dtype, metrics["tolerance"].get("base_drift"))  # derived from the drift measured
+    metrics["tolerance"]["adapter_allowed"] = str(tol)
+    problems += [Problem("delta oracle", p) for p in oracle_problems(paths, metrics)]  # from the files alone
+    try:
+        peft_model = PeftModel.from_pretrained(hf, str(paths.where(paths.adapter))).eval()
+    except Exception as exc:  # peft refusing the files is this cell's finding, not a crash
+        problems.append(
+            Problem(
+                "peft load",
+                f"peft.PeftModel.from_pretrained refused the export: {type(exc).__name__}: "
+                f"{first_line(exc, 600, lines=3)} at {upstream_frame(exc)}",
+            )
+        )
+        raise CheckFailed(problems, metrics, _NEED_PEFT) from exc
+    problems += [Problem("peft placement", p) for p in check_loaded_by_peft(peft_model, paths.where(paths.adapter))]
+    hf_acts: dict[str, torch.Tensor] = {}
+    hooks = capture_hf(peft_model, hf_acts)
+    with torch.no_grad():
+        peft_logits = peft_model(ids).logits
+    for h in hooks:
+        h.remove()
+    meg = load_megatron(paths, "adapter")
+    cmp = compare(meg["logits"], peft_logits, tol)
+    metrics.update(
+        max_abs_diff=cmp.max_abs_diff,
+        max_rel_diff=cmp.max_rel_diff,
+        adapter_effect=float((peft_logits.double() - base_logits.double()).abs().max()),
+    )
+    if cell.dtype != "fp32":
+        metrics["top1_agreement"] = token_agreement(meg["logits"], peft_logits)
+    if not cmp.ok:
+        where = first_divergence(meg, hf_acts, tol)
+        problems.append(
+            Problem(
+                "logits",
+                cmp.message("Megatron logits differ from peft.PeftModel logits", _WHERE)
+                + (f"; first divergence: {where}" if where else ""),
+            )
+        )
+    effect = effect_problem(base_logits, peft_logits, tol)
+    if effect:
+        problems.append(Problem("adapter effect", effect))
+    metrics["merged"] = _merged_forms(peft_model, ids, paths, dtype, tol, peft_logits, skipped, problems, device)
+    if problems:
+        raise CheckFailed(problems, metrics)
+    return metrics
+
+
+_BASES_DIFFER = "the base models differ before any adapter: Megatron with its adapters off vs the HF model"
+_NEED_PEFT = "peft placement, logits, adapter effect, merged forms (they need the model peft did not load)"
+
+
+def _base_problems(cell: Cell, paths: CellPaths, base_logits: torch.Tensor, metrics: dict[str, Any]) -> list[Problem]:
+    """Megatron with its adapters switched off must compute the HF base model: else a mismatch
+    below is the bridge's model conversion, not the adapter's export. Records the drift measured
+    and allowed in ``metrics["tolerance"]`` (``compat.checks.compare``: the adapted logits' bound derives from it)."""
+    if not paths.all_activations("base"):
+        metrics.setdefault("skipped_checks", {})["base model"] = (
+            "this megatron-bridge's PEFT has no enable/disable_adapter_layers: Megatron's base model was not run"
+        )
+        metrics["tolerance"] = {"base_drift": None, "derivation": "no base-model forward: the table"}
+        return []
+    dims = get_family(cell.family).dims
+    tol = base_tolerance(cell.dtype, dims.num_layers, dims.hidden_size, base_logits)
+    c = compare(load_megatron(paths, "base")["logits"], base_logits, tol)
+    metrics["tolerance"] = {
+        "base_drift": c.max_abs_diff,
+        "base_allowed": str(tol),
+        "base_rms": float(base_logits.double().pow(2).mean().sqrt()),
+        "base_drift_modelled": forward_noise(cell.dtype, dims.num_layers, dims.hidden_size, base_logits),
+        "derivation": "base: max(table, NOISE_SAFETY x sqrt(L) x u x rms x sqrt(2 ln N)); "
+        "adapter: max(table, ADAPTER_GROWTH x base drift) (compat/checks/compare.py)",
+    }
+    if c.ok:
+        return []
+    return [Problem("base model", c.message(_BASES_DIFFER, _WHERE))]
+
+
+def _merged_forms(
+    peft_model: Any,
+    ids: torch.Tensor,
+    paths: CellPaths,
+    dtype: torch.dtype,
+    tol: Tolerance,
+    reference: torch.Tensor,
+    skipped: dict[str, str],
+    problems: list[Problem],
+    device: Any,
+) -> dict[str, dict[str, Any]]:
+    """Each merged form: compared with the unmerged adapter's logits (pass/fail), or skipped with why."""
+    from transformers import AutoModelForCausalLM
+
+    logits: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        if MERGED_EXPORT not in skipped:
+            full = AutoModelForCausalLM.from_pretrained(str(paths.merged), dtype=dtype).to(device).eval()
+            logits[MERGED_EXPORT] = full(ids).logits
+        if MEGATRON_MERGED not in skipped:
+            logits[MEGATRON_MERGED] = load_megatron(paths, "merged")["logits"]
+        merged_model = peft_model.merge_and_unload()  # last: it edits the model
+        logits[PEFT_MERGED] = merged_model(ids).logits
+    out: dict[str, dict[str, Any]] = {
+        name: {"status": "skipped", "max_abs_diff": None, "reason": why} for name, why in skipped.items()
+    }
+    for name, value in logits.items():
+        c = compare(value, reference, tol)
+        out[name] = {"status": "pass" if c.ok else "fail", "max_abs_diff": c.max_abs_diff, "reason": ""}
+        if not c.ok:
+            out[name]["reason"] = c.message(f"{name} logits differ from peft.PeftModel logits", _WHERE)
+            problems.append(Problem(name, out[name]["reason"]))
+    if MERGED_EXPORT not in skipped:
+        out[MERGED_WEIGHTS] = _merged_weights(merged_model, paths, dtype, device)
+        if out[MERGED_WEIGHTS]["status"] != "pass":
+            problems.append(Problem(MERGED_WEIGHTS, out[MERGED_WEIGHTS]["reason"]))
+    return out
+
+
+def _merged_weights(merged_model: Any, paths: CellPaths, dtype: torch.dtype, device: Any) -> dict[str, Any]:
+    """peft's merged weights against the bridge's merged HF export, tensor by tensor.
+
+    Two exports of one adapter, by two code paths of the bridge (adapter export then peft's merge;
+    the bridge's own merge): they must agree as weights, which no forward-pass noise blurs, so a
+    wrong split (q/k, gate/up) shows in bf16 as clearly as in fp32, named by tensor.
+    """
+    k = WEIGHT_TOLERANCES[{torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]]
+    # In checkpoint naming, as the bridge writes it (transformers fuses MoE experts only in memory).
+    merged_model.save_pretrained(paths.peft_merged)
+    exported, ours, base = _safetensors(paths.merged), _safetensors(paths.peft_merged), _safetensors(paths.hf)
+    problems, worst = [], 0.0
+    missing, extra = sorted(set(exported) - set(ours)), sorted(set(ours) - set(exported))
+    if missing or extra:
+        problems.append(
+            f"the merged exports hold other tensors: {len(missing)} only in the bridge's (e.g. {missing[:2]}), "
+            f"{len(extra)} only in peft's (e.g. {extra[:2]})"
+        )
+    differ = []
+    for name in sorted(set(exported) & set(ours)):
+        got, want = exported[name].to(device).double(), ours[name].to(device).double()  # on the cell's device
+        delta = float((want - base[name].to(device).double()).abs().max()) if name in base else 0.0
+        tol = Tolerance(atol=max(k * delta, 1e-8), rtol=k)  # an ulp of the value and of the merged delta
+        c = compare(got, want, tol)
+        worst = max(worst, c.max_abs_diff)
+        if not c.ok:
+            differ.append((c.max_abs_diff, name, tol))
+    if differ:
+        shown = ", ".join(
+            f"{n} (max |diff| {d:.3e}, up to {t} allowed)" for d, n, t in sorted(differ, reverse=True)[:3]
+        )
+        problems.append(
+            f"peft merge_and_unload's weights differ from the bridge's merged HF export in {len(differ)} of "
+            f"{len(set(exported) & set(ours))} tensors, e.g. {shown}"
+        )
+    status = "fail" if problems else "pass"
+    return {"status": status, "max_abs_diff": worst, "reason": "; ".join(problems)}
+
+
+def _safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
