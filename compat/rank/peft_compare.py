@@ -215,10 +215,9 @@ def _merged_weights(merged_model: Any, paths: CellPaths, dtype: torch.dtype, dev
         )
     differ, base = [], _Base(paths.hf)
     for name in sorted(set(exported) & set(ours)):
-        got, want = exported[name].to(device), ours[name].to(device)  # on the cell's device
-        if torch.equal(got, want):
-            continue  # 0 apart: within any tolerance (most tensors: no adapter touches them)
-        got, want = got.double(), want.double()
+        if exported[name].dtype == ours[name].dtype and torch.equal(exported[name], ours[name]):
+            continue  # 0 apart, within any tolerance (most tensors: no adapter touches them); read on the host
+        got, want = exported[name].to(device).double(), ours[name].to(device).double()  # on the cell's device
         delta = float((want - base[name].to(device).double()).abs().max()) if name in base else 0.0
         tol = Tolerance(atol=max(k * delta, 1e-8), rtol=k)  # an ulp of the value and of the merged delta
         c = compare(got, want, tol)
