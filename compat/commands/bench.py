@@ -5,7 +5,8 @@
 - ``warm``: rank groups kept from cell to cell (``compat.launch.pool``), after one pass that starts them.
 
 Cells run one at a time, so the figures are the cells' own. Prints the machine, the versions, each
-cell's wall time per mode and the speed-up, and the per-step split of the steps inside the ranks;
+cell's wall time per mode and the speed-up, rank 0's peak host and GPU memory (a warm rank's: since
+its group started), and the per-step split of the steps inside the ranks;
 ``--output`` writes the figures as JSON.
 """
 
@@ -89,7 +90,9 @@ def _run_mode(mode: str, config: Any) -> dict[str, dict[str, Any]]:
                 wall = time.monotonic() - start
                 if n == passes - 1:
                     steps = r.metrics.get("seconds_by_step", {})
+                    memory = r.metrics.get("peak_memory", {})
                     out[cell.id] = {"seconds": round(wall, 2), "status": r.status, "met": r.met, "steps": steps}
+                    out[cell.id]["peak_memory"] = memory
                     print(f"  {mode:5} {cell.id:40} {wall:7.2f} s  {status_text(r.status, r.met)}", flush=True)
                 elif n == 0 and passes > 1:
                     print(f"  {mode:5} {cell.id:40} {wall:7.2f} s  (starting groups)", flush=True)
@@ -111,6 +114,8 @@ def table(figures: dict[str, dict[str, dict[str, Any]]], ids: list[str]) -> str:
         cold, warm = figures.get("cold", {}).get(cid, {}), figures.get("warm", {}).get(cid, {})
         ratio = f"{cold['seconds'] / warm['seconds']:.1f}x" if cold and warm and warm["seconds"] else "-"
         lines.append(f"| {cid} | " + " | ".join("-" if s is None else f"{s:.2f}" for s in secs) + f" | {ratio} |")
+    lines += ["", "Peak memory of rank 0 (GiB: host RSS / GPU allocated by torch; warm: since the group started):", ""]
+    lines += [f"- {m} {cid}: {_memory(figures[m].get(cid, {}))}" for m in modes for cid in ids]
     for m in modes:
         total = [f["seconds"] for f in figures[m].values()]
         if total:
@@ -127,6 +132,11 @@ def table(figures: dict[str, dict[str, dict[str, Any]]], ids: list[str]) -> str:
             f = figures[m].get(cid, {}).get("steps", {})
             lines.append(f"| {cid} | " + " | ".join(f"{f[s]:.2f}" if s in f else "-" for s in steps) + " |")
     return "\n".join(lines)
+
+
+def _memory(figure: dict[str, Any]) -> str:
+    peak = figure.get("peak_memory") or {}
+    return f"host {peak.get('host_gib', '-')} / GPU {peak.get('gpu_gib', '-')}"
 
 
 def _step_order(figures: dict[str, dict[str, Any]]) -> Callable[[str], int]:

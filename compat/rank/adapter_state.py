@@ -45,7 +45,8 @@ def base_params(model: list) -> dict[str, torch.nn.Parameter]:
 
 
 def snapshot(params: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {k: p.detach().cpu().clone() for k, p in params.items()}
+    """Copies on the parameters' own device: a GPU model's base is GBs, a host round trip seconds."""
+    return {k: p.detach().clone() for k, p in params.items()}
 
 
 def _shard(name: str, p: torch.Tensor, ep_replicated: set[int]) -> str:
@@ -95,13 +96,13 @@ def compare_values(params: dict[str, Any], expected: dict[str, torch.Tensor], wh
     """Every parameter must equal its expected value bit for bit; one problem per tensor that does not."""
     problems = []
     for key, p in params.items():
-        got = p.detach().cpu()
+        got = p.detach()  # compared where it lives: the expected values (host or device) move to it
         if key not in expected:
             problems.append(f"{what} {_name(key)}: not in the reference values")
         elif got.shape != expected[key].shape:
             problems.append(f"{what} {_name(key)}: shape {tuple(got.shape)}, expected {tuple(expected[key].shape)}")
-        elif not torch.equal(got, expected[key]):
-            d = (got.double() - expected[key].double()).abs().max()
+        elif not torch.equal(got, want := expected[key].to(got.device)):
+            d = (got.double() - want.double()).abs().max()
             problems.append(f"{what} {_name(key)}: max |diff| {d:.3e}, expected bit-exact")
     return problems
 

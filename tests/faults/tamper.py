@@ -410,3 +410,19 @@ def without_merged_export(original: Callable[..., Any]) -> Callable[..., Any]:
         return original(self, model, path, show_progress=show_progress, merge_adapter_weights=False)
 
     return save_hf_weights  # no functools.wraps: inspect.signature must not see the original's parameters
+
+
+def load_bumps_a_base_weight(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Loading a state dict into a Megatron model also moves its first base weight by 1e-3 (a loader that
+    writes into the base: what the base snapshot taken before the adapter load must catch)."""
+    import torch
+
+    @functools.wraps(original)
+    def load_state_dict(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        if hasattr(self, "decoder"):  # the GPT model, not an HF one
+            with torch.no_grad():
+                next(p for n, p in self.named_parameters() if ".adapter." not in n).add_(1e-3)
+        return out
+
+    return load_state_dict
