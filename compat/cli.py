@@ -18,6 +18,7 @@ from compat.declare.plugins import ROLES
 from compat.declare.specs import SPECS
 from compat.launch import launcher as launch
 from compat.launch.run_config import BadInput, RunConfig, configure
+from compat.report.terminal import add_verbosity
 from compat.report.vocabulary import UNMET
 
 __all__ = ["main"]
@@ -33,9 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, required=True, help="results.json to write")
     run.add_argument("--jobs", type=int, default=1, help="cells run at once (each launches world_size ranks)")
     run.add_argument("--keep-dir", type=Path, help="where files of cells that miss their expected outcome are kept")
-    _verbosity(run)
+    add_verbosity(run)
     fam = sub.add_parser("families", help="architectures the installed bridge registers, and the family x layout grid")
     fam.add_argument("--families", type=Path, dest="families_file", help="your own family declarations (TOML)")
+    add_verbosity(fam)
     rep = sub.add_parser("report", help="results.json as Markdown; --html/--heatmap write a page and a picture")
     rep.add_argument("results", type=Path, nargs="+", help="results.json files")
     rep.add_argument("--html", type=Path, help="write a self-contained HTML page (of the first file)")
@@ -46,22 +48,17 @@ def _parser() -> argparse.ArgumentParser:
         help="one table: the first file's cells, with the same cells of the other files beside them",
     )
     rep.add_argument("--labels", help="comma-separated column names for --side-by-side (default: file names)")
+    add_verbosity(rep)
     dif = sub.add_parser("diff", help="what changed between two results files (status, max diff)")
     dif.add_argument("before", type=Path)
     dif.add_argument("after", type=Path)
+    add_verbosity(dif)
     from compat.commands import bench, fuzz, gate
 
     gate.add_parser(sub)
     bench.add_parser(sub, _run_arguments)
     fuzz.add_parser(sub)
     return p
-
-
-def _verbosity(p: argparse.ArgumentParser) -> None:
-    """``-q``: only what missed its expected outcome, and the summary; ``-v``: each non-pass cell's whole reason."""
-    p.set_defaults(verbosity=0)
-    p.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, help="rows of unmet cells only")
-    p.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, help="whole reasons, tracebacks")
 
 
 def _run_arguments(run: argparse.ArgumentParser) -> None:
@@ -185,7 +182,7 @@ def _families(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print_families(sys.stdout)
+    print_families(sys.stdout, verbosity=args.verbosity)
     return EXIT_OK
 
 
@@ -203,7 +200,9 @@ def _report(args: argparse.Namespace) -> int:
             return EXIT_BAD_INPUT
         print(side_by_side(runs, labels))
     else:
-        print("\n".join(markdown(data, str(path)) for data, path in zip(runs, args.results, strict=True)))
+        print(
+            "\n".join(markdown(data, str(path), args.verbosity) for data, path in zip(runs, args.results, strict=True))
+        )
     if args.heatmap:
         from compat.report.heatmap import heatmap
 
@@ -222,7 +221,7 @@ def _diff(args: argparse.Namespace) -> int:
     from compat.results.record import read_results
 
     changes = diff(read_results(args.before), read_results(args.after))
-    print(diff_markdown(changes, str(args.before), str(args.after)))
+    print(diff_markdown(changes, str(args.before), str(args.after), args.verbosity))
     return EXIT_UNMET if changes.outcome_changed else EXIT_OK
 
 

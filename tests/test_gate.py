@@ -165,3 +165,15 @@ def test_measured_values_do_not_make_a_problem_new() -> None:
     b = {"check": "logits", "message": "mismatched elements: 8191 / 8192 (99.9%); greatest 6.971e-01 at token 197"}
     assert problem_key(a) == problem_key(b)
     assert problem_key(a) != problem_key({**a, "message": a["message"].replace("token 197", "token 3")})
+
+
+def test_the_terminal_gets_lines_and_the_summary_file_the_markdown(monkeypatch, tmp_path, capsys) -> None:
+    """Before (387c440): the whole Markdown table was printed, each cell again after compat run's rows."""
+    cells = [_cell("a", "fail", "fail", True, [ALPHA]), _cell("b")]
+    summary = tmp_path / "summary.md"
+    assert _gate_with(monkeypatch, tmp_path, {"cells": cells}, {"cells": [cells[0]]}, "--summary", str(summary)) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert not any(line.startswith("|") for line in out)
+    assert out[-2] == "new b: pass, expected pass"
+    assert out[-1].startswith("gate bridge-x passes; 2 cells (1 new); environment reused in 0 s, matrix ran in ")
+    assert "| `b` | pass | pass | - | new |" in summary.read_text()

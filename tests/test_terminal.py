@@ -55,9 +55,8 @@ def test_each_cell_once_no_traceback_and_problems_grouped() -> None:
     for r in results:
         assert sum(line.startswith(r.id + " ") for line in lines) == 1, r.id
     assert "Traceback" not in text and 'File "' not in text
-    notes = [line for line in lines if line.startswith("    ")]  # under a row: its skipped checks, named
-    assert all("skipped: " in line for line in notes)
-    assert len(lines) - len(notes) == 1 + len(results) + 2  # header, one row per cell, blank line, summary
+    assert len(lines) == 1 + len(results) + 2  # header, one row per cell (skipped checks on it), blank, summary
+    assert sum("check skipped: " in line for line in lines) == 1, "the same skipped check is spelled once"
     numbered = re.findall(r"  \[(\d+)\] (.+?)  \[\d+/\d+\]$", text, re.M)
     texts = [t for _, t in numbered]
     assert texts and len(texts) == len(set(texts)), "each first problem is spelled out once"
@@ -90,6 +89,16 @@ def test_summary_says_what_an_unmet_cell_missed() -> None:
         f"unmet {r.id}: expected pass, got fail: logits differ",
         "unmet x.tp1: expected fail matching 'has no adapter', got fail: other problem",
     ]
+
+
+def test_a_served_cell_is_one_row_with_its_serving_figures() -> None:
+    """Before: each serving check was a second line under the row (and a make matrix of 92 cells over 100 lines)."""
+    fields = {f.name for f in dataclasses.fields(CellResult)}
+    served = json.loads((Path(__file__).parent / "records" / "served-vllm-cpu.json").read_text())["cells"]
+    lines = _printed([CellResult(**{k: v for k, v in c.items() if k in fields}) for c in served]).splitlines()
+    assert len(lines) == 1 + len(served) + 2 + 1  # header, rows, blank, summary, the unmet cell
+    assert "serving.vllm pass (max diff 4.8e-07, effect 6.9e-01)  [1/4]" in lines[1]
+    assert "serving.vllm fail (max diff -, effect -)  [1] use_dora is set" in lines[3]
 
 
 def test_duration() -> None:

@@ -5,9 +5,11 @@
 - ``warm``: rank groups kept from cell to cell (``compat.launch.pool``), after one pass that starts them.
 
 Cells run one at a time, so the figures are the cells' own. Prints the machine, the versions, each
-cell's wall time per mode and the speed-up, rank 0's peak host and GPU memory (a warm rank's: since
-its group started), and the per-step split of the steps inside the ranks;
-``--output`` writes the figures as JSON.
+mode's cells as ``compat run`` does (``compat.report.terminal``: a row per cell, a summary with the
+wall time), then each cell's wall time per mode and the speed-up, rank 0's peak host and GPU memory
+(a warm rank's: since its group started); ``-v`` adds the per-step split of
+the steps inside the ranks, ``-q`` prints only the summaries and the table. ``--output`` writes the
+figures as JSON.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from compat.report.vocabulary import status_text
+from compat.report.terminal import RunView, add_verbosity, duration
 
 __all__ = ["add_parser", "main"]
 
@@ -34,6 +36,7 @@ def add_parser(sub: Any, run_arguments: Callable[[argparse.ArgumentParser], None
     run_arguments(b)
     b.add_argument("--modes", default=",".join(MODES), help=f"which of {', '.join(MODES)} (default: all)")
     b.add_argument("--output", type=Path, help="also write the figures as JSON")
+    add_verbosity(b)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -57,8 +60,8 @@ def main(args: argparse.Namespace) -> int:
         start = time.monotonic()
         forkserver.start()
         print(f"fork server started in {time.monotonic() - start:.1f} s (once per run)", flush=True)
-    figures = {mode: _run_mode(mode, config) for mode in modes}
-    text = table(figures, [c.id for c in config.cells])
+    figures = {mode: _run_mode(mode, config, args.verbosity) for mode in modes}
+    text = table(figures, [c.id for c in config.cells], steps=args.verbosity > 0)
     print(text)
     if args.output:
         data = {"device": config.device, "backend": config.backend, "versions": config.versions, "figures": figures}
@@ -66,43 +69,47 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_mode(mode: str, config: Any) -> dict[str, dict[str, Any]]:
+def _run_mode(mode: str, config: Any, verbosity: int) -> dict[str, dict[str, Any]]:
     from compat.launch.launcher import run_cell
     from compat.launch.pool import Pool
 
     ranks = Pool(mode)
     workdir = Path(tempfile.mkdtemp(prefix=f"compat-bench-{mode}-"))
     out: dict[str, dict[str, Any]] = {}
+
+    def run(cell: Any) -> tuple[Any, float]:
+        start = time.monotonic()
+        r = run_cell(
+            cell, config.backend, config.expected(cell), config.timeout, workdir, plugins=config.plugins, ranks=ranks
+        )
+        return r, time.monotonic() - start
+
     try:
-        passes = 2 if mode == "warm" else 1  # the first warm pass starts the groups
-        for n in range(passes):
+        if mode == "warm":  # a first pass starts the groups: its time is no cell's
+            start = time.monotonic()
             for cell in config.cells:
-                start = time.monotonic()
-                r = run_cell(
-                    cell,
-                    config.backend,
-                    config.expected(cell),
-                    config.timeout,
-                    workdir,
-                    plugins=config.plugins,
-                    ranks=ranks,
-                )
-                wall = time.monotonic() - start
-                if n == passes - 1:
-                    steps = r.metrics.get("seconds_by_step", {})
-                    memory = r.metrics.get("peak_memory", {})
-                    out[cell.id] = {"seconds": round(wall, 2), "status": r.status, "met": r.met, "steps": steps}
-                    out[cell.id]["peak_memory"] = memory
-                    print(f"  {mode:5} {cell.id:40} {wall:7.2f} s  {status_text(r.status, r.met)}", flush=True)
-                elif n == 0 and passes > 1:
-                    print(f"  {mode:5} {cell.id:40} {wall:7.2f} s  (starting groups)", flush=True)
+                run(cell)
+            if verbosity >= 0:
+                print(f"warm: rank groups started by a first pass in {duration(time.monotonic() - start)}", flush=True)
+        results = []
+        with RunView([c.id for c in config.cells], verbosity, title=mode) as view:
+            for cell in config.cells:
+                view.started(cell.id)
+                r, wall = run(cell)
+                steps = r.metrics.get("seconds_by_step", {})
+                out[cell.id] = {"seconds": round(wall, 2), "status": r.status, "met": r.met, "steps": steps}
+                out[cell.id]["peak_memory"] = r.metrics.get("peak_memory", {})
+                results.append(r)
+                view.finished(r)
+            view.close(results)
     finally:
         ranks.shutdown()
     return out
 
 
-def table(figures: dict[str, dict[str, dict[str, Any]]], ids: list[str]) -> str:
-    """Wall seconds per cell and mode, the speed-up of warm over cold, then the warm per-step split."""
+def table(figures: dict[str, dict[str, dict[str, Any]]], ids: list[str], steps: bool = True) -> str:
+    """Wall seconds per cell and mode, the speed-up of warm over cold, then (``steps``) each mode's
+    per-step split."""
     modes = list(figures)
     lines = [
         "",
@@ -122,15 +129,15 @@ def table(figures: dict[str, dict[str, dict[str, Any]]], ids: list[str]) -> str:
             lines.append(
                 f"\n{m}: {len(total)} cells, {sum(total):.1f} s in all, median {statistics.median(total):.2f} s"
             )
-    for m in modes:
-        steps = sorted({s for f in figures[m].values() for s in f["steps"]}, key=_step_order(figures[m]))
-        if not steps:
+    for m in modes if steps else ():
+        names = sorted({s for f in figures[m].values() for s in f["steps"]}, key=_step_order(figures[m]))
+        if not names:
             continue
-        lines += ["", f"Steps inside the ranks, {m} (s, rank 0):", "", "| cell | " + " | ".join(steps) + " |"]
-        lines.append("|" + " --- |" * (len(steps) + 1))
+        lines += ["", f"Steps inside the ranks, {m} (s, rank 0):", "", "| cell | " + " | ".join(names) + " |"]
+        lines.append("|" + " --- |" * (len(names) + 1))
         for cid in ids:
             f = figures[m].get(cid, {}).get("steps", {})
-            lines.append(f"| {cid} | " + " | ".join(f"{f[s]:.2f}" if s in f else "-" for s in steps) + " |")
+            lines.append(f"| {cid} | " + " | ".join(f"{f[s]:.2f}" if s in f else "-" for s in names) + " |")
     return "\n".join(lines)
 
 

@@ -45,8 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from compat.checks.upstream import HARNESS_ROOT
-from compat.commands.gate_compare import check_complete, compare, failing, markdown
+from compat.commands.gate_compare import check_complete, compare, failing, markdown, terminal
 from compat.declare.pin_sets import GateError, build_env, read_pins_file, shared_paths
+from compat.report.terminal import add_verbosity, duration
 from compat.results.skips import skipped_checks
 
 __all__ = [
@@ -122,6 +123,7 @@ def add_parser(sub: Any) -> None:
     g.add_argument(
         "-k", dest="select", help="run only cells whose id contains this text (passed to compat run; not with --accept)"
     )
+    add_verbosity(g)  # passed to compat run too
 
 
 def main(args: argparse.Namespace) -> int:
@@ -144,8 +146,10 @@ def _gate(args: argparse.Namespace) -> int:
     accepted_path = REPO / "matrix" / "pins" / "accepted" / f"{pins.name}.json"
     accepted = json.loads(accepted_path.read_text()) if accepted_path.is_file() else None
 
+    start = time.monotonic()
     python, reused, build_s = ensure_env(pins, args.gate_dir)
-    print(f"gate: environment {'reused' if reused else 'built'} in {build_s:.1f} s: {python}", flush=True)
+    shown = python.relative_to(REPO) if python.is_relative_to(REPO) else python
+    print(f"gate: environment {'reused' if reused else 'built'} in {build_s:.1f} s: {shown}", flush=True)
 
     out = (args.gate_dir / pins.name / "results.json").resolve()
     out.unlink(missing_ok=True)
@@ -158,9 +162,10 @@ def _gate(args: argparse.Namespace) -> int:
     cmd += ["--output", str(out)] + (["--timeout", str(args.timeout)] if args.timeout else [])
     cmd += ["-k", args.select] if args.select else []
     cmd += ["--jobs", str(args.jobs)] if args.jobs else []
-    start = time.monotonic()
+    cmd += {-1: ["-q"], 1: ["-v"]}.get(args.verbosity, [])
+    run_start = time.monotonic()
     rc = subprocess.run(cmd, env=env, cwd=REPO).returncode
-    run_s = time.monotonic() - start
+    run_s = time.monotonic() - run_start
     if rc == EXIT_BAD or not out.is_file():
         raise GateError(f"`compat run` in the gate environment exited {rc} without results ({' '.join(cmd)})")
     results = json.loads(out.read_text())
@@ -173,14 +178,14 @@ def _gate(args: argparse.Namespace) -> int:
     diff = compare(results, accepted)
     fails = failing(diff, args.accept, bool(args.select))
     timing = (
-        f"Environment {'reused' if reused else 'built'} in {build_s:.1f} s; matrix ran in {run_s:.1f} s "
-        f"({len(results.get('cells', []))} cells, {args.matrix.name})."
+        f"environment {'reused' if reused else 'built'} in {duration(build_s)}, matrix ran in {duration(run_s)} "
+        f"({args.matrix.name}); {duration(time.monotonic() - start)} in all"
     )
-    text = markdown(pins, results, accepted, diff, timing, fails)
     print()
-    print(text)
+    for line in terminal(pins.name, results, diff, fails, timing, args.verbosity):
+        print(line)
     if args.summary:
-        args.summary.write_text(text)
+        args.summary.write_text(markdown(pins, results, accepted, diff, timing, fails))
     if args.accept:
         accepted_path.parent.mkdir(parents=True, exist_ok=True)
         keep = ("id", "status", "expected", "met", "max_abs_diff", "adapter_effect", "problems")

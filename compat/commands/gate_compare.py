@@ -1,4 +1,5 @@
-"""The gate's verdict: a run's results against the accepted ones and the expectations, and its Markdown.
+"""The gate's verdict: a run's results against the accepted ones and the expectations, its terminal
+lines (one per cell it flags, then a summary; details with ``-v``) and its Markdown (``--summary``).
 
 What the gate cannot vouch for fails it (``failing``); ``compat.commands.gate`` builds the environment and
 runs the matrix.
@@ -15,9 +16,13 @@ if TYPE_CHECKING:
     from compat.commands.gate import PinSet
 
 from compat.declare.pin_sets import GateError
-from compat.report.vocabulary import UNMET
+from compat.report.vocabulary import UNMET, headline
 
-__all__ = ["GateError", "check_complete", "compare", "failing", "markdown"]
+__all__ = ["GateError", "check_complete", "compare", "failing", "markdown", "terminal"]
+
+# What each kind of flagged cell is called, in the Markdown table's verdict and on the terminal.
+_WORDS = {"regressions": "REGRESSION", "unmet": UNMET, "changed": "CHANGED", "problems": "PROBLEMS CHANGED",
+          "fixes": "fixed", "new": "new", "dropped": "DROPPED"}  # fmt: skip
 
 
 def check_complete(results: dict[str, Any], where: str) -> None:
@@ -78,9 +83,7 @@ def failing(diff: dict[str, list[dict[str, Any]]], accept: bool, narrowed: bool)
 
 
 def _verdict(row: dict[str, Any], diff: dict[str, list[dict[str, Any]]]) -> str:
-    words = (("regressions", "REGRESSION"), ("unmet", UNMET), ("changed", "CHANGED"),
-             ("problems", "PROBLEMS CHANGED"), ("fixes", "fixed"), ("new", "new"))  # fmt: skip
-    found = [word for key, word in words if any(r["id"] == row["id"] for r in diff[key])]
+    found = [word for key, word in _WORDS.items() if key != "dropped" and any(r["id"] == row["id"] for r in diff[key])]
     return ", ".join(found) or "ok"
 
 
@@ -140,3 +143,35 @@ def markdown(
                 if key == "regressions" and r.get("reason"):
                     lines.append("  ```\n  " + r["reason"][:800].replace("\n", "\n  ") + "\n  ```")
     return "\n".join(lines) + "\n"
+
+
+def _details(key: str, r: dict[str, Any]) -> list[str]:
+    """What ``-v`` adds under a flagged cell: why it is unmet, its problems now and gone, a regression's reason."""
+    lines = list(r["unmet"]) if key == "unmet" else []
+    lines += [f"now: {k}" for k in r.get("new", [])] + [f"gone: {k}" for k in r.get("gone", [])]
+    if key == "regressions" and r.get("reason"):
+        lines.append(r["reason"].strip())
+    return ["    " + x.replace("\n", "\n    ") for x in lines]
+
+
+def terminal(
+    name: str, results: dict[str, Any], diff: dict[str, Any], fails: list[str], timing: str, verbosity: int = 0
+) -> list[str]:
+    """The gate's last lines: one per flagged cell (kind, id, status, expected, what it was, its first
+    problem), each with its details under it with ``-v``; then the verdict with the counts and times."""
+    lines = []
+    for key, word in _WORDS.items():
+        for r in diff[key]:
+            now = f": {r['status']}, expected {r['expected']}" if "status" in r else ""
+            was = f" (was {r['accepted']})" if r.get("accepted") else ""
+            first = (
+                (r["unmet"] if key == "unmet" else []) + r.get("new", []) + ([r["reason"]] if r.get("reason") else [])
+            )
+            lines.append(
+                f"{word} {r['id']}{now}{was}" + (f": {headline(first[0], 160)}" if first and verbosity <= 0 else "")
+            )
+            lines += _details(key, r) if verbosity > 0 else []
+    counts = ", ".join(f"{len(diff[k])} {k}" for k in _WORDS if diff[k])
+    verdict = f"fails: {', '.join(fails)}" if fails else "passes"
+    cells = len(results.get("cells", []))
+    return [*lines, f"gate {name} {verdict}; {cells} cells" + (f" ({counts})" if counts else "") + f"; {timing}"]

@@ -158,9 +158,16 @@ def _met(flag: bool) -> str:
     return "met" if flag else UNMET
 
 
-def diff_markdown(d: Diff, before_name: str = "before", after_name: str = "after") -> str:
-    """``d`` as Markdown: the summary line first, then one table or list per kind of change."""
-    lines = [f"**{before_name} → {after_name}:** {d.summary}", ""]
+def diff_markdown(d: Diff, before_name: str = "before", after_name: str = "after", verbosity: int = 0) -> str:
+    """``d`` as Markdown: the summary line first, then one table or list per kind of change.
+
+    ``verbosity`` as ``-q``/``-v``: the summary line alone, or problems written whole (else cut at 300).
+    """
+    head = f"**{before_name} → {after_name}:** {d.summary}"
+    if verbosity < 0:
+        return head + "\n"
+    cut = None if verbosity > 0 else 300
+    lines = [head, ""]
     if d.versions_changed:
         lines.append("Versions: " + ", ".join(f"{k} {a or '-'} → {b or '-'}" for k, a, b in d.versions_changed))
         lines.append("")
@@ -181,7 +188,7 @@ def diff_markdown(d: Diff, before_name: str = "before", after_name: str = "after
     if d.problems_changed:
         lines += ["Other problems, same status:", ""]
         for i, gone, new in d.problems_changed:
-            lines += [f"- `{i}`"] + [f"  - now: {k[:300]}" for k in new] + [f"  - gone: {k[:300]}" for k in gone]
+            lines += [f"- `{i}`"] + [f"  - now: {k[:cut]}" for k in new] + [f"  - gone: {k[:cut]}" for k in gone]
         lines.append("")
     if d.skips_changed:
         lines += ["Other skipped checks:", "", "| cell | skipped before | skipped now |", "| --- | --- | --- |"]

@@ -89,8 +89,29 @@ _HEAD = (
     "max diff",
     "effect",
     "seconds",
+    "served",
     "reason",
 )
+
+
+def _served(cell: dict[str, Any]) -> str:
+    """Each serving engine's check of the cell (``serving.ENGINE``): its status, max diff of log-probs
+    against Megatron's, the adapter's effect, and its problems folded; ``-`` for a cell not served."""
+    parts = []
+    for engine, s in (cell.get("serving") or {}).items():
+        klass = "o-pass" if s.get("status") == "pass" else f"o-{outcome(cell)}"
+        figures = f"max diff {_num(s.get('max_abs_diff'))}, effect {_num(s.get('adapter_effect'))}"
+        text = f'<span class="{klass}">{escape(str(s.get("engine", engine)))}: {escape(str(s.get("status")))}</span>'
+        problems = [str(p) for p in s.get("problems") or []]
+        if problems:
+            items = "".join(f"<li>{escape(p)}</li>" for p in problems)
+            text += (
+                f"<details><summary>{figures}; {escape(headline(problems[0], 160))}</summary><ul>{items}</ul></details>"
+            )
+        else:
+            text += f" {figures}"
+        parts.append(f"<div>{text}</div>")
+    return "".join(parts) or "-"
 
 
 def _row(cell: dict[str, Any]) -> str:
@@ -108,6 +129,7 @@ def _row(cell: dict[str, Any]) -> str:
         f'<td class="num">{_num(cell.get("max_abs_diff"))}</td>',
         f'<td class="num">{_num(cell.get("adapter_effect"))}</td>',
         f'<td class="num">{float(cell.get("seconds") or 0):.1f}</td>',
+        f"<td>{_served(cell)}</td>",
         f"<td>{_reason(cell)}</td>",
     ]
     return "<tr>" + "".join(values) + "</tr>"

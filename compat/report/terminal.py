@@ -1,34 +1,43 @@
 """What ``compat run`` prints while cells run, as pytest does: one row per cell, a live line, a summary.
 
-Each cell's row is printed once, when it finishes: its status, what was expected, its figures, and
-its first problem on the same line, numbered so that the next cell with the same problem only
-repeats the number. The traceback of an error is in results.json, and under its row with ``-v``;
-``-q`` prints only the rows of unmet cells. On a terminal a live line under the rows says how many
-cells are done, which run, the time elapsed and an estimate of what is left; it is drawn by
-``rich`` (``rich.live.Live``: it redraws one region in place and prints the rows above it, handles
-the terminal's width, ``NO_COLOR`` and dumb terminals, and is already in the lock as a dependency
-of the stack), so no escape code is written here. Anywhere else (CI logs, a pipe) there is no live
-line: each row ends with its ``[done/total]`` count, as pytest's percentage does. The summary:
-counts, wall time, then one line per unmet cell with what it was expected to be and what it missed.
+Each cell's row is printed once, when it finishes, on one line: its status, what was expected, its
+figures, its serving checks' figures, its first problem and its skipped checks, each numbered so
+that the next cell with the same text only repeats the number. The traceback of an error is in
+results.json, and under its row with ``-v``; ``-q`` prints only the rows of unmet cells. On a
+terminal a live line under the rows says how many cells are done, which run, the time elapsed and
+an estimate of what is left; it is drawn by ``rich`` (``rich.live.Live``: it redraws one region in
+place and prints the rows above it, handles the terminal's width, ``NO_COLOR`` and dumb terminals,
+and is already in the lock as a dependency of the stack), so no escape code is written here.
+Anywhere else (CI logs, a pipe) there is no live line: each row ends with its ``[done/total]``
+count, as pytest's percentage does. The summary: counts, wall time, then one line per unmet cell
+with what it was expected to be and what it missed. ``compat bench`` prints its modes through it too.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import threading
 import time
 from types import TracebackType
 from typing import IO, Any
 
-from compat.report.vocabulary import UNMET, headline, status_text
+from compat.report.vocabulary import UNMET, headline, status_text, unmet_line
 from compat.results.record import CellResult
 from compat.results.skips import skip_mark, skip_note
 
-__all__ = ["RunView", "duration", "row", "summary"]
+__all__ = ["RunView", "add_verbosity", "duration", "row", "summary"]
 
 _FIGURES = (("world", 5), ("status", len(f"unsupported {UNMET}")), ("expected", 11))
 _NUMBERS = (("max diff", 8), ("effect", 8), ("seconds", 7))
 PROBLEM_WIDTH = 160  # characters of a first problem on its row (the whole text is in results.json)
+
+
+def add_verbosity(p: argparse.ArgumentParser) -> None:
+    """``-q``/``-v`` as every command takes them: ``-q`` what missed and the summary, ``-v`` whole reasons."""
+    p.set_defaults(verbosity=0)
+    p.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, help="unmet and summary only")
+    p.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, help="whole reasons, tracebacks")
 
 
 def duration(seconds: float) -> str:
@@ -51,55 +60,54 @@ def header(id_width: int) -> str:
 
 
 def row(r: CellResult, id_width: int, problems: dict[str, int], count: str = "") -> str:
-    """One line: the cell, its figures, and its first problem (``[n] text`` the first time, ``[n]`` after).
+    """One line: the cell, its figures, its first problem and skipped checks (``[n] text`` the first
+    time, ``[n]`` after).
 
-    ``problems`` numbers the first problems seen so far; a new one is added to it.
+    ``problems`` numbers the texts seen so far; a new one is added to it.
     """
-    skipped = {"metrics": r.metrics}  # a check that did not run: marked on the row, named under it
+    skipped = {"metrics": r.metrics}  # a check that did not run: marked and named on the row
     status = status_text(r.status + skip_mark(skipped), r.met)
     figures = [str(r.world_size).ljust(5), status.ljust(_FIGURES[1][1]), r.expected.ljust(11)]
     numbers = [_num(r.max_abs_diff).rjust(8), _num(r.adapter_effect).rjust(8), f"{r.seconds:.1f}".rjust(7)]
     line = "  ".join([r.id.ljust(id_width), *figures, *numbers])
-    if r.status != "pass" and r.reason:
-        first = headline(r.reason, PROBLEM_WIDTH)
+    for engine, s in r.serving.items():  # the serving checks' own figures, on the cell's row
+        diff, effect = _num(s["max_abs_diff"]), _num(s["adapter_effect"])
+        line += f"  serving.{engine} {s['status']} (max diff {diff}, effect {effect})"
+    notes = [headline(r.reason, PROBLEM_WIDTH)] if r.status != "pass" and r.reason else []
+    notes += [headline(skip_note(skipped), PROBLEM_WIDTH)] if skip_note(skipped) else []
+    for first in notes:
         if first in problems:
             line += f"  [{problems[first]}]"
         else:
             problems[first] = len(problems) + 1
             line += f"  [{problems[first]}] {first}"
-    line = f"{line}  {count}".rstrip()
-    if skip_note(skipped):
-        line += "\n    " + skip_note(skipped)
-    for engine, s in r.serving.items():
-        diff, effect = _num(s["max_abs_diff"]), _num(s["adapter_effect"])
-        line += f"\n    serving.{engine}: {s['status']}, max diff {diff}, effect {effect}"
-    return line
+    return f"{line}  {count}".rstrip()
 
 
-def summary(results: list[CellResult], wall: float, jobs: int = 1) -> list[str]:
-    """The last lines: counts and wall time, then each unmet cell with what it was expected to be."""
+def summary(results: list[CellResult], wall: float, jobs: int = 1, title: str = "") -> list[str]:
+    """The last lines: counts and wall time, then each unmet cell with what it was expected to be;
+    ``title`` names the run where a command makes several (``compat bench``: one per mode)."""
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
     unmet = [r for r in results if not r.met]
     parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     lines = [
-        f"{len(results)} cells in {duration(wall)} ({jobs} at a time): {parts}; "
+        f"{title + ': ' if title else ''}{len(results)} cells in {duration(wall)} ({jobs} at a time): {parts}; "
         f"{len(results) - len(unmet)} met, {len(unmet)} {UNMET}; "
         f"{sum(bool(skip_note({'metrics': r.metrics})) for r in results)} with checks skipped"
     ]
-    for r in unmet:
-        wanted = r.expected + (f" matching {r.expected_match!r}" if r.expected_match else "")
-        got = r.status + (f": {headline(r.reason, PROBLEM_WIDTH)}" if r.reason else "")
-        lines.append(f"{UNMET} {r.id}: expected {wanted}, got {got}")
+    lines += [unmet_line(r.id, r.expected, r.expected_match, r.status, r.reason, PROBLEM_WIDTH) for r in unmet]
     return lines
 
 
 class RunView:
     """The rows, the live line and the summary of one run; thread-safe (cells finish on worker threads)."""
 
-    def __init__(self, ids: list[str], verbosity: int = 0, out: IO[str] | None = None, jobs: int = 1) -> None:
-        self.out = out or sys.stdout
+    def __init__(
+        self, ids: list[str], verbosity: int = 0, out: IO[str] | None = None, jobs: int = 1, title: str = ""
+    ) -> None:
+        self.out, self.title = out or sys.stdout, title
         self.total, self.verbosity, self.jobs = len(ids), verbosity, jobs
         self.id_width = max([len("cell"), *(len(i) for i in ids)])
         self.problems: dict[str, int] = {}
@@ -156,8 +164,10 @@ class RunView:
         if self.verbosity < 0 and r.met:
             return
         self._print(text)
-        if self.verbosity > 0 and r.reason and r.status != "pass":
-            self._print("    " + r.reason.strip().replace("\n", "\n    "))
+        whole = ([r.reason] if r.reason and r.status != "pass" else []) + [skip_note({"metrics": r.metrics})]
+        for text in whole if self.verbosity > 0 else ():
+            if text:
+                self._print("    " + text.strip().replace("\n", "\n    "))
 
     def close(self, results: list[CellResult]) -> float:
         """Print the summary; returns the wall time."""
@@ -166,7 +176,7 @@ class RunView:
             self._live.stop()
             self._live = None
         self._print("")
-        for line in summary(results, wall, self.jobs):
+        for line in summary(results, wall, self.jobs, self.title):
             self._print(line)
         return wall
 

@@ -27,6 +27,7 @@ __all__ = [
     "short_status",
     "slug_sort_key",
     "status_text",
+    "unmet_line",
 ]
 
 LAYOUT_KEYS = ("tp", "sp", "pp", "dp", "ep", "etp", "vpp")
@@ -118,6 +119,13 @@ def headline(reason: str, limit: int = 300) -> str:
     if not lines:
         return ""
     return lines[0][:limit] + ("…" if len(lines[0]) > limit else "")
+
+
+def unmet_line(cell_id: str, expected: str, expected_match: str, status: str, reason: str, limit: int = 300) -> str:
+    """``unmet ID: expected fail matching 'x', got pass``: a cell that missed, as every summary lists it."""
+    wanted = expected + (f" matching {expected_match!r}" if expected_match else "")
+    got = status + (f": {headline(reason, limit)}" if reason else "")
+    return f"{UNMET} {cell_id}: expected {wanted}, got {got}"
 
 
 def _newest_first_last(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
