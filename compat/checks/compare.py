@@ -138,8 +138,13 @@ class Comparison:
         )
 
 
-def compare(actual: torch.Tensor, expected: torch.Tensor, tolerance: Tolerance) -> Comparison:
-    """Elementwise |a - e| <= atol + rtol * |e| in float64; NaN anywhere is a mismatch."""
+def compare(
+    actual: torch.Tensor, expected: torch.Tensor, tolerance: Tolerance, keep: torch.Tensor | None = None
+) -> Comparison:
+    """Elementwise |a - e| <= atol + rtol * |e| in float64; NaN anywhere is a mismatch.
+
+    ``keep``: a boolean mask broadcast over the tensors; only its elements are compared and counted
+    (the logits before a routing flip, ``compat.rank.routing``)."""
     import torch
 
     if actual.shape != expected.shape:
@@ -150,13 +155,18 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, tolerance: Tolerance) 
     diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
     rel = diff / e.abs().clamp_min(torch.finfo(torch.float64).tiny)
     bad = diff > tolerance.atol + tolerance.rtol * e.abs()
+    total = diff.numel()
+    if keep is not None:
+        keep = keep.to(diff.device).expand_as(diff)
+        diff, rel = torch.where(keep, diff, 0.0), torch.where(keep, rel, 0.0)
+        bad, total = bad & keep, int(keep.sum())
     flat = int(diff.argmax())
     index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(diff.shape)))
     return Comparison(
         max_abs_diff=float(diff.max()),
         max_rel_diff=float(rel.max()),
         mismatched=int(bad.sum()),
-        total=diff.numel(),
+        total=total,
         worst_index=index,
         tolerance=tolerance,
     )
