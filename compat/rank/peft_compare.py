@@ -105,7 +105,7 @@ def compare_with_peft(
     for h in hooks:
         h.remove()
     meg = load_megatron(paths, "adapter")
-    keep, flipped = _routing(meg, hf_acts, "adapter", metrics, problems)
+    keep, flipped = _routing(cell, meg, hf_acts, "adapter", metrics, problems)
     cmp = compare(meg["logits"], peft_logits, tol, keep)
     metrics.update(
         max_abs_diff=cmp.max_abs_diff,
@@ -138,12 +138,12 @@ _NEED_PEFT = "peft placement, logits, adapter effect, merged forms (they need th
 
 
 def _routing(
-    meg: dict[str, torch.Tensor], hf: dict[str, torch.Tensor], pair: str, metrics: dict[str, Any], problems: list
+    cell: Cell, meg: dict[str, torch.Tensor], hf: dict[str, torch.Tensor], pair: str, metrics: dict, problems: list
 ) -> tuple[torch.Tensor | None, str]:
     """The logits positions to compare (``compat.rank.routing``: those before each sequence's first
     routing flip) and the flips as a clause for a mismatch's message; the flips go to
     ``metrics["routing"][pair]``, and what they make a problem to ``problems``."""
-    flips = find_flips(meg, hf)
+    flips = find_flips(meg, hf, cell.dtype, get_family(cell.family).dims.hidden_size)
     if flips is None:
         return None, ""
     found = metrics.setdefault("routing", {})[pair] = flips.metrics()
@@ -169,7 +169,7 @@ def _base_problems(
     dims = get_family(cell.family).dims
     tol = base_tolerance(cell.dtype, dims.num_layers, dims.hidden_size, base_logits)
     meg, problems = load_megatron(paths, "base"), []
-    keep, flipped = _routing(meg, routing, "base", metrics, problems)
+    keep, flipped = _routing(cell, meg, routing, "base", metrics, problems)
     c = compare(meg["logits"], base_logits, tol, keep)
     metrics["tolerance"] = {
         "base_drift": c.max_abs_diff,

@@ -7,10 +7,12 @@ tell that from an export bug. So both sides' per-layer expert choices are record
 ``TopKRouter``, TE's too: it is the same router over grouped experts; HF's ``mlp.gate``), the tokens
 whose sets differ are named with their margin, and the logits are compared only at the positions
 before each sequence's first flip. A flip is a near-tie when Megatron's logits of the swapped
-experts lie within twice the router-logit drift measured at that token: if the two sides rank
-a > b and b > a, then l_a - l_b <= |l_a - l'_a| + |l'_b - l_b|, whatever the score function
-applied after a monotone one. A flip wider than that is a router that differs (its weights, its
-score function or its bias): a problem, not noise.
+experts lie within twice the router-logit drift measured at that token (if the two sides rank
+a > b and b > a, then l_a - l_b <= |l_a - l'_a| + |l'_b - l_b|, whatever monotone score function
+follows), and that drift is itself noise: within what ``compat.checks.compare.base_tolerance``
+allows the router logits at that depth (a router with two experts' rows swapped moves the logits
+by their own spread, and its flips are exactly "within twice the drift"). Any other flip is a
+router that differs (its weights, its score function or its bias): a problem, not noise.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from compat.checks.compare import base_tolerance
 
 __all__ = ["Flips", "capture_hf_routing", "find_flips", "megatron_router_hook"]
 
@@ -98,10 +102,11 @@ class Flip:
     position: int
     margin: float  # Megatron's logit gap between the experts the two sides swapped
     drift: float  # the greatest router-logit difference between the sides at this token
+    noise: float  # what the router logits may drift at this depth and dtype (base_tolerance)
 
     @property
     def near_tie(self) -> bool:
-        return self.margin <= 2 * self.drift
+        return self.margin <= 2 * self.drift and self.drift <= self.noise
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ class Flips:
             "tokens": [[f.sequence, f.position] for f in self.flips],
             "margins": [f.margin for f in self.flips],
             "drifts": [f.drift for f in self.flips],
+            "noise": sorted({f.noise for f in self.flips}),
         }
 
     def summary(self) -> str:
@@ -148,16 +154,16 @@ class Flips:
         if wide:
             shown = ", ".join(
                 f"layer {f.layer} sequence {f.sequence} position {f.position} "
-                f"(margin {f.margin:.3e} > 2 x drift {f.drift:.3e})"
+                f"(margin {f.margin:.3e}, router-logit drift {f.drift:.3e}, noise up to {f.noise:.3e})"
                 for f in wide[:3]
             )
-            out.append(f"{len(wide)} tokens routed otherwise beyond the router logits' measured drift: {shown}")
+            out.append(f"{len(wide)} tokens routed otherwise, not near-ties (margin <= 2 x drift <= noise): {shown}")
         if all(any(f.sequence == b and f.position == 0 for f in self.flips) for b in range(self.sequences)):
             out.append(f"{self.summary()}: every sequence flips at position 0, no logit left to compare")
         return out
 
 
-def find_flips(meg: dict[str, torch.Tensor], hf: dict[str, torch.Tensor]) -> Flips | None:
+def find_flips(meg: dict[str, torch.Tensor], hf: dict[str, torch.Tensor], dtype: str, hidden: int) -> Flips | None:
     """The tokens whose expert sets differ, per layer, or None where neither side has a router."""
     layers = sorted(
         int(k.split()[1]) for k in meg if k.endswith(f" {ROUTED}") and k.replace(ROUTED, ROUTER) in meg and k in hf
@@ -169,11 +175,12 @@ def find_flips(meg: dict[str, torch.Tensor], hf: dict[str, torch.Tensor]) -> Fli
         mm, hm = meg[f"layer {n} {ROUTED}"].cpu() > 0.5, hf[f"layer {n} {ROUTED}"].cpu() > 0.5
         ml, hl = meg[f"layer {n} {ROUTER}"].cpu().double(), hf[f"layer {n} {ROUTER}"].cpu().double()
         shape = tuple(mm.shape[:2])
+        noise = base_tolerance(dtype, n + 1, hidden, ml).atol
         for b, s in (mm != hm).any(-1).nonzero().tolist():
             only_meg, only_hf = mm[b, s] & ~hm[b, s], hm[b, s] & ~mm[b, s]
             gap = float("inf")  # a side choosing another number of experts is no tie
             if only_meg.any() and only_hf.any():
                 gap = float(ml[b, s][only_meg].min() - ml[b, s][only_hf].max())
             drift = float((ml[b, s] - hl[b, s]).abs().max())
-            flips.append(Flip(n, b, s, abs(gap), drift))
+            flips.append(Flip(n, b, s, abs(gap), drift, noise))
     return Flips(tuple(flips), *shape)
