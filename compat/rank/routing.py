@@ -75,8 +75,9 @@ def capture_hf_routing(model: torch.nn.Module, store: dict[str, torch.Tensor], i
 
         def gate_hook(_m: Any, _i: Any, out: Any, key: str = key, experts: int = experts, chosen: Any = chosen) -> None:
             outs = out if isinstance(out, tuple) else (out,)
-            logits = next(t for t in outs if t.is_floating_point() and t.shape[-1] == experts)
-            store[f"{key} {ROUTER}"] = logits.reshape(b, s, experts).float()
+            logits = [t for t in outs if t.is_floating_point() and t.shape[-1] == experts]
+            if logits:  # else this layer's routing is not compared: find_flips needs both sides' logits
+                store[f"{key} {ROUTER}"] = logits[0].reshape(b, s, experts).float()
             indices = [t for t in outs if not t.is_floating_point()]
             if indices:
                 chosen(indices[0].reshape(b * s, -1))
@@ -165,9 +166,8 @@ class Flips:
 
 def find_flips(meg: dict[str, torch.Tensor], hf: dict[str, torch.Tensor], dtype: str, hidden: int) -> Flips | None:
     """The tokens whose expert sets differ, per layer, or None where neither side has a router."""
-    layers = sorted(
-        int(k.split()[1]) for k in meg if k.endswith(f" {ROUTED}") and k.replace(ROUTED, ROUTER) in meg and k in hf
-    )
+    both = {k for k in set(meg) & set(hf) if k.endswith((f" {ROUTED}", f" {ROUTER}"))}
+    layers = sorted({int(k.split()[1]) for k in both if {k.replace(ROUTER, ROUTED), k.replace(ROUTED, ROUTER)} <= both})
     if not layers:
         return None
     flips, shape = [], (0, 0)
