@@ -16,6 +16,7 @@ from compat.checks.compare import Tolerance, compare
 from compat.rank.backends import Backend
 from compat.rank.model_build import unwrap
 from compat.rank.paths import CellPaths
+from compat.rank.routing import megatron_router_hook
 
 __all__ = [
     "SEQUENCES",
@@ -54,6 +55,9 @@ def _capture_megatron(model: list, store: dict[str, torch.Tensor]) -> list[Any]:
                     store[key] = _first(out).clone()  # [s, b, h]; [s / tp, b, h] under SP
 
                 hooks.append(module.register_forward_hook(hook))
+            router = getattr(layer.mlp, "router", None)  # MoE layers: each token's experts (compat.rank.routing)
+            if router is not None:
+                hooks.append(router.register_forward_hook(megatron_router_hook(store, n)))
     return hooks
 
 
@@ -114,7 +118,8 @@ def _order(key: str) -> tuple[int, int]:
 
 def first_divergence(meg: dict[str, torch.Tensor], hf: dict[str, torch.Tensor], tol: Tolerance) -> str:
     """``layer 1 self_attn (max |diff| ..., up to ... allowed)``: the first activation out of tolerance."""
-    for key in sorted(set(meg) & set(hf) - {"logits"}, key=_order):
+    parts = {k for k in set(meg) & set(hf) if k != "logits" and k.split()[-1] in _PARTS}
+    for key in sorted(parts, key=_order):
         if meg[key].shape != hf[key].shape:
             continue
         c = compare(meg[key], hf[key], tol)

@@ -35,6 +35,7 @@ from compat.rank.activations import capture_hf, first_divergence, input_ids, loa
 from compat.rank.delta_oracle import oracle_problems
 from compat.rank.export import MEGATRON_MERGED, MERGED_EXPORT, MERGED_WEIGHTS, PEFT_MERGED
 from compat.rank.paths import CellPaths
+from compat.rank.routing import capture_hf_routing, find_flips
 
 __all__ = ["adapter_problems", "compare_with_peft"]
 
@@ -74,10 +75,14 @@ def compare_with_peft(
     dtype = torch_dtype(cell.dtype)
     hf = AutoModelForCausalLM.from_pretrained(str(paths.hf), dtype=dtype).to(device).eval()
     ids = input_ids(get_family(cell.family).dims.vocab_size, device)
+    base_routing: dict[str, torch.Tensor] = {}
+    hooks = capture_hf_routing(hf, base_routing, ids)
     with torch.no_grad():
         base_logits = hf(ids).logits
+    for h in hooks:
+        h.remove()
     metrics: dict[str, Any] = {}
-    problems += _base_problems(cell, paths, base_logits, metrics)
+    problems += _base_problems(cell, paths, base_logits, base_routing, metrics)
     tol = adapter_tolerance(cell.dtype, metrics["tolerance"].get("base_drift"))  # derived from the drift measured
     metrics["tolerance"]["adapter_allowed"] = str(tol)
     problems += [Problem("delta oracle", p) for p in oracle_problems(paths, metrics)]  # from the files alone
@@ -94,13 +99,14 @@ def compare_with_peft(
         raise CheckFailed(problems, metrics, _NEED_PEFT) from exc
     problems += [Problem("peft placement", p) for p in check_loaded_by_peft(peft_model, paths.where(paths.adapter))]
     hf_acts: dict[str, torch.Tensor] = {}
-    hooks = capture_hf(peft_model, hf_acts)
+    hooks = capture_hf(peft_model, hf_acts) + capture_hf_routing(peft_model, hf_acts, ids)
     with torch.no_grad():
         peft_logits = peft_model(ids).logits
     for h in hooks:
         h.remove()
     meg = load_megatron(paths, "adapter")
-    cmp = compare(meg["logits"], peft_logits, tol)
+    keep, flipped = _routing(cell, meg, hf_acts, "adapter", metrics, problems)
+    cmp = compare(meg["logits"], peft_logits, tol, keep)
     metrics.update(
         max_abs_diff=cmp.max_abs_diff,
         max_rel_diff=cmp.max_rel_diff,
@@ -114,7 +120,8 @@ def compare_with_peft(
             Problem(
                 "logits",
                 cmp.message("Megatron logits differ from peft.PeftModel logits", _WHERE)
-                + (f"; first divergence: {where}" if where else ""),
+                + (f"; first divergence: {where}" if where else "")
+                + flipped,
             )
         )
     effect = effect_problem(base_logits, peft_logits, tol)
@@ -130,7 +137,26 @@ _BASES_DIFFER = "the base models differ before any adapter: Megatron with its ad
 _NEED_PEFT = "peft placement, logits, adapter effect, merged forms (they need the model peft did not load)"
 
 
-def _base_problems(cell: Cell, paths: CellPaths, base_logits: torch.Tensor, metrics: dict[str, Any]) -> list[Problem]:
+def _routing(
+    cell: Cell, meg: dict[str, torch.Tensor], hf: dict[str, torch.Tensor], pair: str, metrics: dict, problems: list
+) -> tuple[torch.Tensor | None, str]:
+    """The logits positions to compare (``compat.rank.routing``: those before each sequence's first
+    routing flip) and the flips as a clause for a mismatch's message; the flips go to
+    ``metrics["routing"][pair]``, and what they make a problem to ``problems``."""
+    flips = find_flips(meg, hf, cell.dtype, get_family(cell.family).dims.hidden_size)
+    if flips is None:
+        return None, ""
+    found = metrics.setdefault("routing", {})[pair] = flips.metrics()
+    if not flips.flips:
+        return None, ""  # no flip: every position is compared, and any message reads as before
+    problems += [Problem("routing", f"{pair}: {p}") for p in flips.problems()]
+    found["finding"] = flips.summary()
+    return flips.keep(), f"; {found['finding']}, positions from each sequence's first flip on not compared"
+
+
+def _base_problems(
+    cell: Cell, paths: CellPaths, base_logits: torch.Tensor, routing: dict[str, torch.Tensor], metrics: dict[str, Any]
+) -> list[Problem]:
     """Megatron with its adapters switched off must compute the HF base model: else a mismatch
     below is the bridge's model conversion, not the adapter's export. Records the drift measured
     and allowed in ``metrics["tolerance"]`` (``compat.checks.compare``: the adapted logits' bound derives from it)."""
@@ -142,7 +168,9 @@ def _base_problems(cell: Cell, paths: CellPaths, base_logits: torch.Tensor, metr
         return []
     dims = get_family(cell.family).dims
     tol = base_tolerance(cell.dtype, dims.num_layers, dims.hidden_size, base_logits)
-    c = compare(load_megatron(paths, "base")["logits"], base_logits, tol)
+    meg, problems = load_megatron(paths, "base"), []
+    keep, flipped = _routing(cell, meg, routing, "base", metrics, problems)
+    c = compare(meg["logits"], base_logits, tol, keep)
     metrics["tolerance"] = {
         "base_drift": c.max_abs_diff,
         "base_allowed": str(tol),
@@ -151,9 +179,9 @@ def _base_problems(cell: Cell, paths: CellPaths, base_logits: torch.Tensor, metr
         "derivation": "base: max(table, NOISE_SAFETY x sqrt(L) x u x rms x sqrt(2 ln N)); "
         "adapter: max(table, ADAPTER_GROWTH x base drift) (compat/checks/compare.py)",
     }
-    if c.ok:
-        return []
-    return [Problem("base model", c.message(_BASES_DIFFER, _WHERE))]
+    if not c.ok:
+        problems.append(Problem("base model", c.message(_BASES_DIFFER, _WHERE) + flipped))
+    return problems
 
 
 def _merged_forms(

@@ -332,6 +332,17 @@ FAULTS: tuple[Fault, ...] = (
         ),
     ),
     Fault(
+        "router_rows_swapped",
+        "HF -> Megatron conversion loads layer 1's router with experts 0 and 1 swapped",
+        "qwen3_moe",
+        "tp1",
+        ((MODEL_BRIDGE, "MegatronModelBridge.load_weights_hf_to_megatron", tamper.router_rows_swapped),),
+        (
+            r"base: \d+ tokens routed otherwise, not near-ties \(margin <= 2 x drift <= noise\): "
+            r"layer 1 sequence \d position \d+",
+        ),
+    ),
+    Fault(
         "merge_in_place_raises",
         "the bridge's merge raises on rank 1 when Megatron merges the adapters in place",
         "llama",

@@ -363,6 +363,29 @@ def base_weight_off(original: Callable[..., Any]) -> Callable[..., Any]:
     return load_weights_hf_to_megatron
 
 
+def router_rows_swapped(original: Callable[..., Any]) -> Callable[..., Any]:
+    """HF -> Megatron conversion loads layer 1's router with experts 0 and 1 swapped (a wrong router:
+    the experts and the adapter are right, the tokens go elsewhere, and each flip lies exactly within
+    twice its own router-logit drift)."""
+
+    @functools.wraps(original)
+    def load_weights_hf_to_megatron(
+        self: Any, hf_pretrained: Any, megatron_model: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        out = original(self, hf_pretrained, megatron_model, *args, **kwargs)
+        import torch
+
+        models = megatron_model if isinstance(megatron_model, list) else [megatron_model]
+        with torch.no_grad():
+            for chunk in models:
+                for name, p in chunk.named_parameters():
+                    if "layers.1.mlp.router.weight" in name:
+                        p.copy_(p[[1, 0, *range(2, p.shape[0])]])
+        return out
+
+    return load_weights_hf_to_megatron
+
+
 def merge_in_place_raises_on_rank1(original: Callable[..., Any]) -> Callable[..., Any]:
     """``LoRAMerge.merge`` raises on rank 1 when ``LoRALinear.weight`` calls it (Megatron merging in
     place), as it does for MLA's duplicated q down projection at TP2 under TE; rank 0 goes on into

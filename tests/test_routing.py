@@ -1,0 +1,68 @@
+"""Routing flips (compat/rank/routing.py): near-ties are named and masked, a wrong router is a problem."""
+
+from __future__ import annotations
+
+import torch
+
+from compat.checks.compare import TOLERANCES, compare
+from compat.rank.routing import find_flips
+
+B, S, E, K = 2, 6, 8, 2
+
+
+def _side(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    chosen = torch.zeros_like(logits).scatter_(-1, logits.topk(K, -1).indices, 1.0)
+    return {"layer 0 router": logits, "layer 0 routed": chosen, "logits": torch.zeros(B, S, 4)}
+
+
+def _logits() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(B, S, E, generator=g)
+
+
+def test_no_flip_compares_every_position():
+    meg = _logits()
+    flips = find_flips(_side(meg), _side(meg + 1e-4), "bf16", 64)
+    assert flips is not None and not flips.flips and flips.summary() == "" and bool(flips.keep().all())
+
+
+def test_a_near_tie_is_named_and_masks_its_sequence_from_that_position():
+    meg = _logits()
+    meg[1, 3, :] = torch.tensor([3.0, 2.001, 2.0, 0, 0, 0, 0, 0])  # experts 1 and 2 nearly tied for 2nd
+    hf = meg.clone()
+    hf[1, 3, 2] += 0.002  # a rounding's worth: HF takes expert 2
+    flips = find_flips(_side(meg), _side(hf), "bf16", 64)
+    assert [(f.layer, f.sequence, f.position) for f in flips.flips] == [(0, 1, 3)]
+    assert flips.summary() == "routing flips: 1 tokens at layers 0 (margins <= 1.0e-03, near-ties)"
+    assert flips.problems() == []
+    keep = flips.keep()
+    assert bool(keep[0].all()) and bool(keep[1, :3].all()) and not bool(keep[1, 3:].any())
+    meg_logits, hf_logits = torch.zeros(B, S, 4), torch.zeros(B, S, 4)
+    hf_logits[1, 4] = 1.0  # what the flip did to a later position
+    assert compare(meg_logits, hf_logits, TOLERANCES["bf16"], keep).ok
+    assert not compare(meg_logits, hf_logits, TOLERANCES["bf16"]).ok
+    hf_logits[0, 5] = 1.0  # an unflipped sequence is still compared
+    c = compare(meg_logits, hf_logits, TOLERANCES["bf16"], keep)
+    assert not c.ok and c.total == (S + 3) * 4 and c.worst_index == (0, 5, 0)
+
+
+def test_a_swapped_router_row_is_not_a_near_tie():
+    meg = _logits()
+    hf = meg[..., [1, 0, *range(2, E)]]  # the wrong router: every flip lies within twice its own drift
+    flips = find_flips(_side(meg), _side(hf), "bf16", 64)
+    assert flips.flips and all(f.margin <= 2 * f.drift for f in flips.flips)
+    assert "not near-ties" in flips.problems()[0]
+    assert "not all near-ties" in flips.summary()
+
+
+def test_a_flip_at_every_first_position_leaves_nothing_and_says_so():
+    meg = _logits()
+    meg[:, 0, :] = torch.tensor([3.0, 2.001, 2.0, 0, 0, 0, 0, 0])
+    hf = meg.clone()
+    hf[:, 0, 2] += 0.002
+    problems = find_flips(_side(meg), _side(hf), "bf16", 64).problems()
+    assert problems and "no logit left to compare" in problems[-1]
+
+
+def test_dense_models_have_no_routing():
+    assert find_flips({"logits": torch.zeros(1)}, {}, "fp32", 64) is None
