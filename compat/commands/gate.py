@@ -119,6 +119,13 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--expected", type=Path, help="expected outcomes (default: matrix/expected.toml)")
     g.add_argument("--summary", type=Path, help="also write the comparison as Markdown (CI job summaries)")
     g.add_argument("--accept", action="store_true", help="record these results as accepted for the set")
+    g.add_argument(
+        "--accepted-dir",
+        type=Path,
+        default=REPO / "matrix" / "pins" / "accepted",
+        help="accepted results, NAME.json (default: matrix/pins/accepted, the CPU ones; on a GPU name the "
+        "device, e.g. matrix/pins/accepted/nvidia-h200x1-te)",
+    )
     g.add_argument("--gate-dir", type=Path, default=REPO / ".gate", help="where environments live (.gate/)")
     g.add_argument("--timeout", type=float, help="seconds per cell launch (passed to compat run)")
     g.add_argument("--jobs", type=int, help="cells run at once (passed to compat run)")
@@ -144,7 +151,7 @@ def _gate(args: argparse.Namespace) -> int:
     expected = args.expected or REPO / "matrix" / "expected.toml"
     if not expected.is_file():
         raise GateError(f"expected-outcomes file {expected} does not exist")
-    accepted_path = REPO / "matrix" / "pins" / "accepted" / f"{pins.name}.json"
+    accepted_path = (args.accepted_dir / f"{pins.name}.json").resolve()
     accepted = json.loads(accepted_path.read_text()) if accepted_path.is_file() else None
 
     python, reused, build_s = ensure_env(pins, args.gate_dir)
@@ -194,5 +201,5 @@ def _gate(args: argparse.Namespace) -> int:
             "cells": [{**{k: c.get(k) for k in keep}, "skipped": skipped_checks(c)} for c in results.get("cells", [])],
         }
         accepted_path.write_text(json.dumps(record, indent=1) + "\n")
-        print(f"gate: accepted results written to {accepted_path.relative_to(REPO)}")
+        print(f"gate: accepted results written to {accepted_path}")
     return EXIT_REGRESSION if fails else EXIT_OK
