@@ -17,8 +17,11 @@ The environment lives in ``.gate/NAME/venv`` and is reused while the pins file i
 (keyed by a hash of its bytes and of the interpreter). It sees the calling environment's packages
 at lower priority (a ``.pth`` file naming this interpreter's site-packages), and only the pinned
 packages are installed into it, ``--no-deps``, so they shadow the shared ones (torch is never
-installed per set). The harness is made importable through ``PYTHONPATH`` (repo root first, then
-the caller's own ``PYTHONPATH``); every other variable of the caller's environment is passed on.
+installed per set). The caller's own ``PYTHONPATH`` folders (the GPU image's carried ``/tmp/site``
+with Transformer Engine) are named in that ``.pth`` too, below the pins: on ``PYTHONPATH`` they would
+shadow them. The harness is made importable through ``PYTHONPATH`` (the repo root alone); every other
+variable of the caller's environment is passed on (``PIP_NO_INDEX``/``PIP_FIND_LINKS``: an offline
+build from carried wheels).
 
 Then ``<gate python> -m compat run --matrix ... --output .gate/NAME/results.json`` runs there
 (workers start with ``sys.executable``, so they use the gate interpreter too).
@@ -107,7 +110,7 @@ def ensure_env(pins: PinSet, root: Path) -> tuple[Path, bool, float]:
     """(gate python, whether it was reused, seconds spent); raises GateError when it can't be built."""
     reqs = [f"{name}=={version}" for name, version in pins.packages.items()]
     steps = [["--no-deps", "--ignore-installed", *reqs]]
-    return build_env(pins.name, pins.digest, root / pins.name / "venv", steps, pins.packages, shared=True)
+    return build_env(pins.name, pins.digest, root / pins.name / "venv", steps, pins.packages, shared=shared_paths())
 
 
 def add_parser(sub: Any) -> None:
@@ -117,6 +120,13 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--expected", type=Path, help="expected outcomes (default: matrix/expected.toml)")
     g.add_argument("--summary", type=Path, help="also write the comparison as Markdown (CI job summaries)")
     g.add_argument("--accept", action="store_true", help="record these results as accepted for the set")
+    g.add_argument(
+        "--accepted-dir",
+        type=Path,
+        default=REPO / "matrix" / "pins" / "accepted",
+        help="accepted results, NAME.json (default: matrix/pins/accepted, the CPU ones; on a GPU name the "
+        "device, e.g. matrix/pins/accepted/nvidia-h200x1-te)",
+    )
     g.add_argument("--gate-dir", type=Path, default=REPO / ".gate", help="where environments live (.gate/)")
     g.add_argument("--timeout", type=float, help="seconds per cell launch (passed to compat run)")
     g.add_argument("--jobs", type=int, help="cells run at once (passed to compat run)")
@@ -143,7 +153,7 @@ def _gate(args: argparse.Namespace) -> int:
     expected = args.expected or REPO / "matrix" / "expected.toml"
     if not expected.is_file():
         raise GateError(f"expected-outcomes file {expected} does not exist")
-    accepted_path = REPO / "matrix" / "pins" / "accepted" / f"{pins.name}.json"
+    accepted_path = (args.accepted_dir / f"{pins.name}.json").resolve()
     accepted = json.loads(accepted_path.read_text()) if accepted_path.is_file() else None
 
     start = time.monotonic()
@@ -153,8 +163,8 @@ def _gate(args: argparse.Namespace) -> int:
 
     out = (args.gate_dir / pins.name / "results.json").resolve()
     out.unlink(missing_ok=True)
-    env = dict(os.environ)  # the caller's environment, PYTHONPATH included, goes through
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ)  # the caller's environment goes through; its PYTHONPATH is in the .pth, below the pins
+    env["PYTHONPATH"] = str(REPO)
     env["VIRTUAL_ENV"] = str(python.parent.parent)
     env["PATH"] = os.pathsep.join((str(python.parent), env.get("PATH", "")))
     cmd = [str(python), "-m", "compat", "run", "--matrix", str(args.matrix.resolve())]
@@ -196,5 +206,5 @@ def _gate(args: argparse.Namespace) -> int:
             "cells": [{**{k: c.get(k) for k in keep}, "skipped": skipped_checks(c)} for c in results.get("cells", [])],
         }
         accepted_path.write_text(json.dumps(record, indent=1) + "\n")
-        print(f"gate: accepted results written to {accepted_path.relative_to(REPO)}")
+        print(f"gate: accepted results written to {accepted_path}")
     return EXIT_REGRESSION if fails else EXIT_OK

