@@ -15,9 +15,12 @@ its own torch), so the seam is files, in the cell's ``serve/`` directory:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -101,30 +104,52 @@ def _check(engine: str, cell: Cell, where: Path, backend: str, timeout: float) -
         return _record("error", ["the round trip stopped before the export: nothing to serve"])
     pins = engine_pins(engine, "cuda" if backend == "cuda" else "cpu")
     python, _, build_s = ensure_engine_env(pins)
-    record = _run_engine(engine, python, where, timeout)
+    record = _run_engine(engine, python, where, timeout, backend)
     record.setdefault("seconds", {})["environment"] = round(build_s, 2)
     if "error" in record:
         return _record("error", [f"{pins.name}: {record['error']}"], seconds=record.get("seconds", {}))
     return {**_compare(engine, cell, pins, where, record), "engine": record.get("engine", pins.name)}
 
 
-def _run_engine(engine: str, python: Path, where: Path, timeout: float) -> dict[str, Any]:
+# vLLM's memory profiling asserts that no other process freed GPU memory while it profiled
+# ("Error in memory profiling", ``determine_available_memory`` in vllm/v1/worker/gpu_worker.py of
+# 0.26.0): on one GPU, an engine that ends frees its share under the next one's start. So engines on a
+# GPU run one at a time (a lock per machine), and the rank processes of other cells, which free their
+# cache as a cell ends, may still trip it: that start is retried, at most RETRIES times, and recorded.
+GPU_LOCK = Path(tempfile.gettempdir()) / "compat-serving-gpu.lock"
+PROFILING_RACE = "Error in memory profiling"
+RETRIES = 2
+
+
+def _run_engine(engine: str, python: Path, where: Path, timeout: float, backend: str = "cpu") -> dict[str, Any]:
     script = Path(__file__).with_name(f"{engine}.py")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     log = where / f"{engine}.log"
     cmd = [str(python), "-P", str(script), str(where)]  # -P: compat/serving (holding vllm.py) is not on sys.path
-    with log.open("w") as f:
-        try:
-            how = (
-                f"exited {subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode}"
-            )
-        except subprocess.TimeoutExpired:  # killed by subprocess.run
-            how = f"did not finish within the cell's {timeout:.0f} s and was killed"
+    retried = 0
+    with contextlib.ExitStack() as stack:
+        if backend == "cuda":
+            lock = stack.enter_context(GPU_LOCK.open("a"))
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        while True:
+            with log.open("w") as f:
+                try:
+                    code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+                    how = f"exited {code}"
+                except subprocess.TimeoutExpired:  # killed by subprocess.run
+                    code, how = None, f"did not finish within the cell's {timeout:.0f} s and was killed"
+            if code and retried < RETRIES and PROFILING_RACE in log.read_text(errors="replace"):
+                retried += 1
+                continue
+            break
     result = where / f"{engine}.json"
     if not result.is_file():
         tail = log.read_text(errors="replace")[-2000:]
         return {"error": f"the {engine} process {how} without a result; its log ends:\n{tail}"}
-    return json.loads(result.read_text())
+    record = json.loads(result.read_text())
+    if retried:
+        record["engine_restarts"] = f"{retried} (vLLM's memory profiling saw another process free GPU memory)"
+    return record
 
 
 def _compare(engine: str, cell: Cell, pins: EnginePins, where: Path, record: dict[str, Any]) -> dict[str, Any]:
