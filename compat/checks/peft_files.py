@@ -375,7 +375,7 @@ def check_loaded_by_peft(peft_model: Any, path: Path) -> list[str]:
         if full in wrapped and name in params:
             if not torch.equal(params[name].detach().cpu().to(value.dtype), value):
                 differ.append(f"{key} (parameter {name})")
-        elif key not in seen and _module_of(key) not in dropped:
+        elif key not in seen and not any(f"{_module_of(key)}.".startswith(f"{d}.") for d in dropped):  # named above
             unseen.append(f"{key} ({f'no parameter {name}' if m else 'not a LoRA tensor name'}, in no fused experts)")
     if differ:
         problems.append(
