@@ -165,3 +165,28 @@ def test_measured_values_do_not_make_a_problem_new() -> None:
     b = {"check": "logits", "message": "mismatched elements: 8191 / 8192 (99.9%); greatest 6.971e-01 at token 197"}
     assert problem_key(a) == problem_key(b)
     assert problem_key(a) != problem_key({**a, "message": a["message"].replace("token 197", "token 3")})
+
+
+def test_a_ci_matrix_that_lost_a_block_fails_naming_its_cells(monkeypatch, tmp_path, capsys) -> None:
+    """matrix/ci.toml with its served block deleted, against the accepted bridge-0.6.2 results: every
+    other cell as accepted, and the gate exits 1 naming each of the block's cells (before: exit 0)."""
+    import json
+
+    from compat.declare.matrix import load_matrix
+
+    ci = PINS.parent / "ci.toml"
+    block = '[[cells]]\nfamilies = ["llama_serving", "qwen3_serving"]\nlayouts = ["tp1", "tp=2", "pp=2"]\n'
+    block += 'serve = ["vllm"]\n'
+    assert block in ci.read_text()
+    lost = tmp_path / "ci.toml"
+    lost.write_text(ci.read_text().replace(block, ""))
+    accepted = json.loads((PINS / "accepted" / "bridge-0.6.2.json").read_text())
+    kept = {c.id for c in load_matrix(lost).cells}
+    gone = sorted({c.id for c in load_matrix(ci).cells} - kept)
+    assert len(gone) == 6 and {c["id"] for c in accepted["cells"]} == kept | set(gone)
+    ran = [c for c in accepted["cells"] if c["id"] in kept]
+    assert _gate_with(monkeypatch, tmp_path, {"cells": ran}, accepted, "--matrix", str(lost)) == 1
+    out = capsys.readouterr().out
+    listed = out.split("### Cells in the accepted results that did not run")[1]
+    assert all(f"- `{i}`" in listed for i in gone), listed
+    assert "### Other status changes" not in out and "### Other problems than accepted" not in out
