@@ -177,3 +177,34 @@ def test_the_terminal_gets_lines_and_the_summary_file_the_markdown(monkeypatch, 
     assert out[-2] == "new b: pass, expected pass"
     assert out[-1].startswith("gate bridge-x passes; 2 cells (1 new); environment reused in 0 s, matrix ran in ")
     assert "| `b` | pass | pass | - | new |" in summary.read_text()
+
+
+def test_a_ci_matrix_that_lost_a_block_fails_naming_its_cells(monkeypatch, tmp_path, capsys) -> None:
+    """matrix/ci.toml with its served block deleted, against the accepted bridge-0.6.2 results: every
+    other cell as accepted, and the gate exits 1 naming each of the block's cells (before: exit 0)."""
+    import json
+
+    from compat.declare.matrix import load_matrix
+
+    ci = PINS.parent / "ci.toml"
+    block = '[[cells]]\nfamilies = ["llama_serving", "qwen3_serving"]\nlayouts = ["tp1", "tp=2", "pp=2"]\n'
+    block += 'serve = ["vllm"]\n'
+    assert block in ci.read_text()
+    lost = tmp_path / "ci.toml"
+    lost.write_text(ci.read_text().replace(block, ""))
+    accepted = json.loads((PINS / "accepted" / "bridge-0.6.2.json").read_text())
+    kept = {c.id for c in load_matrix(lost).cells}
+    gone = sorted({c.id for c in load_matrix(ci).cells} - kept)
+    assert len(gone) == 6 and {c["id"] for c in accepted["cells"]} == kept | set(gone)
+    ran = [c for c in accepted["cells"] if c["id"] in kept]
+    summary = tmp_path / "summary.md"
+    assert (
+        _gate_with(monkeypatch, tmp_path, {"cells": ran}, accepted, "--matrix", str(lost), "--summary", str(summary))
+        == 1
+    )
+    out = summary.read_text()
+    terminal = capsys.readouterr().out
+    assert all(f"dropped {i}" in terminal.lower() or i in terminal for i in gone), terminal
+    listed = out.split("### Cells in the accepted results that did not run")[1]
+    assert all(f"- `{i}`" in listed for i in gone), listed
+    assert "### Other status changes" not in out and "### Other problems than accepted" not in out

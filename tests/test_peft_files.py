@@ -147,3 +147,60 @@ def test_dora_magnitudes_are_compared_with_what_peft_loaded(tmp_path):
     problems = check_loaded_by_peft(model, path)
     assert len(problems) == 1 and problems[0].startswith("peft did not load 8 tensors of the file")
     assert "lora_magnitude_vector (parameter " in problems[0]
+
+
+def test_a_tensor_peft_takes_but_no_check_can_place_is_named(tmp_path):
+    """Before: a base weight written into the adapter file loads without a warning and was passed over."""
+    from safetensors.torch import load_file, save_file
+
+    config, path = _tiny_adapter(tmp_path)
+    tensors = load_file(path / "adapter_model.safetensors")
+    tensors["base_model.model.model.embed_tokens.weight"] = torch.zeros(32, 16)
+    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    assert check_loaded_by_peft(_load(config, path), path) == [
+        "1 tensors of the file have no place a check can find in the model peft loaded, e.g. "
+        "base_model.model.model.embed_tokens.weight (not a LoRA tensor name, in no fused experts)"
+    ]
+
+
+def _moe_adapter(tmp_path: Path, dtype: torch.dtype) -> object:
+    """A Qwen3-MoE model (experts fused by transformers) loading per-expert LoRA pairs, as the bridge exports."""
+    import json
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(
+        hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, vocab_size=32, num_experts=2, num_experts_per_tok=1, head_dim=8,
+    )  # fmt: skip
+    transformers.Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "hf")
+    shapes = {"gate_proj": (8, 16), "up_proj": (8, 16), "down_proj": (16, 8)}
+    tensors = {}
+    for e in range(2):
+        for proj, (out_f, in_f) in shapes.items():
+            tensors[f"base_model.model.model.layers.0.mlp.experts.{e}.{proj}.lora_A.weight"] = torch.randn(2, in_f)
+            tensors[f"base_model.model.model.layers.0.mlp.experts.{e}.{proj}.lora_B.weight"] = torch.randn(out_f, 2)
+    (tmp_path / "ad").mkdir()
+    save_file({k: v.to(dtype) for k, v in tensors.items()}, tmp_path / "ad" / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": list(shapes), "task_type": "CAUSAL_LM"}
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(config))
+    base = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "hf", dtype=dtype)
+    return peft.PeftModel.from_pretrained(base, str(tmp_path / "ad"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_per_expert_tensors_are_compared_with_peft_fused_experts(tmp_path, dtype):
+    """Before: peft fuses the file's per-expert pairs into ParamWrappers and no check looked at their values."""
+    model = _moe_adapter(tmp_path, dtype)
+    path = tmp_path / "ad"
+    assert check_loaded_by_peft(model, path) == []
+    fused = model.base_model.model.model.layers[0].mlp.experts.base_layer  # gate_up_proj's ParamWrapper
+    with torch.no_grad():
+        fused.lora_A["default"].weight[4:6].add_(1.0)  # expert 1's gate_proj rank rows (peft's layout)
+    problems = check_loaded_by_peft(model, path)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(
+        "peft's fused model.layers.0.mlp.experts.gate_up_proj holds other values than the file's per-expert "
+        "tensors for 1 of 4 expert slices, e.g. expert 1 gate_proj (max |diff| "
+    ), problems

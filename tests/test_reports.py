@@ -110,6 +110,23 @@ def test_heatmap_of_committed_full_run(tmp_path: Path) -> None:
     assert out.stat().st_size > 50_000
 
 
+def test_heatmap_marks_a_square_whose_cell_skipped_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The square's text as drawn (the figure caught as heatmap closes it): ``~N`` for N checks skipped."""
+    import matplotlib.pyplot as plt
+
+    drawn: list[Any] = []
+    monkeypatch.setattr(plt, "close", drawn.append)
+    skipped = _cell("llama", metrics={"skipped_checks": {"base model": "no enable/disable_adapter_layers"}})
+    merged = {"merged": {"peft merge_and_unload": {"status": "skipped", "reason": "DoRA"}}}
+    skipped_merged = _cell("llama", layout={"tp": 2}, metrics={**merged, "skipped_checks": {"bridge loader": "x"}})
+    heatmap({"cells": [skipped, skipped_merged, _cell("qwen3")]}, tmp_path / "h.png")
+    (fig,) = drawn
+    squares = {t.get_text() for ax in fig.axes for t in ax.texts if t.get_text().startswith(("P", "F"))}
+    assert squares == {"P~1 2.4e-7", "P~2 2.4e-7", "P 2.4e-7"}, squares
+    header = " ".join(t.get_text() for t in fig.texts)
+    assert "3 cells, 0 unmet, 2 with skipped checks." in header, header
+
+
 def test_heatmap_of_no_cells(tmp_path: Path) -> None:
     assert heatmap({"cells": []}, tmp_path / "empty.png") == []
     _png_size(tmp_path / "empty.png")

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compat.checks.fused_experts import fused_expert_problems
+
 __all__ = ["HF_MODULES", "check_adapter_dir", "check_loaded_by_peft", "compare_exports", "expected_modules"]
 
 _KEY = re.compile(
@@ -364,19 +366,28 @@ def check_loaded_by_peft(peft_model: Any, path: Path) -> list[str]:
     saved = load_file(str(path / "adapter_model.safetensors"))
     params = dict(peft_model.named_parameters())
     wrapped = {name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
-    differ = []
+    differ, unseen = [], []
+    fused, seen = fused_expert_problems(peft_model, saved)
     for key, value in saved.items():
         m = _KEY.match(key)
         full = _PREFIX + m["module"] if m else ""
         name = f"{full}.{m['kind'] or m['magnitude']}.default.weight" if m else ""
-        if full in wrapped and name in params and not torch.equal(params[name].detach().cpu().to(value.dtype), value):
-            differ.append(f"{key} (parameter {name})")
+        if full in wrapped and name in params:
+            if not torch.equal(params[name].detach().cpu().to(value.dtype), value):
+                differ.append(f"{key} (parameter {name})")
+        elif key not in seen and not any(f"{_module_of(key)}.".startswith(f"{d}.") for d in dropped):  # named above
+            unseen.append(f"{key} ({f'no parameter {name}' if m else 'not a LoRA tensor name'}, in no fused experts)")
     if differ:
         problems.append(
             f"peft did not load {len(differ)} tensors of the file: the loaded values differ, "
             f"e.g. {'; '.join(differ[:2])}"
         )
-    return problems
+    if unseen:  # peft took them (they are not unexpected) somewhere no check can compare them
+        problems.append(
+            f"{len(unseen)} tensors of the file have no place a check can find in the model peft loaded, "
+            f"e.g. {'; '.join(unseen[:2])}"
+        )
+    return [*problems, *fused]
 
 
 _CHECK = "compat_check"

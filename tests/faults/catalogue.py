@@ -186,6 +186,17 @@ FAULTS: tuple[Fault, ...] = (
         (r"adapter_config\.json: lora_alpha is 32, expected 16",),
     ),
     Fault(
+        "base_weight_in_adapter",
+        "the base model's embed_tokens written, unchanged, into adapter_model.safetensors",
+        "llama",
+        "tp1",
+        (_saved(tamper.add_base_weight),),
+        (
+            r"1 tensors of the file have no place a check can find in the model peft loaded, "
+            r"e\.g\. base_model\.model\.model\.embed_tokens\.weight \(not a LoRA tensor name",
+        ),
+    ),
+    Fault(
         "r_wrong",
         "r in adapter_config.json is 4 instead of 8",
         "llama",

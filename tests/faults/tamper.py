@@ -104,6 +104,22 @@ def truncate(path_of: Callable[[Path], Path]) -> Callable[[Path], None]:
     return cut
 
 
+def add_base_weight(directory: Path) -> None:
+    """The base model's ``embed_tokens`` written, unchanged, into the adapter file: peft loads it
+    without a warning (it is not an unexpected key), and the logits cannot tell."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    base = Path(json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"])
+    weights = directory / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    for shard in sorted(base.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            if "model.embed_tokens.weight" in f.keys():
+                tensors["base_model.model.model.embed_tokens.weight"] = f.get_tensor("model.embed_tokens.weight")
+    save_file(tensors, weights, metadata={"format": "pt"})
+
+
 def _layer(name: str, n: int) -> bool:
     return f".layers.{n}." in name
 
