@@ -7,7 +7,8 @@ in is named), never scattered through the round trip:
 - ``megatron.bridge.peft.utils.create_peft_hook`` (applies PEFT and records the params to save):
   used where present, otherwise the same two calls it makes.
 - ``LoRALinear.weight`` (the effective merged weight): absent in 0.4.x/0.5.x, where the same merge
-  is ``megatron.bridge.peft.lora.LoRAMerge().merge(base, out, in, alpha, dim)``: 0.4.x takes the
+  is ``megatron.bridge.peft.lora.LoRAMerge().merge(base, out, in, alpha, dim)`` (``peft.lora_merge`` from 0.6,
+  also for TE grouped experts, whose merge the harness makes per expert: 0.5.1 has no ``lora_merge``): 0.4.x takes the
   TP group from megatron-core's parallel state, 0.5.x requires keyword-only ``tp_size``/``tp_group``
   (the adapter's own ``tp_group``), 0.6 takes an optional ``tp_group``.
 """
@@ -178,16 +179,13 @@ def _group_size(group: Any) -> int:
 
 def _grouped_weights(m: Any) -> list[tuple[Any, Any]]:
     """(weight{i}, merged weight{i}) for each local expert of a TE grouped linear (expert TP 1)."""
-    from megatron.bridge.peft.lora_merge import LoRAMerge
-
     a = m.adapter
     lin, lout = a.linear_in.weight, a.linear_out.weight
     out = []
     for i in range(m.to_wrap.num_gemms):
         base = getattr(m.to_wrap, f"weight{i}")
-        merged = LoRAMerge().merge(
-            base, lout[i] if lout.dim() == 3 else lout, lin[i] if lin.dim() == 3 else lin, a.alpha, a.dim, tp_group=None
-        )
+        out_i, in_i = (lout[i] if lout.dim() == 3 else lout), (lin[i] if lin.dim() == 3 else lin)
+        merged = _merge(base, out_i, in_i, a.alpha, a.dim, None)
         out.append((base, merged.to(device=base.device, dtype=base.dtype)))
     return out
 
@@ -204,22 +202,31 @@ def _effective_weight(m: Any) -> Any:
 
     if isinstance(inspect.getattr_static(LoRALinear, "weight", None), property):
         return m.weight
-    from megatron.bridge.peft.lora import LoRAMerge
+    from megatron.core import parallel_state
 
     base = m.to_wrap.weight
     if not m._adapter_enabled:
         return base
-    kwargs: dict[str, Any] = {}
-    params = inspect.signature(LoRAMerge.merge).parameters
-    if "tp_group" in params:
-        import torch.distributed as dist
-        from megatron.core import parallel_state
+    group = getattr(m.adapter, "tp_group", None) or parallel_state.get_tensor_model_parallel_group()
+    a = m.adapter
+    merged = _merge(base, a.linear_out.weight, a.linear_in.weight, a.alpha, a.dim, group)
+    return merged.to(device=base.device, dtype=base.dtype)
 
-        group = getattr(m.adapter, "tp_group", None) or parallel_state.get_tensor_model_parallel_group()
+
+def _merge(base: Any, linear_out: Any, linear_in: Any, alpha: Any, dim: int, group: Any) -> Any:
+    """``LoRAMerge().merge`` of the installed release: in ``megatron.bridge.peft.lora_merge`` from 0.6, in
+    ``megatron.bridge.peft.lora`` before; 0.4.x takes no TP group (parallel state's), 0.5.x requires
+    keyword-only ``tp_size``/``tp_group``, 0.6 an optional ``tp_group`` (``None``: not sharded)."""
+    from importlib.util import find_spec
+
+    if find_spec("megatron.bridge.peft.lora_merge") is not None:
+        from megatron.bridge.peft.lora_merge import LoRAMerge
+    else:
+        from megatron.bridge.peft.lora import LoRAMerge
+    params = inspect.signature(LoRAMerge.merge).parameters
+    kwargs: dict[str, Any] = {}
+    if "tp_group" in params:
         kwargs["tp_group"] = group
         if "tp_size" in params:
-            kwargs["tp_size"] = dist.get_world_size(group)
-    merged = LoRAMerge().merge(
-        base, m.adapter.linear_out.weight, m.adapter.linear_in.weight, m.adapter.alpha, m.adapter.dim, **kwargs
-    )
-    return merged.to(device=base.device, dtype=base.dtype)
+            kwargs["tp_size"] = _group_size(group)
+    return LoRAMerge().merge(base, linear_out, linear_in, alpha, dim, **kwargs)

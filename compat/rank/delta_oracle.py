@@ -45,6 +45,10 @@ def _delta(adapter: Any, out_rows: int, lin: torch.Tensor, lout: torch.Tensor) -
 
     lin, lout = lin.detach().float(), lout.detach().float()
     group = getattr(adapter, "tp_group", None)
+    if not hasattr(adapter, "tp_group") and dist.is_initialized():  # 0.4.x: LoRAMerge takes parallel state's
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
     size = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
     if size > 1 and lin.shape[0] * size == adapter.dim and lout.shape[1] == adapter.dim:
         lin = torch.cat(_gather(lin, group, size), dim=0)  # column parallel: A split over the rank
