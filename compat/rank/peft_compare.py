@@ -105,7 +105,7 @@ def compare_with_peft(
     for h in hooks:
         h.remove()
     meg = load_megatron(paths, "adapter")
-    keep, flipped = _routing(cell, meg, hf_acts, "adapter", metrics, problems)
+    keep, flipped, rerouted = _routing(cell, meg, hf_acts, "adapter", metrics)
     cmp = compare(meg["logits"], peft_logits, tol, keep)
     metrics.update(
         max_abs_diff=cmp.max_abs_diff,
@@ -121,9 +121,12 @@ def compare_with_peft(
                 "logits",
                 cmp.message("Megatron logits differ from peft.PeftModel logits", _WHERE)
                 + (f"; first divergence: {where}" if where else "")
-                + flipped,
+                + flipped
+                + "".join(f"; {r}" for r in rerouted),
             )
         )
+    else:
+        problems += [Problem("routing", r) for r in rerouted]
     effect = effect_problem(base_logits, peft_logits, tol)
     if effect:
         problems.append(Problem("adapter effect", effect))
@@ -138,20 +141,22 @@ _NEED_PEFT = "peft placement, logits, adapter effect, merged forms (they need th
 
 
 def _routing(
-    cell: Cell, meg: dict[str, torch.Tensor], hf: dict[str, torch.Tensor], pair: str, metrics: dict, problems: list
-) -> tuple[torch.Tensor | None, str]:
+    cell: Cell, meg: dict[str, torch.Tensor], hf: dict[str, torch.Tensor], pair: str, metrics: dict
+) -> tuple[torch.Tensor | None, str, list[str]]:
     """The logits positions to compare (``compat.rank.routing``: those before each sequence's first
-    routing flip) and the flips as a clause for a mismatch's message; the flips go to
-    ``metrics["routing"][pair]``, and what they make a problem to ``problems``."""
+    routing flip), the flips as a clause for a mismatch's message, and the flips that are no near-tie;
+    the flips go to ``metrics["routing"][pair]``. A flip that is no near-tie is said once: inside the
+    logits mismatch where the compared logits differ anyway (a defect upstream of the router moves
+    both: one cause), as a ``routing`` problem of its own where they agree (the mask must hide nothing)."""
     flips = find_flips(meg, hf, cell.dtype, get_family(cell.family).dims.hidden_size)
     if flips is None:
-        return None, ""
+        return None, "", []
     found = metrics.setdefault("routing", {})[pair] = flips.metrics()
     if not flips.flips:
-        return None, ""  # no flip: every position is compared, and any message reads as before
-    problems += [Problem("routing", f"{pair}: {p}") for p in flips.problems()]
+        return None, "", []  # no flip: every position is compared, and any message reads as before
     found["finding"] = flips.summary()
-    return flips.keep(), f"; {found['finding']}, positions from each sequence's first flip on not compared"
+    clause = f"; {found['finding']}, positions from each sequence's first flip on not compared"
+    return flips.keep(), clause, [f"{pair}: {p}" for p in flips.problems()]
 
 
 def _base_problems(
@@ -169,7 +174,7 @@ def _base_problems(
     dims = get_family(cell.family).dims
     tol = base_tolerance(cell.dtype, dims.num_layers, dims.hidden_size, base_logits)
     meg, problems = load_megatron(paths, "base"), []
-    keep, flipped = _routing(cell, meg, routing, "base", metrics, problems)
+    keep, flipped, rerouted = _routing(cell, meg, routing, "base", metrics)
     c = compare(meg["logits"], base_logits, tol, keep)
     metrics["tolerance"] = {
         "base_drift": c.max_abs_diff,
@@ -180,7 +185,11 @@ def _base_problems(
         "adapter: max(table, ADAPTER_GROWTH x base drift) (compat/checks/compare.py)",
     }
     if not c.ok:
-        problems.append(Problem("base model", c.message(_BASES_DIFFER, _WHERE) + flipped))
+        problems.append(
+            Problem("base model", c.message(_BASES_DIFFER, _WHERE) + flipped + "".join(f"; {r}" for r in rerouted))
+        )
+    else:
+        problems += [Problem("routing", r) for r in rerouted]
     return problems
 
 
