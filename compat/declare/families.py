@@ -26,6 +26,7 @@ __all__ = [
     "ensure_tiny_model",
     "families",
     "get_family",
+    "require_model_type",
     "tiny_model_dir",
 ]
 
@@ -125,20 +126,26 @@ def _parse(data: dict[str, Any], source: str) -> dict[str, Family]:
 
 
 def _profiles(profiles: dict[str, Any], declared: dict[str, Family], source: str) -> dict[str, Family]:
-    """``[profile.NAME]``: the listed families again as ``FAMILY_NAME``, its config keys over theirs
-    (the sizes a consumer needs: vLLM's CPU attention refuses the contract's head_dim 8)."""
+    """``[profile.NAME]``: the listed families again as ``FAMILY_SUFFIX`` (``suffix`` defaults to NAME), its
+    config keys over theirs (the sizes a consumer needs: vLLM's CPU attention refuses the contract's
+    head_dim 8); two profiles of one suffix size different families alike."""
     out: dict[str, Family] = {}
     for profile, spec in profiles.items():
-        unknown = set(spec) - {"about", "families", "config"}
+        unknown = set(spec) - {"about", "families", "config", "suffix"}
         if unknown or not isinstance(spec.get("families"), list) or not isinstance(spec.get("config", {}), dict):
-            raise FamilyError(f"{source}: profile {profile!r} needs 'families' (a list) and a 'config' table only")
+            raise FamilyError(
+                f"{source}: profile {profile!r} needs 'families' (a list) and a 'config' table only (and a 'suffix')"
+            )
+        suffix = str(spec.get("suffix", profile))
         for name in spec["families"]:
             if name not in declared:
                 raise FamilyError(f"{source}: profile {profile!r} names family {name!r}, not declared here")
             fam = declared[name]
-            about = f"{fam.about}; {profile} profile: {spec.get('about', '')}".rstrip(": ")
+            about = f"{fam.about}; {suffix} profile: {spec.get('about', '')}".rstrip(": ")
             config = {**fam.config, **spec.get("config", {})}
-            out[f"{name}_{profile}"] = replace(fam, name=f"{name}_{profile}", about=about, config=config)
+            if f"{name}_{suffix}" in out:
+                raise FamilyError(f"{source}: profile {profile!r} declares {name}_{suffix} again")
+            out[f"{name}_{suffix}"] = replace(fam, name=f"{name}_{suffix}", about=about, config=config)
     return out
 
 
@@ -159,17 +166,13 @@ def add_families(path: Path) -> None:
     _DECLARED.add_file(path)
 
 
-def build_tiny_model(family: Family, path: Path, seed: int = 0) -> None:
-    """Write the family's tiny HF model (seeded random fp32 weights) to ``path``.
-
-    The same seed gives the same weights, so a resharding cell's second launch sees the model
-    its first launch saved against. Weights are stored in fp32; a bf16 cell casts on load.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def require_model_type(family: Family) -> None:
+    """``Unsupported`` where the installed transformers has no such model type (an older release: the
+    family cannot exist here). Every rank asks before rank 0 builds the model, so no peer is left
+    waiting at the barrier for a rank that stopped."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    if family.model_type not in CONFIG_MAPPING:  # an older transformers: the family cannot exist here
+    if family.model_type not in CONFIG_MAPPING:
         from importlib.metadata import version
 
         from compat.checks.findings import Unsupported
@@ -178,6 +181,18 @@ def build_tiny_model(family: Family, path: Path, seed: int = 0) -> None:
             f"transformers {version('transformers')} has no model type {family.model_type!r} "
             "(transformers/models/auto/configuration_auto.py, CONFIG_MAPPING)"
         )
+
+
+def build_tiny_model(family: Family, path: Path, seed: int = 0) -> None:
+    """Write the family's tiny HF model (seeded random fp32 weights) to ``path``.
+
+    The same seed gives the same weights, so a resharding cell's second launch sees the model
+    its first launch saved against. Weights are stored in fp32; a bf16 cell casts on load.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    require_model_type(family)
     config = AutoConfig.for_model(family.model_type, **family.config)
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.manual_seed(seed)

@@ -15,12 +15,9 @@ its own torch), so the seam is files, in the cell's ``serve/`` directory:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -49,7 +46,13 @@ def check_servable(cell: Cell, backend: str) -> None:
         pins = engine_pins(engine, "cuda" if backend == "cuda" else "cpu")
         if cell.dtype not in pins.dtypes:
             raise ValueError(f"cell {cell.id}: {pins.name} serves {'/'.join(pins.dtypes)} here, not {cell.dtype}")
-        head_dim = family.config.get("head_dim", family.dims.hidden_size // family.dims.num_attention_heads)
+        derived = family.dims.hidden_size // family.dims.num_attention_heads
+        head_dim = family.config.get("head_dim", derived)
+        if family.model_type in pins.derives_head_dim and head_dim != derived:
+            raise ValueError(
+                f"cell {cell.id}: {pins.name}'s {family.model_type} takes head_dim as hidden_size / "
+                f"num_attention_heads = {derived}, not the config's {head_dim}: {pins.derives_head_dim_why}"
+            )
         if pins.head_dims and head_dim not in pins.head_dims:
             raise ValueError(
                 f"cell {cell.id}: {pins.name}'s attention refuses head_dim {head_dim} (takes {list(pins.head_dims)}); "
@@ -104,52 +107,31 @@ def _check(engine: str, cell: Cell, where: Path, backend: str, timeout: float) -
         return _record("error", ["the round trip stopped before the export: nothing to serve"])
     pins = engine_pins(engine, "cuda" if backend == "cuda" else "cpu")
     python, _, build_s = ensure_engine_env(pins)
-    record = _run_engine(engine, python, where, timeout, backend)
+    record = _run_engine(engine, python, where, timeout)
     record.setdefault("seconds", {})["environment"] = round(build_s, 2)
     if "error" in record:
         return _record("error", [f"{pins.name}: {record['error']}"], seconds=record.get("seconds", {}))
     return {**_compare(engine, cell, pins, where, record), "engine": record.get("engine", pins.name)}
 
 
-# vLLM's memory profiling asserts that no other process freed GPU memory while it profiled
-# ("Error in memory profiling", ``determine_available_memory`` in vllm/v1/worker/gpu_worker.py of
-# 0.26.0): on one GPU, an engine that ends frees its share under the next one's start. So engines on a
-# GPU run one at a time (a lock per machine), and the rank processes of other cells, which free their
-# cache as a cell ends, may still trip it: that start is retried, at most RETRIES times, and recorded.
-GPU_LOCK = Path(tempfile.gettempdir()) / "compat-serving-gpu.lock"
-PROFILING_RACE = "Error in memory profiling"
-RETRIES = 2
-
-
-def _run_engine(engine: str, python: Path, where: Path, timeout: float, backend: str = "cpu") -> dict[str, Any]:
+def _run_engine(engine: str, python: Path, where: Path, timeout: float) -> dict[str, Any]:
     script = Path(__file__).with_name(f"{engine}.py")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     log = where / f"{engine}.log"
     cmd = [str(python), "-P", str(script), str(where)]  # -P: compat/serving (holding vllm.py) is not on sys.path
-    retried = 0
-    with contextlib.ExitStack() as stack:
-        if backend == "cuda":
-            lock = stack.enter_context(GPU_LOCK.open("a"))
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        while True:
-            with log.open("w") as f:
-                try:
-                    code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
-                    how = f"exited {code}"
-                except subprocess.TimeoutExpired:  # killed by subprocess.run
-                    code, how = None, f"did not finish within the cell's {timeout:.0f} s and was killed"
-            if code and retried < RETRIES and PROFILING_RACE in log.read_text(errors="replace"):
-                retried += 1
-                continue
-            break
+    # Engines on one GPU may start side by side: each takes a fixed KV cache (compat/serving/vllm.py,
+    # KV_CACHE_BYTES), so none runs vLLM's memory profiling, which another process freeing memory trips.
+    with log.open("w") as f:
+        try:
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+            how = f"exited {code}"
+        except subprocess.TimeoutExpired:  # killed by subprocess.run
+            how = f"did not finish within the cell's {timeout:.0f} s and was killed"
     result = where / f"{engine}.json"
     if not result.is_file():
         tail = log.read_text(errors="replace")[-2000:]
         return {"error": f"the {engine} process {how} without a result; its log ends:\n{tail}"}
-    record = json.loads(result.read_text())
-    if retried:
-        record["engine_restarts"] = f"{retried} (vLLM's memory profiling saw another process free GPU memory)"
-    return record
+    return json.loads(result.read_text())
 
 
 def _compare(engine: str, cell: Cell, pins: EnginePins, where: Path, record: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,8 @@ dtypes = ["fp32"]                            # what the engine serves well enoug
 head_dims = [32, 64]                         # optional: the head_dims its attention takes
 moe_lora = false                             # optional (default true): whether it serves MoE LoRA
 moe_lora_why = "..."                         # and if not, why (upstream file:line)
+derives_head_dim = ["qwen2"]                 # optional: model types whose engine model takes head_dim as
+derives_head_dim_why = "..."                 # hidden_size / num_attention_heads, not config.head_dim (why)
 requirements = "requirements/vllm-cpu.txt"   # optional: resolved together with [packages]
 system_torch = false                         # optional: true = the calling interpreter's torch (and
                                              # site-packages), [packages] torch its exact version,
@@ -41,7 +43,7 @@ __all__ = ["ENGINES", "EnginePins", "engine_pins", "ensure_engine_env", "load_en
 
 PINS_DIR = REPO / "matrix" / "serving"
 _KEYS = {"about", "engine", "device", "dtypes", "head_dims", "moe_lora", "moe_lora_why", "requirements", "system_torch"}
-_KEYS |= {"packages", "no-deps", "tolerance"}
+_KEYS |= {"derives_head_dim", "derives_head_dim_why", "packages", "no-deps", "tolerance"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class EnginePins:
     head_dims: tuple[int, ...] = ()
     moe_lora: bool = True
     moe_lora_why: str = ""
+    derives_head_dim: tuple[str, ...] = ()
+    derives_head_dim_why: str = ""
     tolerances: dict[str, float] | None = None
     system_torch: bool = False
 
@@ -113,6 +117,8 @@ def load_engine_pins(path: Path) -> EnginePins:
         head_dims=tuple(data.get("head_dims", ())),
         moe_lora=bool(data.get("moe_lora", True)),
         moe_lora_why=str(data.get("moe_lora_why", "")),
+        derives_head_dim=tuple(data.get("derives_head_dim", ())),
+        derives_head_dim_why=str(data.get("derives_head_dim_why", "")),
         tolerances={d: t["atol"] for d, t in tolerance.items()},
         system_torch=system_torch,
     )

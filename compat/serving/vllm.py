@@ -32,6 +32,11 @@ LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # max_lora_rank values vLLM ac
 # gives the first engine the card and refuses the next. A serving-size model (hidden 64, 64 positions)
 # needs well under 1 GiB: 0.05 of an H200 is 7 GiB, room for the CUDA context, kernels and KV cache.
 GPU_MEMORY_SHARE = 0.05
+# A KV cache of a fixed size: vLLM then skips its memory profiling (vllm/v1/worker/gpu_worker.py:462-480
+# of 0.26.0), whose assertion that no other process freed GPU memory meanwhile (:532, "Error in memory
+# profiling") any other engine or rank process ending on the same card trips. 256 MiB holds the serving
+# families' 64 positions many times over (4 layers x 4 KV heads x head_dim 32 x 2 x bf16 = 2 KiB/token).
+KV_CACHE_BYTES = 256 << 20
 
 
 def _where(exc: BaseException) -> str:
@@ -109,7 +114,11 @@ def serve(serve_dir: Path) -> dict[str, Any]:
         enforce_eager=True,
         skip_tokenizer_init=True,
         distributed_executor_backend="uni",
-        **({"gpu_memory_utilization": GPU_MEMORY_SHARE} if torch.cuda.is_available() else {}),
+        **(
+            {"gpu_memory_utilization": GPU_MEMORY_SHARE, "kv_cache_memory_bytes": KV_CACHE_BYTES}
+            if torch.cuda.is_available()
+            else {}
+        ),
     )
     record["seconds"]["engine start"] = round(time.monotonic() - clock, 2)
     params = SamplingParams(prompt_logprobs=-1, max_tokens=1, detokenize=False)
