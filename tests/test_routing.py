@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import torch
 
 from compat.checks.compare import TOLERANCES, compare
-from compat.rank.routing import find_flips
+from compat.rank.routing import capture_hf_routing, find_flips
 
 B, S, E, K = 2, 6, 8, 2
 
@@ -66,3 +69,53 @@ def test_a_flip_at_every_first_position_leaves_nothing_and_says_so():
 
 def test_dense_models_have_no_routing():
     assert find_flips({"logits": torch.zeros(1)}, {}, "fp32", 64) is None
+
+
+class _Router(torch.nn.Module):
+    """transformers' Qwen3MoeTopKRouter: 5.3.0 returns the softmax as its first output, 5.8.1 on the logits."""
+
+    def __init__(self, returns_probs: bool) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(E, 16, generator=torch.Generator().manual_seed(1)))
+        self.returns_probs = returns_probs
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = torch.nn.functional.linear(x, self.weight)
+        probs = torch.softmax(logits, dtype=torch.float, dim=-1)
+        top, indices = probs.topk(K, -1)
+        return (probs if self.returns_probs else logits), top, indices
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self, returns_probs: bool) -> None:
+        super().__init__()
+        self.gate = _Router(returns_probs)
+
+    def forward(self, h: torch.Tensor) -> Any:
+        return self.gate(h.reshape(-1, h.shape[-1]))
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, returns_probs: bool) -> None:
+        super().__init__()
+        self.mlp = _Mlp(returns_probs)
+
+
+@pytest.mark.parametrize("returns_probs", [False, True], ids=["logits (transformers 5.8.1)", "softmax (5.3.0)"])
+def test_hf_router_logits_are_logits_whatever_the_gate_returns(returns_probs: bool):
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([_Layer(returns_probs)])
+    x = torch.randn(B, S, 16, generator=torch.Generator().manual_seed(2)).bfloat16()
+    model.layers[0].mlp.bfloat16()
+    store: dict[str, torch.Tensor] = {}
+    hooks = capture_hf_routing(model, store, torch.zeros(B, S, dtype=torch.long))
+    with torch.no_grad():
+        model.layers[0].mlp(x)
+    for h in hooks:
+        h.remove()
+    logits = torch.nn.functional.linear(x, model.layers[0].mlp.gate.weight).float()
+    assert torch.equal(store["layer 0 router"], logits)
+    assert torch.equal(store["layer 0 routed"], _side(logits)["layer 0 routed"])
+    meg = _side(logits.clone())
+    meg["layer 0 router"][0, 0] += 1e-3  # a rounding's worth on the Megatron side: no drift beyond noise
+    assert all(f.drift <= 2e-3 for f in find_flips(meg, store, "bf16", 16).flips)

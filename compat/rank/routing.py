@@ -73,11 +73,13 @@ def capture_hf_routing(model: torch.nn.Module, store: dict[str, torch.Tensor], i
             one_hot = torch.zeros(indices.shape[0], experts, device=indices.device)
             store[f"{key} {ROUTED}"] = one_hot.scatter_(1, indices.long(), 1.0).reshape(b, s, experts)
 
-        def gate_hook(_m: Any, _i: Any, out: Any, key: str = key, experts: int = experts, chosen: Any = chosen) -> None:
+        def gate_hook(
+            m: Any, inputs: Any, out: Any, key: str = key, experts: int = experts, chosen: Any = chosen
+        ) -> None:
             outs = out if isinstance(out, tuple) else (out,)
             logits = [t for t in outs if t.is_floating_point() and t.shape[-1] == experts]
             if logits:  # else this layer's routing is not compared: find_flips needs both sides' logits
-                store[f"{key} {ROUTER}"] = logits[0].reshape(b, s, experts).float()
+                store[f"{key} {ROUTER}"] = _as_logits(m, inputs, logits[0]).reshape(b, s, experts).float()
             indices = [t for t in outs if not t.is_floating_point()]
             if indices:
                 chosen(indices[0].reshape(b * s, -1))
@@ -94,6 +96,30 @@ def capture_hf_routing(model: torch.nn.Module, store: dict[str, torch.Tensor], i
             mlp.route_tokens_to_experts = wrapped
             hooks.append(_Restore(mlp, "route_tokens_to_experts"))
     return hooks
+
+
+def _as_logits(gate: torch.nn.Module, inputs: Any, scores: torch.Tensor) -> torch.Tensor:
+    """The router logits a gate ranked: ``scores`` as it returned them, unless they are the softmax of
+    its own linear map of its input. transformers 5.3.0's TopKRouters (qwen3_moe, qwen2_moe, olmoe,
+    mixtral, qwen3_next) overwrite ``router_logits`` with their softmax and return that
+    (``transformers/models/qwen3_moe/modeling_qwen3_moe.py:269``, ``:275``); 5.8.1 on keep the logits
+    apart as ``router_probs`` and return the logits (``:266``, ``:272``). Probabilities lie in [0, 1],
+    Megatron's logits do not: the difference is no drift, and every flip would read as no near-tie.
+    The logits are then recomputed by the gate's own op on its own input (bit-identical to what it
+    ranked, ``F.linear(hidden_states, self.weight)``, ``:268``)."""
+    x = inputs[0] if inputs else None
+    weight = getattr(gate, "weight", None)
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or x.shape[-1] != weight.shape[-1]:
+        return scores
+    bias = getattr(gate, "bias", None)
+    flat = scores.reshape(-1, scores.shape[-1])
+    if (flat < 0).any() or not torch.allclose(flat.float().sum(-1), torch.ones(1, device=flat.device), atol=1e-3):
+        return scores  # not a distribution over the experts: the logits themselves
+    logits = torch.nn.functional.linear(
+        x.reshape(-1, x.shape[-1]), weight, bias if isinstance(bias, torch.Tensor) else None
+    )
+    probs = torch.softmax(logits.float(), dim=-1)
+    return logits if logits.shape == flat.shape and torch.allclose(flat.float(), probs, rtol=0, atol=1e-6) else scores
 
 
 @dataclass(frozen=True)
