@@ -2,6 +2,7 @@
 
 import pytest
 
+from compat.checks.problems import log_line
 from compat.results.verdict import RankOutcome, verdict
 
 
@@ -84,3 +85,19 @@ def test_a_timeout_shows_the_stack_dump_from_its_innermost_frame():
     status, reason, _, _ = verdict(outcomes, "timed out after 60s", "roundtrip")
     assert status == "error" and reason.startswith("timed out after 60s")
     assert "in planted_hang_forever" in reason  # the innermost frame survives the tail
+
+
+def test_a_rank_left_waiting_still_names_what_it_found():
+    """megatron-core validates a load's sharding on rank 0 only (dist_checkpointing/validation.py:388 of
+    0.17.1) and raises there while its peers enter torch's load collective: rank 0's exchange of the
+    problem never returns, both are killed at the deadline, and the problem is read from rank 0's log."""
+    log = "INFO: loading\n" + log_line("checkpoint load", "the checkpoint does not load: ShardedObject are missing\n")
+    log += "\n" + log_line("checkpoint load", "the checkpoint does not load: ShardedObject are missing\n") + "\n"
+    outcomes = [RankOutcome(0, -9, None, log), RankOutcome(1, -9, None, "in torch.distributed.checkpoint")]
+    status, _, _, problems = verdict(outcomes, "timed out after 420s", "load")
+    assert status == "error"
+    assert [p.as_dict() for p in problems if p.check != "run"] == [
+        {"check": "checkpoint load", "message": "the checkpoint does not load: ShardedObject are missing\n",
+         "where": "load, rank 0"}
+    ]  # fmt: skip
+    assert next(p.message for p in problems if p.check == "run") == "timed out after 420s"

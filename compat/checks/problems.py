@@ -6,11 +6,13 @@ a problem nobody expected cannot hide inside a reason that also holds the expect
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["Problem", "joined", "problem_key", "problems_of"]
+__all__ = ["Problem", "joined", "log_line", "logged_problems", "problem_key", "problems_of"]
 
 
 @dataclass(frozen=True)
@@ -51,3 +53,27 @@ _MEASURED = re.compile(r"\d+\.\d+(?:e[-+]\d+)?%?|\b\d+ / \d+\b")
 def problem_key(problem: dict[str, Any]) -> str:
     """A problem as the gate and ``compat diff`` compare it: its check and message, measured values masked."""
     return f"[{problem.get('check', '')}] " + _MEASURED.sub("#", str(problem.get("message", "")))
+
+
+# A rank writes what it found to its log before it hands it to its peers: when a peer is stuck in
+# another collective (an upstream one), the exchange never returns and the rank is killed at the
+# cell's deadline, so its record is never written; the verdict reads these lines back from its log.
+_LOGGED = "compat-problem: "
+
+
+def log_line(check: str, message: str) -> str:
+    """One line of a rank's log holding a problem it found."""
+    return _LOGGED + json.dumps([check, message])
+
+
+def logged_problems(log: str, where: str) -> list[Problem]:
+    """The problems a rank wrote to its log (``log_line``), each once, in order."""
+    out: list[Problem] = []
+    for line in log.splitlines():
+        if line.startswith(_LOGGED):
+            with contextlib.suppress(ValueError, TypeError):
+                check, message = json.loads(line[len(_LOGGED) :])
+                problem = Problem(str(check), str(message), where)
+                if problem not in out:
+                    out.append(problem)
+    return out

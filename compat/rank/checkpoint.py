@@ -146,8 +146,9 @@ def written_by(path: Path, model: list, params: list[str]) -> list[str]:
 def unloadable(checkpoint: Path, exc: BaseException) -> str:
     """Why loading raised, naming the checkpoint file at fault where it can."""
     files = damaged_files(checkpoint) if (checkpoint / ".metadata").exists() else []
-    where = "; ".join(files) if files else f"no file of {checkpoint} is short, missing or unreadable"
-    return f"cannot load the adapter checkpoint {checkpoint}: {where} (load raised {_cause(exc)})"
+    # named as inside the cell's directory (checkpoint/...): a problem reads the same in every run
+    where = "; ".join(files) if files else f"no file of {checkpoint.name}/ is short, missing or unreadable"
+    return f"cannot load the adapter checkpoint {checkpoint.name}/: {where} (load raised {_cause(exc)})"
 
 
 def _cause(exc: BaseException) -> str:
@@ -177,7 +178,7 @@ def damaged_files(checkpoint: Path) -> list[str]:
     try:
         metadata = FileSystemReader(str(checkpoint)).read_metadata()
     except Exception as exc:
-        return [f"its metadata {checkpoint / '.metadata'} cannot be read ({type(exc).__name__}: {first_line(exc)})"]
+        return [f"its metadata {checkpoint.name}/.metadata cannot be read ({type(exc).__name__}: {first_line(exc)})"]
     needed: dict[str, int] = {}
     for info in metadata.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)

@@ -3,7 +3,8 @@
 Why a group of their own: a rank that an upstream exception took out of an upstream collective
 early then waits *here*, where no upstream collective of its peers can be matched with its own,
 so the cell shows as a hang (stacks dumped) instead of ranks exchanging each other's unrelated
-buffers. Created once per rank process, right after the default process group, as ``new_group``
+buffers; what the waiting rank found is in its log (``log_line``), for the verdict to name.
+Created once per rank process, right after the default process group, as ``new_group``
 requires every rank to take part.
 
 Every check collects its problems per rank and calls :meth:`Collective.agree`, so a failing
@@ -12,10 +13,11 @@ check ends every rank together, with one reason, instead of leaving peers blocke
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from compat.checks.findings import CheckFailed
-from compat.checks.problems import Problem
+from compat.checks.problems import Problem, log_line
 
 __all__ = ["Collective"]
 
@@ -64,6 +66,8 @@ class Collective:
         A problem every rank found is reported once, under the first rank that found it. Every
         problem is kept (each check already bounds its own list), so none escapes an expectation.
         """
+        for problem in problems:  # kept in the log should a peer never reach this exchange
+            print(log_line(check, problem), file=sys.stderr, flush=True)
         merged: list[Problem] = []
         seen: set[str] = set()
         for rank, rank_problems in enumerate(self.gather(list(problems))):

@@ -19,7 +19,7 @@ from typing import Any
 from compat.checks.findings import CheckFailed
 from compat.checks.problems import Problem
 from compat.declare.cells import Cell
-from compat.declare.families import ensure_tiny_model, get_family
+from compat.declare.families import ensure_tiny_model, get_family, require_model_type
 from compat.declare.plugins import Resolved
 from compat.rank import adapter_state, checkpoint, delta_oracle
 from compat.rank.activations import megatron_forward
@@ -98,6 +98,7 @@ def _steps(
     lap: _Laps,
     found: list[Problem],
 ) -> dict[str, Any]:
+    require_model_type(get_family(cell.family))  # on every rank: none waits at the barrier for rank 0
     if comm.rank == 0:
         ensure_tiny_model(get_family(cell.family), paths.hf)
     comm.barrier()

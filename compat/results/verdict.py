@@ -12,7 +12,7 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
-from compat.checks.problems import Problem, problems_of
+from compat.checks.problems import Problem, logged_problems, problems_of
 
 __all__ = ["LOG_TAIL", "RankOutcome", "verdict"]
 
@@ -110,5 +110,11 @@ def verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, str
         detail = "\n".join(o.describe_death() for o in dead)
         problems = [Problem("run", cut or "a rank died", phase if where else "")]
         problems += [Problem("run", o.describe_death().split(";")[0], phase if where else "") for o in dead]
+        # what a rank found before it was left waiting for its peers (compat.rank.collective)
+        problems += [
+            p
+            for o in dead
+            for p in logged_problems(o.log, ", ".join(x for x in (phase if where else "", f"rank {o.rank}") if x))
+        ]
         return "error", f"{where}{cut or 'a rank died'}\n{detail}".rstrip(), {}, problems
     return "pass", "", outcomes[0].record.get("metrics", {}) if outcomes[0].record else {}, []
