@@ -83,9 +83,12 @@ def verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, str
         rank = f"rank {o.rank}" if o.record["status"] == "error" else ""
         out = []
         for p in problems_of(o.record.get("problems")) or [Problem("run", o.record["reason"])]:
-            parts = [phase if where else "", rank, p.where]
-            out.append(Problem(p.check, p.message, ", ".join(x for x in parts if x)))
+            out.append(Problem(p.check, p.message, at(rank, p.where)))
         return out
+
+    def at(*parts: str) -> str:
+        """Where a problem was found: the phase (when not the round trip), the rank, the check's own place."""
+        return ", ".join(x for x in (phase if where else "", *parts) if x)
 
     errors = [o for o in outcomes if o.record and o.record["status"] == "error"]
     fails = [o for o in outcomes if o.record and o.record["status"] == "fail"]
@@ -111,10 +114,6 @@ def verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, str
         problems = [Problem("run", cut or "a rank died", phase if where else "")]
         problems += [Problem("run", o.describe_death().split(";")[0], phase if where else "") for o in dead]
         # what a rank found before it was left waiting for its peers (compat.rank.collective)
-        problems += [
-            p
-            for o in dead
-            for p in logged_problems(o.log, ", ".join(x for x in (phase if where else "", f"rank {o.rank}") if x))
-        ]
+        problems += [p for o in dead for p in logged_problems(o.log, at(f"rank {o.rank}"))]
         return "error", f"{where}{cut or 'a rank died'}\n{detail}".rstrip(), {}, problems
     return "pass", "", outcomes[0].record.get("metrics", {}) if outcomes[0].record else {}, []
