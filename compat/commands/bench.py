@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -36,6 +37,12 @@ def add_parser(sub: Any, run_arguments: Callable[[argparse.ArgumentParser], None
     run_arguments(b)
     b.add_argument("--modes", default=",".join(MODES), help=f"which of {', '.join(MODES)} (default: all)")
     b.add_argument("--output", type=Path, help="also write the figures as JSON")
+    b.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="also profile every rank's cell (cProfile: DIR/<cell>.<phase>.rank<R>.txt)",
+    )
     add_verbosity(b)
 
 
@@ -52,6 +59,8 @@ def main(args: argparse.Namespace) -> int:
     except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.profile:  # the ranks inherit it (compat.rank.worker.profiled); profiling slows what it measures
+        os.environ["COMPAT_PROFILE"] = str(args.profile.resolve())
     print(f"bench on {config.device} ({config.backend}); {config.versions_line()}")
     print(f"{len(config.cells)} cells, one at a time; modes: {', '.join(modes)}", flush=True)
     if "fork" in modes:  # started once per run, before any cell: not a cell's cost

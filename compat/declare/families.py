@@ -22,6 +22,7 @@ __all__ = [
     "Family",
     "FamilyError",
     "add_families",
+    "base_device_kind",
     "build_tiny_model",
     "ensure_tiny_model",
     "families",
@@ -183,21 +184,34 @@ def require_model_type(family: Family) -> None:
         )
 
 
-def build_tiny_model(family: Family, path: Path, seed: int = 0) -> None:
+def build_tiny_model(family: Family, path: Path, seed: int = 0, device: str = "cpu") -> None:
     """Write the family's tiny HF model (seeded random fp32 weights) to ``path``.
 
-    The same seed gives the same weights, so a resharding cell's second launch sees the model
-    its first launch saved against. Weights are stored in fp32; a bf16 cell casts on load.
+    The same seed gives the same weights on the same kind of device, so a resharding cell's second
+    launch sees the model its first launch saved against. Weights are stored in fp32; a bf16 cell
+    casts on load. A GPU cell builds on its GPU: transformers' initialisation of a 1.7B-shaped
+    model takes seconds there and tens of seconds on the host (issue 19); the values then come
+    from the GPU's generator, which is why ``tiny_model_dir`` keys the cache by the device kind.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     require_model_type(family)
     config = AutoConfig.for_model(family.model_type, **family.config)
-    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+    where = torch.device(device)
+    gpus = [where.index if where.index is not None else torch.cuda.current_device()] if where.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus), where:  # the caller's random state is left as it was
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(path)
+
+
+def base_device_kind(family: Family, backend: str) -> str:
+    """Where the family's random HF base is drawn: a scale family's on the cell's GPU (transformers
+    initialises a 1.7B-shaped model there in seconds, on the host in tens of them: issue 19), a toy
+    family's on the host, in milliseconds and the same weights on every machine, so a toy cell on
+    CPU and on GPU compares the same model."""
+    return backend if family.scale and backend != "cpu" else "cpu"
 
 
 def _cache_root() -> Path:
@@ -207,21 +221,23 @@ def _cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megatron-lora-compat"
 
 
-def tiny_model_dir(family: Family, seed: int = 0) -> Path:
-    """Where the family's tiny HF model is cached, read-only, for every cell that uses it.
+def tiny_model_dir(family: Family, seed: int = 0, backend: str = "cpu") -> Path:
+    """Where the family's tiny HF model is cached, read-only, for every cell of ``backend`` that uses it.
 
-    The weights depend only on the family's declaration, the seed and the torch and transformers
-    releases that write them, so those make the key: a change to any gives another directory.
+    The weights depend only on the family's declaration, the seed, the kind of device whose
+    generator drew them (``base_device_kind``) and the torch and transformers releases that write
+    them, so those make the key: a change to any gives another directory.
     """
     from importlib.metadata import version
 
-    key = json.dumps(
-        [family.model_type, family.config, seed, version("torch"), version("transformers")], sort_keys=True
-    )
-    return _cache_root() / "hf" / f"{family.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    key = [family.model_type, family.config, seed, version("torch"), version("transformers")]
+    if base_device_kind(family, backend) != "cpu":
+        key.append(base_device_kind(family, backend))  # a host-built base keeps the key it always had
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return _cache_root() / "hf" / f"{family.name}-{digest}"
 
 
-def ensure_tiny_model(family: Family, path: Path, seed: int = 0) -> None:
+def ensure_tiny_model(family: Family, path: Path, seed: int = 0, device: str = "cpu") -> None:
     """Write the tiny model at ``path`` unless it is there; complete or absent, never half-written.
 
     It is built next to ``path`` and renamed into place, so cells building the same family at
@@ -232,7 +248,7 @@ def ensure_tiny_model(family: Family, path: Path, seed: int = 0) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_model(family, tmp, seed)
+    build_tiny_model(family, tmp, seed, device)
     try:
         tmp.rename(path)
     except OSError:  # another process put it there first

@@ -66,7 +66,7 @@ def run_here(
         status, reason, metrics = ("unsupported", why, {}) if why else ("pass", "", {})
         problems = [Problem("build", why)] if why else []
         root = run_dir / cell.id
-        paths = CellPaths.under(root, tiny_model_dir(get_family(cell.family)))
+        paths = CellPaths.under(root, tiny_model_dir(get_family(cell.family), backend=backend))
         for phase, _ in [] if why else cell.phases:
             if comm.rank == 0:
                 root.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,7 @@ def run_cell(
     ranks = ranks or pool()
     start = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix=f"{cell.id}-", dir=workdir))
-    paths = CellPaths.under(root, tiny_model_dir(get_family(cell.family)))
+    paths = CellPaths.under(root, tiny_model_dir(get_family(cell.family), backend=backend))
     status, reason, metrics, problems = "pass", "", {}, []
     why = unavailable(cell.spec, backend)
     if why:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from compat.checks.compare import (
+    ADAPTER_GROWTH,
     WEIGHT_TOLERANCES,
     Tolerance,
     adapter_tolerance,
@@ -69,20 +70,16 @@ def compare_with_peft(
     some HF models take GPU-only kernels whenever their package is installed, Qwen3-Next's fla).
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     problems = adapter_problems(cell, paths, reference)
     dtype = torch_dtype(cell.dtype)
-    hf = AutoModelForCausalLM.from_pretrained(str(paths.hf), dtype=dtype).to(device).eval()
+    hf = _hf_model(paths.hf, dtype, device)
     ids = input_ids(get_family(cell.family).dims.vocab_size, device)
-    base_routing: dict[str, torch.Tensor] = {}
-    hooks = capture_hf_routing(hf, base_routing, ids)
     with torch.no_grad():
-        base_logits = hf(ids).logits
-    for h in hooks:
-        h.remove()
+        base = _forward(hf, ids)
+    base_logits = base["logits"]
     metrics: dict[str, Any] = {}
-    problems += _base_problems(cell, paths, base_logits, base_routing, metrics)
+    problems += _base_problems(cell, paths, base_logits, base, metrics)
     tol = adapter_tolerance(cell.dtype, metrics["tolerance"].get("base_drift"))  # derived from the drift measured
     metrics["tolerance"]["adapter_allowed"] = str(tol)
     problems += [Problem("delta oracle", p) for p in oracle_problems(paths, metrics)]  # from the files alone
@@ -130,7 +127,8 @@ def compare_with_peft(
     effect = effect_problem(base_logits, peft_logits, tol)
     if effect:
         problems.append(Problem("adapter effect", effect))
-    metrics["merged"] = _merged_forms(peft_model, ids, paths, dtype, tol, peft_logits, skipped, problems, device)
+    unmerged = {**hf_acts, "logits": peft_logits}
+    metrics["merged"] = _merged_forms(cell, peft_model, ids, paths, tol, unmerged, skipped, problems, metrics, device)
     if problems:
         raise CheckFailed(problems, metrics)
     return metrics
@@ -148,7 +146,8 @@ def _routing(
     the flips go to ``metrics["routing"][pair]``. A flip that is no near-tie is said once: inside the
     logits mismatch where the compared logits differ anyway (a defect upstream of the router moves
     both: one cause), as a ``routing`` problem of its own where they agree (the mask must hide nothing)."""
-    flips = find_flips(meg, hf, cell.dtype, get_family(cell.family).dims.hidden_size)
+    growth = 1.0 if pair == "base" else ADAPTER_GROWTH  # adapters compute on both sides: as the logits' bound
+    flips = find_flips(meg, hf, cell.dtype, get_family(cell.family).dims.hidden_size, growth)
     if flips is None:
         return None, "", []
     found = metrics.setdefault("routing", {})[pair] = flips.metrics()
@@ -193,43 +192,74 @@ def _base_problems(
     return problems
 
 
+def _hf_model(directory: Path, dtype: torch.dtype, device: Any) -> Any:
+    """An HF checkpoint as a model in ``dtype``, its weights read straight onto ``device``: loaded on
+    the host and then moved, a 1.7B-shaped fp32 model costs two full copies (issue 19)."""
+    from transformers import AutoModelForCausalLM
+
+    on = torch.device(device)
+    placed = {"device_map": str(on)} if on.type != "cpu" else {}
+    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, **placed).eval()
+
+
 def _merged_forms(
+    cell: Cell,
     peft_model: Any,
     ids: torch.Tensor,
     paths: CellPaths,
-    dtype: torch.dtype,
     tol: Tolerance,
-    reference: torch.Tensor,
+    unmerged: dict[str, torch.Tensor],
     skipped: dict[str, str],
     problems: list[Problem],
+    metrics: dict[str, Any],
     device: Any,
 ) -> dict[str, dict[str, Any]]:
-    """Each merged form: compared with the unmerged adapter's logits (pass/fail), or skipped with why."""
-    from transformers import AutoModelForCausalLM
+    """Each merged form: compared with the unmerged adapter's logits (pass/fail), or skipped with why.
 
-    logits: dict[str, torch.Tensor] = {}
+    ``unmerged``: peft's unmerged forward (logits and routing). A merged weight is rounded once where
+    the unmerged forward adds two products, so at real widths an MoE router can break a near-tie the
+    other way: each form's routing is compared with peft's like the two sides' (``_routing``), and
+    its logits before each sequence's first flip.
+    """
+    dtype = torch_dtype(cell.dtype)
+    forms: dict[str, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
         if MERGED_EXPORT not in skipped:
-            full = AutoModelForCausalLM.from_pretrained(str(paths.merged), dtype=dtype).to(device).eval()
-            logits[MERGED_EXPORT] = full(ids).logits
+            forms[MERGED_EXPORT] = _forward(_hf_model(paths.merged, dtype, device), ids)
         if MEGATRON_MERGED not in skipped:
-            logits[MEGATRON_MERGED] = load_megatron(paths, "merged")["logits"]
+            forms[MEGATRON_MERGED] = load_megatron(paths, "merged")
         merged_model = peft_model.merge_and_unload()  # last: it edits the model
-        logits[PEFT_MERGED] = merged_model(ids).logits
+        forms[PEFT_MERGED] = _forward(merged_model, ids)
     out: dict[str, dict[str, Any]] = {
         name: {"status": "skipped", "max_abs_diff": None, "reason": why} for name, why in skipped.items()
     }
-    for name, value in logits.items():
-        c = compare(value, reference, tol)
+    for name, acts in forms.items():
+        keep, flipped, rerouted = _routing(cell, acts, unmerged, name, metrics)
+        c = compare(acts["logits"], unmerged["logits"], tol, keep)
         out[name] = {"status": "pass" if c.ok else "fail", "max_abs_diff": c.max_abs_diff, "reason": ""}
         if not c.ok:
-            out[name]["reason"] = c.message(f"{name} logits differ from peft.PeftModel logits", _WHERE)
+            out[name]["reason"] = c.message(f"{name} logits differ from peft.PeftModel logits", _WHERE) + flipped
+            out[name]["reason"] += "".join(f"; {r}" for r in rerouted)
             problems.append(Problem(name, out[name]["reason"]))
+        else:
+            problems += [Problem("routing", r) for r in rerouted]
     if MERGED_EXPORT not in skipped:
         out[MERGED_WEIGHTS] = _merged_weights(merged_model, paths, dtype, device)
         if out[MERGED_WEIGHTS]["status"] != "pass":
             problems.append(Problem(MERGED_WEIGHTS, out[MERGED_WEIGHTS]["reason"]))
     return out
+
+
+def _forward(model: Any, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """An HF model's logits and, for MoE layers, its routing (``compat.rank.routing``)."""
+    acts: dict[str, torch.Tensor] = {}
+    hooks = capture_hf_routing(model, acts, ids)
+    try:
+        acts["logits"] = model(ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return acts
 
 
 def _merged_weights(merged_model: Any, paths: CellPaths, dtype: torch.dtype, device: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 from compat.checks.findings import CheckFailed
 from compat.checks.problems import Problem
 from compat.declare.cells import Cell
-from compat.declare.families import ensure_tiny_model, get_family, require_model_type
+from compat.declare.families import base_device_kind, ensure_tiny_model, get_family, require_model_type
 from compat.declare.plugins import Resolved
 from compat.rank import adapter_state, checkpoint, delta_oracle
 from compat.rank.activations import megatron_forward
@@ -98,9 +98,11 @@ def _steps(
     lap: _Laps,
     found: list[Problem],
 ) -> dict[str, Any]:
-    require_model_type(get_family(cell.family))  # on every rank: none waits at the barrier for rank 0
+    family = get_family(cell.family)
+    require_model_type(family)  # on every rank: none waits at the barrier for rank 0
     if comm.rank == 0:
-        ensure_tiny_model(get_family(cell.family), paths.hf)
+        on_gpu = base_device_kind(family, backend.name) != "cpu"
+        ensure_tiny_model(family, paths.hf, device=str(backend.device) if on_gpu else "cpu")
     comm.barrier()
     lap("hf model")
     built = build(cell, paths.hf, cell.load_layout if phase == "load" else cell.layout, backend)
@@ -138,6 +140,7 @@ def _steps(
 
         write_inputs(cell, paths)
         lap("serving inputs")
+    lap.step = "hf side"  # what a failure below is charged to, served or not
     try:
         metrics = compare_with_peft(cell, paths, phase == "load", skipped, backend.device)
     except CheckFailed as exc:

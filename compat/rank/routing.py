@@ -10,8 +10,11 @@ before each sequence's first flip. A flip is a near-tie when Megatron's logits o
 experts lie within twice the router-logit drift measured at that token (if the two sides rank
 a > b and b > a, then l_a - l_b <= |l_a - l'_a| + |l'_b - l_b|, whatever monotone score function
 follows), and that drift is itself noise: within what ``compat.checks.compare.base_tolerance``
-allows the router logits at that depth (a router with two experts' rows swapped moves the logits
-by their own spread, and its flips are exactly "within twice the drift"). Any other flip is a
+allows the router logits at that depth. A router with two experts' rows swapped moves the logits
+by their own spread, and its flips are exactly "within twice the drift". Where adapters compute on
+both sides (the adapted forwards; a merged form against the unmerged adapter, whose merged weights
+are rounded once where the unmerged forward rounds two products) the noise is ``ADAPTER_GROWTH``
+times that, as for the logits' bound. Any other flip is a
 router that differs (its weights, its score function or its bias): a problem, not noise.
 """
 
@@ -190,8 +193,14 @@ class Flips:
         return out
 
 
-def find_flips(meg: dict[str, torch.Tensor], hf: dict[str, torch.Tensor], dtype: str, hidden: int) -> Flips | None:
-    """The tokens whose expert sets differ, per layer, or None where neither side has a router."""
+def find_flips(
+    meg: dict[str, torch.Tensor], hf: dict[str, torch.Tensor], dtype: str, hidden: int, growth: float = 1.0
+) -> Flips | None:
+    """The tokens whose expert sets differ, per layer, or None where neither side has a router.
+
+    ``growth``: how much further than two base models two adapted forwards may drift
+    (``ADAPTER_GROWTH`` where an adapter computes on either side, as for the logits' bound).
+    """
     both = {k for k in set(meg) & set(hf) if k.endswith((f" {ROUTED}", f" {ROUTER}"))}
     layers = sorted({int(k.split()[1]) for k in both if {k.replace(ROUTER, ROUTED), k.replace(ROUTED, ROUTER)} <= both})
     if not layers:
@@ -201,7 +210,7 @@ def find_flips(meg: dict[str, torch.Tensor], hf: dict[str, torch.Tensor], dtype:
         mm, hm = meg[f"layer {n} {ROUTED}"].cpu() > 0.5, hf[f"layer {n} {ROUTED}"].cpu() > 0.5
         ml, hl = meg[f"layer {n} {ROUTER}"].cpu().double(), hf[f"layer {n} {ROUTER}"].cpu().double()
         shape = tuple(mm.shape[:2])
-        noise = base_tolerance(dtype, n + 1, hidden, ml).atol
+        noise = growth * base_tolerance(dtype, n + 1, hidden, ml).atol
         for b, s in (mm != hm).any(-1).nonzero().tolist():
             only_meg, only_hf = mm[b, s] & ~hm[b, s], hm[b, s] & ~mm[b, s]
             gap = float("inf")  # a side choosing another number of experts is no tie

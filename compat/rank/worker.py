@@ -13,6 +13,7 @@ when told to run one task only (cold ranks).
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import os
@@ -20,6 +21,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,9 @@ def run_task(task: dict[str, Any], comm: Any, backend: Any) -> dict[str, Any]:
         declarations.use(task.get("declarations"))
         plugins = Plugins.from_dict(task.get("plugins")).resolve(DEFAULT_PLUGINS, recording)
         paths = CellPaths.under(Path(task["root"]), Path(task["hf"]))
-        metrics = run_phase(Cell.from_dict(task["cell"]), task["phase"], paths, backend, comm, plugins)
+        cell = Cell.from_dict(task["cell"])
+        with profiled(f"{cell.id}.{task['phase']}.rank{rank}"):
+            metrics = run_phase(cell, task["phase"], paths, backend, comm, plugins)
         return {"rank": rank, "status": "pass", "metrics": metrics}
     except CheckFailed as exc:
         problems = [p.as_dict() for p in exc.problems]
@@ -58,6 +62,35 @@ def run_task(task: dict[str, Any], comm: Any, backend: Any) -> dict[str, Any]:
         return {"rank": rank, "status": "unsupported", "reason": str(exc), "problems": problems, "at": time.time()}
     except BaseException as exc:
         return _error_record(rank, exc)
+
+
+@contextlib.contextmanager
+def profiled(name: str) -> Iterator[None]:
+    """With ``COMPAT_PROFILE=DIR`` (``compat bench --profile DIR``), a cProfile of what runs inside:
+    ``DIR/NAME.prof`` and the top functions by cumulative and own time in ``DIR/NAME.txt``. Where a
+    step's seconds go on a machine that cannot be profiled interactively (a lent GPU)."""
+    where = os.environ.get("COMPAT_PROFILE")
+    if not where:
+        yield
+        return
+    import cProfile
+    import io
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        yield
+    finally:
+        profile.disable()
+        out = Path(where)
+        out.mkdir(parents=True, exist_ok=True)
+        profile.dump_stats(out / f"{name}.prof")
+        text = io.StringIO()
+        stats = pstats.Stats(profile, stream=text).strip_dirs()
+        stats.sort_stats("cumulative").print_stats(60)
+        stats.sort_stats("tottime").print_stats(30)
+        (out / f"{name}.txt").write_text(text.getvalue())
 
 
 def _error_record(rank: int, exc: BaseException) -> dict[str, Any]:
