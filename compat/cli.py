@@ -76,7 +76,7 @@ def _run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--expected", type=Path, help="expected outcomes (default: expected.toml beside the matrix)")
     run.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda"))
     run.add_argument("--timeout", type=float, help=f"seconds per cell launch (default {launch.DEFAULT_TIMEOUT:.0f})")
-    run.add_argument("-k", dest="select", help="run only cells whose id contains this text")
+    run.add_argument("-k", dest="select", help="run only cells whose id contains this text (a|b: either)")
     run.add_argument("--shard", help="K/N: run the K-th of N interleaved slices of the cells (split long runs)")
     run.add_argument("--families", type=Path, dest="families_file", help="your own family declarations (TOML)")
     run.add_argument("--adapters", type=Path, dest="adapters_file", help="your own adapter declarations (TOML)")

@@ -69,12 +69,13 @@ def main(args: argparse.Namespace) -> int:
         start = time.monotonic()
         forkserver.start()
         print(f"fork server started in {time.monotonic() - start:.1f} s (once per run)", flush=True)
-    figures = {mode: _run_mode(mode, config, args.verbosity) for mode in modes}
-    text = table(figures, [c.id for c in config.cells], steps=args.verbosity > 0)
-    print(text)
-    if args.output:
-        data = {"device": config.device, "backend": config.backend, "versions": config.versions, "figures": figures}
-        args.output.write_text(json.dumps(data, indent=1) + "\n")
+    figures: dict[str, dict[str, dict[str, Any]]] = {}
+    for mode in modes:
+        figures[mode] = _run_mode(mode, config, args.verbosity)
+        if args.output:  # after each mode: a run stopped later keeps the modes it finished
+            data = {"device": config.device, "backend": config.backend, "versions": config.versions, "figures": figures}
+            args.output.write_text(json.dumps(data, indent=1) + "\n")
+    print(table(figures, [c.id for c in config.cells], steps=args.verbosity > 0))
     return 0
 
 

@@ -104,7 +104,7 @@ def _cells(args: argparse.Namespace) -> tuple[list[Cell], float | None, Plugins]
     else:
         raise BadInput("give --matrix FILE, or --family F --layout L for one cell")
     if args.select:
-        cells = [c for c in cells if args.select in c.id]
+        cells = [c for c in cells if any(part in c.id for part in args.select.split("|"))]
         if not cells:
             raise BadInput(f"-k {args.select!r} selects no cell")
     if args.shard:
