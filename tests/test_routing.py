@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from compat.checks.compare import TOLERANCES, compare
+from compat.checks.compare import ADAPTER_GROWTH, TOLERANCES, compare
 from compat.rank.routing import capture_hf_routing, find_flips
 
 B, S, E, K = 2, 6, 8, 2
@@ -47,6 +47,18 @@ def test_a_near_tie_is_named_and_masks_its_sequence_from_that_position():
     hf_logits[0, 5] = 1.0  # an unflipped sequence is still compared
     c = compare(meg_logits, hf_logits, TOLERANCES["bf16"], keep)
     assert not c.ok and c.total == (S + 3) * 4 and c.worst_index == (0, 5, 0)
+
+
+def test_adapted_forwards_may_drift_adapter_growth_times_further():
+    """Before: a merged form against the unmerged adapter was held to the base models' router noise (and its
+    logits compared at every position), so a bf16 merge's near-tie at Qwen3-30B-A3B widths failed the cell."""
+    meg = _logits()
+    meg[1, 3, :] = torch.tensor([3.0, 2.099, 2.0, 0, 0, 0, 0, 0])
+    hf = meg.clone()
+    hf[1, 3, 2] += 0.1  # twice the base noise at this toy size (5e-2), half of ADAPTER_GROWTH times it
+    assert "not near-ties" in find_flips(_side(meg), _side(hf), "bf16", 64).problems()[0]
+    grown = find_flips(_side(meg), _side(hf), "bf16", 64, growth=ADAPTER_GROWTH)
+    assert grown.problems() == [] and grown.summary().endswith(", near-ties)")
 
 
 def test_a_swapped_router_row_is_not_a_near_tie():

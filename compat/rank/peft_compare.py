@@ -104,9 +104,10 @@ def compare_with_peft(
     meg = load_megatron(paths, "adapter")
     keep, flipped, rerouted = _routing(cell, meg, hf_acts, "adapter", metrics)
     cmp = compare(meg["logits"], peft_logits, tol, keep)
+    compared = cmp.total > 0  # nothing is left where every sequence flips at its first position
     metrics.update(
-        max_abs_diff=cmp.max_abs_diff,
-        max_rel_diff=cmp.max_rel_diff,
+        max_abs_diff=cmp.max_abs_diff if compared else None,
+        max_rel_diff=cmp.max_rel_diff if compared else None,
         adapter_effect=float((peft_logits.double() - base_logits.double()).abs().max()),
     )
     if cell.dtype != "fp32":
@@ -241,8 +242,10 @@ def _merged_forms(
             out[name]["reason"] = c.message(f"{name} logits differ from peft.PeftModel logits", _WHERE) + flipped
             out[name]["reason"] += "".join(f"; {r}" for r in rerouted)
             problems.append(Problem(name, out[name]["reason"]))
-        else:
-            problems += [Problem("routing", r) for r in rerouted]
+            continue
+        problems += [Problem("routing", r) for r in rerouted]
+        if c.total == 0:  # a pass would say what nothing measured; the routing problem says why
+            out[name] = {"status": "fail", "max_abs_diff": None, "reason": f"no logit left to compare{flipped}"}
     if MERGED_EXPORT not in skipped:
         out[MERGED_WEIGHTS] = _merged_weights(merged_model, paths, dtype, device)
         if out[MERGED_WEIGHTS]["status"] != "pass":
