@@ -24,7 +24,7 @@ from faults import disrupt, parallel, tamper
 from faults.fault import Fault
 from faults.tamper import Wrap
 
-__all__ = ["FAULTS", "Fault", "by_name"]  # Fault re-exported from faults.fault
+__all__ = ["FAULTS", "WITHOUT_MERGED_EXPORT", "Fault", "by_name"]  # Fault re-exported from faults.fault
 
 AUTO_BRIDGE = "megatron.bridge.models.conversion.auto_bridge"
 PEFT_BRIDGE = "megatron.bridge.models.conversion.peft_bridge"
@@ -74,7 +74,7 @@ def _saved(fn: Callable[[Path], None]) -> tuple[str, str, Wrap]:
     return (AUTO_BRIDGE, "AutoBridge.save_hf_adapter", tamper.after_adapter_saved(fn))
 
 
-_no_merged_export = (AUTO_BRIDGE, "AutoBridge.save_hf_weights", tamper.without_merged_export)
+WITHOUT_MERGED_EXPORT = (AUTO_BRIDGE, "AutoBridge.save_hf_weights", tamper.without_merged_export)
 
 
 def _config(fn: Callable[[dict[str, Any]], None]) -> tuple[str, str, Wrap]:
@@ -158,7 +158,7 @@ FAULTS: tuple[Fault, ...] = (
         "q_proj lora_B rows rolled by one head (layer 1), without the bridge's merged export",
         "llama",
         "tp1",
-        ((AUTO_BRIDGE, "AutoBridge.export_adapter_weights", tamper.rotate_q_heads), _no_merged_export),
+        ((AUTO_BRIDGE, "AutoBridge.export_adapter_weights", tamper.rotate_q_heads), WITHOUT_MERGED_EXPORT),
         (DELTAS.format(r"1\.self_attn\.q_proj"),),
     ),
     Fault(

@@ -4,6 +4,8 @@ Put this directory on PYTHONPATH: Python imports ``sitecustomize`` at start-up, 
 inherit the caller's environment. Without ``COMPAT_FAULT`` this does nothing. With it, the
 upstream functions the fault names are patched right after their modules are imported; nothing
 upstream is imported here (the harness must apply its Transformer Engine workaround first).
+``COMPAT_FAULT_WITHOUT_MERGED_EXPORT=1`` also hides the bridge's merged export, so what catches the
+fault cannot be the per-tensor merged-weight check (``scripts/faults-at-width``).
 """
 
 import os
@@ -27,7 +29,10 @@ def _plant(name: str) -> None:
     catalogue = importlib.import_module("faults.catalogue")
     fault = catalogue.by_name(name)
     patches: dict = {}
-    for module_name, path, wrap in fault.patches:
+    planted = list(fault.patches)
+    if os.environ.get("COMPAT_FAULT_WITHOUT_MERGED_EXPORT") == "1":  # as releases before merge_adapter_weights
+        planted.append(catalogue.WITHOUT_MERGED_EXPORT)
+    for module_name, path, wrap in planted:
         patches.setdefault(module_name, []).append(
             lambda module, path=path, wrap=wrap: hook.patch_attribute(module, path, wrap)
         )
