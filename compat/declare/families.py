@@ -189,9 +189,8 @@ def build_tiny_model(family: Family, path: Path, seed: int = 0, device: str = "c
 
     The same seed gives the same weights on the same kind of device, so a resharding cell's second
     launch sees the model its first launch saved against. Weights are stored in fp32; a bf16 cell
-    casts on load. A GPU cell builds on its GPU: transformers' initialisation of a 1.7B-shaped
-    model takes seconds there and tens of seconds on the host (issue 19); the values then come
-    from the GPU's generator, which is why ``tiny_model_dir`` keys the cache by the device kind.
+    casts on load. ``device``: where they are drawn (``base_device_kind``), whose generator then
+    gives the values, which is why ``tiny_model_dir`` keys the cache by the device kind.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -231,8 +230,9 @@ def tiny_model_dir(family: Family, seed: int = 0, backend: str = "cpu") -> Path:
     from importlib.metadata import version
 
     key = [family.model_type, family.config, seed, version("torch"), version("transformers")]
-    if base_device_kind(family, backend) != "cpu":
-        key.append(base_device_kind(family, backend))  # a host-built base keeps the key it always had
+    kind = base_device_kind(family, backend)
+    if kind != "cpu":
+        key.append(kind)  # a host-built base keeps the key it always had
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return _cache_root() / "hf" / f"{family.name}-{digest}"
 

@@ -14,8 +14,8 @@ allows the router logits at that depth. A router with two experts' rows swapped 
 by their own spread, and its flips are exactly "within twice the drift". Where adapters compute on
 both sides (the adapted forwards; a merged form against the unmerged adapter, whose merged weights
 are rounded once where the unmerged forward rounds two products) the noise is ``ADAPTER_GROWTH``
-times that, as for the logits' bound. Any other flip is a
-router that differs (its weights, its score function or its bias): a problem, not noise.
+times that, as for the logits' bound. Any other flip is a router that differs (its weights, its
+score function or its bias): a problem, not noise.
 """
 
 from __future__ import annotations
