@@ -134,6 +134,27 @@ def test_families_quiet_lists_unmet_cells_after_its_summary(monkeypatch, tmp_pat
     assert lines[1] == f"unmet {run['cells'][5]['id']}: expected {run['cells'][5]['expected']}, got error: planted"
 
 
+def test_families_takes_no_last_status_from_a_planted_fault(monkeypatch, tmp_path: Path) -> None:
+    """Before: scripts/faults-at-width's cells (faults planted, so failing) read as the families' unmet cells."""
+    from compat.rank import bridge_registry
+
+    run = json.loads(FULL.read_text())
+    planted = copy.deepcopy(run)
+    planted.update(finished_at="9999-01-01T00:00:00+00:00", cells=[dict(run["cells"][5], status="fail", met=False)])
+    planted["cells"][0]["fault"] = "qk_rows_swapped"
+    (tmp_path / "a.json").write_text(json.dumps(run))
+    (tmp_path / "b.json").write_text(json.dumps(planted))
+    monkeypatch.setattr(bridge_registry, "registered_architectures", list)
+    text = io.StringIO()
+    families_view.print_families(text, tmp_path, verbosity=-1)
+    assert text.getvalue().splitlines() and f"(newest of 2 files in {tmp_path}): 122 met, 0 unmet" in text.getvalue()
+    del planted["cells"][0]["fault"]  # the same cell, no fault planted: its failure is the last status
+    (tmp_path / "b.json").write_text(json.dumps(planted))
+    text = io.StringIO()
+    families_view.print_families(text, tmp_path, verbosity=-1)
+    assert "121 met, 1 unmet" in text.getvalue()
+
+
 def _gate_diff() -> tuple[dict, dict]:
     accepted = json.loads(FULL.read_text())
     results = copy.deepcopy(accepted)
