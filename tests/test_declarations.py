@@ -27,6 +27,29 @@ def test_family_expert_count_must_agree_with_its_config():
         _parse(bad, "test")
 
 
+def test_a_seed_is_declared_data_and_draws_another_base(tmp_path: Path, monkeypatch) -> None:
+    """matrix/noise/: the same family at another seed is another draw, cached apart; a bad seed is bad input."""
+    import torch
+    from safetensors.torch import load_file
+
+    from compat.declare.families import build_tiny_model, tiny_model_dir
+
+    llama = families()["llama"]
+    spec = {"model_type": "llama", "architecture": "LlamaForCausalLM", "config": dict(llama.config)}
+    parsed = _parse({"family": {"m": spec}, "profile": {"s1": {"families": ["m"], "seed": 1}}}, "test")
+    assert (parsed["m"].seed, parsed["m_s1"].seed) == (0, 1)
+    monkeypatch.setenv("COMPAT_CACHE", str(tmp_path / "cache"))
+    assert tiny_model_dir(parsed["m"]).name.split("-")[1] != tiny_model_dir(parsed["m_s1"]).name.split("-")[1]
+    weights = []
+    for name in ("m", "m_s1"):
+        build_tiny_model(parsed[name], tmp_path / name)
+        weights.append(load_file(tmp_path / name / "model.safetensors")["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(*weights)
+    for bad in (-1, "1", True):
+        with pytest.raises(FamilyError, match="seed must be a non-negative integer"):
+            _parse({"family": {"m": {**spec, "seed": bad}}}, "test")
+
+
 MATRICES = sorted(p for p in (ROOT / "matrix").glob("*.toml") if p.name != "expected.toml")
 
 

@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
-_FAMILY_KEYS = {"model_type", "architecture", "num_experts", "about", "config", "hf_modules", "scale"}
+_FAMILY_KEYS = {"model_type", "architecture", "num_experts", "about", "config", "hf_modules", "scale", "seed"}
 
 
 class FamilyError(ValueError):
@@ -61,6 +61,7 @@ class Family:
     # bridge LoRA target -> the HF module names it adapts, where they differ from Llama's
     hf_modules: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False, compare=False)
     scale: bool = False  # real widths (matrix/scale.toml, one GPU): never built on a CPU runner
+    seed: int = 0  # the random HF base's draw: copies at other seeds measure what a bound owes to one draw
 
     @property
     def dims(self) -> Dims:
@@ -122,20 +123,29 @@ def _parse(data: dict[str, Any], source: str) -> dict[str, Family]:
             num_experts=num_experts,
             hf_modules={k: tuple(v) for k, v in hf_modules.items()},
             scale=bool(spec.get("scale", False)),
+            seed=_seed(spec.get("seed", 0), name, source),
         )
     return {**out, **_profiles(data.get("profile", {}), out, source)}
+
+
+def _seed(value: Any, name: str, source: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise FamilyError(f"{source}: family {name!r}: seed must be a non-negative integer, not {value!r}")
+    return value
 
 
 def _profiles(profiles: dict[str, Any], declared: dict[str, Family], source: str) -> dict[str, Family]:
     """``[profile.NAME]``: the listed families again as ``FAMILY_SUFFIX`` (``suffix`` defaults to NAME), its
     config keys over theirs (the sizes a consumer needs: vLLM's CPU attention refuses the contract's
-    head_dim 8); two profiles of one suffix size different families alike."""
+    head_dim 8) and its ``seed`` for their random base (matrix/noise/); two profiles of one suffix size
+    different families alike."""
     out: dict[str, Family] = {}
     for profile, spec in profiles.items():
-        unknown = set(spec) - {"about", "families", "config", "suffix"}
+        unknown = set(spec) - {"about", "families", "config", "suffix", "seed"}
         if unknown or not isinstance(spec.get("families"), list) or not isinstance(spec.get("config", {}), dict):
             raise FamilyError(
-                f"{source}: profile {profile!r} needs 'families' (a list) and a 'config' table only (and a 'suffix')"
+                f"{source}: profile {profile!r} needs 'families' (a list) and a 'config' table only (and a 'suffix', "
+                "a 'seed')"
             )
         suffix = str(spec.get("suffix", profile))
         for name in spec["families"]:
@@ -146,7 +156,8 @@ def _profiles(profiles: dict[str, Any], declared: dict[str, Family], source: str
             config = {**fam.config, **spec.get("config", {})}
             if f"{name}_{suffix}" in out:
                 raise FamilyError(f"{source}: profile {profile!r} declares {name}_{suffix} again")
-            out[f"{name}_{suffix}"] = replace(fam, name=f"{name}_{suffix}", about=about, config=config)
+            seed = _seed(spec.get("seed", fam.seed), f"{name}_{suffix}", source)
+            out[f"{name}_{suffix}"] = replace(fam, name=f"{name}_{suffix}", about=about, config=config, seed=seed)
     return out
 
 
@@ -184,8 +195,8 @@ def require_model_type(family: Family) -> None:
         )
 
 
-def build_tiny_model(family: Family, path: Path, seed: int = 0, device: str = "cpu") -> None:
-    """Write the family's tiny HF model (seeded random fp32 weights) to ``path``.
+def build_tiny_model(family: Family, path: Path, device: str = "cpu") -> None:
+    """Write the family's tiny HF model (random fp32 weights, drawn from ``family.seed``) to ``path``.
 
     The same seed gives the same weights on the same kind of device, so a resharding cell's second
     launch sees the model its first launch saved against. Weights are stored in fp32; a bf16 cell
@@ -200,7 +211,7 @@ def build_tiny_model(family: Family, path: Path, seed: int = 0, device: str = "c
     where = torch.device(device)
     gpus = [where.index if where.index is not None else torch.cuda.current_device()] if where.type == "cuda" else []
     with torch.random.fork_rng(devices=gpus), where:  # the caller's random state is left as it was
-        torch.manual_seed(seed)
+        torch.manual_seed(family.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(path)
 
@@ -220,7 +231,7 @@ def _cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megatron-lora-compat"
 
 
-def tiny_model_dir(family: Family, seed: int = 0, backend: str = "cpu") -> Path:
+def tiny_model_dir(family: Family, backend: str = "cpu") -> Path:
     """Where the family's tiny HF model is cached, read-only, for every cell of ``backend`` that uses it.
 
     The weights depend only on the family's declaration, the seed, the kind of device whose
@@ -229,7 +240,7 @@ def tiny_model_dir(family: Family, seed: int = 0, backend: str = "cpu") -> Path:
     """
     from importlib.metadata import version
 
-    key = [family.model_type, family.config, seed, version("torch"), version("transformers")]
+    key = [family.model_type, family.config, family.seed, version("torch"), version("transformers")]
     kind = base_device_kind(family, backend)
     if kind != "cpu":
         key.append(kind)  # a host-built base keeps the key it always had
@@ -237,7 +248,7 @@ def tiny_model_dir(family: Family, seed: int = 0, backend: str = "cpu") -> Path:
     return _cache_root() / "hf" / f"{family.name}-{digest}"
 
 
-def ensure_tiny_model(family: Family, path: Path, seed: int = 0, device: str = "cpu") -> None:
+def ensure_tiny_model(family: Family, path: Path, device: str = "cpu") -> None:
     """Write the tiny model at ``path`` unless it is there; complete or absent, never half-written.
 
     It is built next to ``path`` and renamed into place, so cells building the same family at
@@ -248,7 +259,7 @@ def ensure_tiny_model(family: Family, path: Path, seed: int = 0, device: str = "
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_model(family, tmp, seed, device)
+    build_tiny_model(family, tmp, device)
     try:
         tmp.rename(path)
     except OSError:  # another process put it there first
