@@ -56,12 +56,18 @@ TOLERANCES = {
 # logits lies about sqrt(2 ln N) spreads out. The base models are held to NOISE_SAFETY times that
 # (never below the table): a conversion bug moves the logits by their own size, not by a few
 # roundings. The adapted models are then held to ADAPTER_GROWTH times the drift *measured* between
-# the base models in the same cell (never below the table): the adapter adds one low-rank product
-# per module on each side, measured to grow the drift by 1.16x (fp32) and 2.0x (bf16) at 1.7B
-# shapes and 1-1.5x on the toy. MoE: a near-tied router sends a token to another expert on one side
-# (a routing flip) and moves that position and every later one by far more than rounding; both
-# comparisons (and so the base drift measured) cover only the positions before each sequence's
-# first flip, and a flip that is not a near-tie is a problem of its own (compat/rank/routing.py).
+# the base models in the same cell, or the modelled drift where the measurement fell below it (never
+# below the table): the measured drift is the greatest of N roundings' sums, itself a draw, and at
+# one seed of a 1.7B-shaped base it fell to 0.6x the model (0.0625 against 0.104, bf16) while the
+# adapted comparison's own maximum stayed where the other seeds put it (0.30): held to 4 x 0.0625 a
+# correct cell failed (matrix/noise/, docs/scale.md). The adapter adds one low-rank product
+# per module on each side, measured to grow the drift by 1.16-1.6x (fp32) and 2.0x (bf16, host-drawn
+# base, H200) to 3.3x (bf16, GPU-drawn base, H100) at 1.7B shapes, 1.5x for the 30B-A3B-width MoE in
+# bf16 and 1-1.5x on the toy (docs/scale.md; matrix/noise/ measures it over seeds of the base).
+# MoE: a near-tied router sends a token to another expert on one side (a routing flip) and moves
+# that position and every later one by far more than rounding; both comparisons (and so the base
+# drift measured) cover only the positions before each sequence's first flip, and a flip that is
+# not a near-tie is a problem of its own (compat/rank/routing.py).
 NOISE_SAFETY = 3.0
 ADAPTER_GROWTH = 4.0
 _UNIT_ROUNDOFF = {"fp32": 0.0, "bf16": 2**-8}  # activations stored in the cell's dtype
@@ -84,12 +90,13 @@ def base_tolerance(dtype: str, layers: int, hidden: int, reference: torch.Tensor
     return Tolerance(atol=max(t.atol, NOISE_SAFETY * forward_noise(dtype, layers, hidden, reference)), rtol=t.rtol)
 
 
-def adapter_tolerance(dtype: str, base_drift: float | None) -> Tolerance:
-    """The adapted logits' bound: ADAPTER_GROWTH x the base models' measured drift (the table without one)."""
+def adapter_tolerance(dtype: str, base_drift: float | None, modelled: float = 0.0) -> Tolerance:
+    """The adapted logits' bound: ADAPTER_GROWTH x the base models' drift, measured or, where the measured
+    maximum fell below it, modelled (``forward_noise``); the table without a measurement."""
     t = TOLERANCES[dtype]
     if base_drift is None:
         return t
-    return Tolerance(atol=max(t.atol, ADAPTER_GROWTH * base_drift), rtol=t.rtol)
+    return Tolerance(atol=max(t.atol, ADAPTER_GROWTH * max(base_drift, modelled)), rtol=t.rtol)
 
 
 # Weights merged by two code paths (peft merging the adapter export; the bridge's merged export)

@@ -80,7 +80,8 @@ def compare_with_peft(
     base_logits = base["logits"]
     metrics: dict[str, Any] = {}
     problems += _base_problems(cell, paths, base_logits, base, metrics)
-    tol = adapter_tolerance(cell.dtype, metrics["tolerance"].get("base_drift"))  # derived from the drift measured
+    drift = metrics["tolerance"]
+    tol = adapter_tolerance(cell.dtype, drift.get("base_drift"), drift.get("base_drift_modelled", 0.0))
     metrics["tolerance"]["adapter_allowed"] = str(tol)
     problems += [Problem("delta oracle", p) for p in oracle_problems(paths, metrics)]  # from the files alone
     try:
@@ -184,7 +185,7 @@ def _base_problems(
         "base_rms": float(base_logits.double().pow(2).mean().sqrt()),
         "base_drift_modelled": forward_noise(cell.dtype, dims.num_layers, dims.hidden_size, base_logits),
         "derivation": "base: max(table, NOISE_SAFETY x sqrt(L) x u x rms x sqrt(2 ln N)); "
-        "adapter: max(table, ADAPTER_GROWTH x base drift) (compat/checks/compare.py)",
+        "adapter: max(table, ADAPTER_GROWTH x max(base drift, modelled)) (compat/checks/compare.py)",
     }
     if not c.ok:
         problems.append(
