@@ -38,6 +38,11 @@ def test_a_seed_is_declared_data_and_draws_another_base(tmp_path: Path, monkeypa
     spec = {"model_type": "llama", "architecture": "LlamaForCausalLM", "config": dict(llama.config)}
     parsed = _parse({"family": {"m": spec}, "profile": {"s1": {"families": ["m"], "seed": 1}}}, "test")
     assert (parsed["m"].seed, parsed["m_s1"].seed) == (0, 1)
+    # a user file's profile may name the families declared before it (matrix/noise/families.toml: the shipped ones)
+    again = _parse({"profile": {"s2": {"families": ["llama"], "seed": 2}}}, "user", families())
+    assert set(again) == {"llama_s2"} and again["llama_s2"].seed == 2 and again["llama_s2"].config == llama.config
+    with pytest.raises(FamilyError, match="not declared here or before"):
+        _parse({"profile": {"s2": {"families": ["llama"], "seed": 2}}}, "user")
     monkeypatch.setenv("COMPAT_CACHE", str(tmp_path / "cache"))
     assert tiny_model_dir(parsed["m"]).name.split("-")[1] != tiny_model_dir(parsed["m_s1"]).name.split("-")[1]
     weights = []

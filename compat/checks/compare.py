@@ -90,10 +90,13 @@ def base_tolerance(dtype: str, layers: int, hidden: int, reference: torch.Tensor
     return Tolerance(atol=max(t.atol, NOISE_SAFETY * forward_noise(dtype, layers, hidden, reference)), rtol=t.rtol)
 
 
-def adapter_tolerance(dtype: str, base_drift: float | None, modelled: float = 0.0) -> Tolerance:
+def adapter_tolerance(
+    dtype: str, base_drift: float | None, modelled: float = 0.0, table: Tolerance | None = None
+) -> Tolerance:
     """The adapted logits' bound: ADAPTER_GROWTH x the base models' drift, measured or, where the measured
-    maximum fell below it, modelled (``forward_noise``); the table without a measurement."""
-    t = TOLERANCES[dtype]
+    maximum fell below it, modelled (``forward_noise``); never below ``table`` (the dtype's, or a serving
+    engine's pins), which is the bound without a measurement."""
+    t = table or TOLERANCES[dtype]
     if base_drift is None:
         return t
     return Tolerance(atol=max(t.atol, ADAPTER_GROWTH * max(base_drift, modelled)), rtol=t.rtol)

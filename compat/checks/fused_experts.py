@@ -86,9 +86,9 @@ def _differing_experts(
         pair = {k: torch.stack([saved[keys[e, s, k]] for e in range(n)]) for k in ("lora_A", "lora_B")}
         fa, fb = pair["lora_A"].to(a.dtype).to(a3), pair["lora_B"].to(b.dtype).to(a3)
         want = fb @ (fa @ probes)  # [e, rows, probes]
-        got = held[:, row : row + want.shape[1]]
         rows = slice(row, row + want.shape[1])
-        row += want.shape[1]
+        got = held[:, rows]
+        row = rows.stop
         if got.shape != want.shape:
             differ += [f"expert {e} {s} (peft's slice has shape {tuple(got.shape[1:])})" for e in range(n)]
             continue

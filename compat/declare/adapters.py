@@ -66,7 +66,8 @@ class Adapter:
         )
 
 
-def _parse(data: dict[str, Any], source: str) -> dict[str, Adapter]:
+def _parse(data: dict[str, Any], source: str, known: dict[str, Adapter] | None = None) -> dict[str, Adapter]:
+    """The file's adapter kinds (``known``, the earlier declarations, is not needed: a kind names no other)."""
     unknown_top = set(data) - {"defaults", "adapter"}
     if unknown_top:
         raise AdapterError(

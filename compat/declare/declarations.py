@@ -28,7 +28,7 @@ class Declarations[T]:
         kind: str,
         plural: str,
         resource: str,
-        parse: Callable[[dict[str, Any], str], dict[str, T]],
+        parse: Callable[[dict[str, Any], str, dict[str, T]], dict[str, T]],
         error: type[ValueError],
     ) -> None:
         self.kind, self.plural, self.resource, self.parse, self.error = kind, plural, resource, parse, error
@@ -44,7 +44,7 @@ class Declarations[T]:
         """Every declaration by name, built-in first."""
         if self._cache is None:
             builtin = self._builtin()
-            out = dict(self.parse(builtin, f"compat/data/{self.resource}"))
+            out = dict(self.parse(builtin, f"compat/data/{self.resource}", {}))
             for path in self._files:
                 try:
                     self._stamps[path] = _stamp(path)
@@ -52,7 +52,7 @@ class Declarations[T]:
                 except (OSError, tomllib.TOMLDecodeError) as exc:
                     raise self.error(f"{path}: cannot be read as TOML: {exc}") from None
                 data["defaults"] = {**builtin.get("defaults", {}), **data.get("defaults", {})}
-                extra = self.parse(data, str(path))
+                extra = self.parse(data, str(path), out)  # a file may build on what came before it
                 clash = sorted(set(extra) & set(out))
                 if clash:
                     raise self.error(f"{path}: {self.kind} {', '.join(map(repr, clash))} is already declared")

@@ -79,7 +79,9 @@ class Family:
         return self.num_experts > 0
 
 
-def _parse(data: dict[str, Any], source: str) -> dict[str, Family]:
+def _parse(data: dict[str, Any], source: str, known: dict[str, Family] | None = None) -> dict[str, Family]:
+    """The file's families and its profiles' (which may name ``known`` ones: the built-in families, then
+    earlier files')."""
     unknown_top = set(data) - {"defaults", "family", "profile"}
     if unknown_top:
         raise FamilyError(
@@ -87,9 +89,9 @@ def _parse(data: dict[str, Any], source: str) -> dict[str, Family]:
             "and [profile.NAME] tables"
         )
     defaults = data.get("defaults", {})
-    declared = data.get("family")
-    if not isinstance(declared, dict) or not declared:
-        raise FamilyError(f"{source}: no [family.NAME] tables")
+    declared = data.get("family", {})
+    if not isinstance(declared, dict) or not (declared or data.get("profile")):
+        raise FamilyError(f"{source}: no [family.NAME] or [profile.NAME] tables")
     out: dict[str, Family] = {}
     for name, spec in declared.items():
         unknown = set(spec) - _FAMILY_KEYS
@@ -125,7 +127,7 @@ def _parse(data: dict[str, Any], source: str) -> dict[str, Family]:
             scale=bool(spec.get("scale", False)),
             seed=_seed(spec.get("seed", 0), name, source),
         )
-    return {**out, **_profiles(data.get("profile", {}), out, source)}
+    return {**out, **_profiles(data.get("profile", {}), {**(known or {}), **out}, source)}
 
 
 def _seed(value: Any, name: str, source: str) -> int:
@@ -150,7 +152,7 @@ def _profiles(profiles: dict[str, Any], declared: dict[str, Family], source: str
         suffix = str(spec.get("suffix", profile))
         for name in spec["families"]:
             if name not in declared:
-                raise FamilyError(f"{source}: profile {profile!r} names family {name!r}, not declared here")
+                raise FamilyError(f"{source}: profile {profile!r} names family {name!r}, not declared here or before")
             fam = declared[name]
             about = f"{fam.about}; {suffix} profile: {spec.get('about', '')}".rstrip(": ")
             config = {**fam.config, **spec.get("config", {})}
