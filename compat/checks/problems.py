@@ -17,18 +17,30 @@ __all__ = ["Problem", "joined", "log_line", "logged_problems", "problem_key", "p
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing a check found wrong: ``check`` names the check, ``where`` the rank, phase or upstream line."""
+    """One thing a check found wrong: ``check`` names the check, ``where`` the rank, phase or upstream line.
+
+    ``tensors``: every tensor (or module) the problem is about, in full, where the message can show
+    only a few ("12 of 64 weights ..., e.g. a, b"): an expectation is matched against all of them,
+    so one more tensor is a new problem, not one the "e.g." hides.
+    """
 
     check: str
     message: str
     where: str = ""
+    tensors: tuple[str, ...] = ()
 
-    def as_dict(self) -> dict[str, str]:
-        return asdict(self)
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = asdict(self)
+        if self.tensors:
+            out["tensors"] = list(self.tensors)
+        else:
+            del out["tensors"]
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Problem:
-        return cls(str(raw["check"]), str(raw["message"]), str(raw.get("where", "")))
+        tensors = tuple(str(t) for t in raw.get("tensors") or ())
+        return cls(str(raw["check"]), str(raw["message"]), str(raw.get("where", "")), tensors)
 
     def text(self) -> str:
         """As a reason shows it: ``rank 1: message``."""

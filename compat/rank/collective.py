@@ -53,26 +53,29 @@ class Collective:
         dist.broadcast_object_list(box, src=src, group=self.group)
         return box[0]
 
-    def agree(self, problems: list[str], check: str) -> None:
+    def agree(self, problems: list[str | Problem], check: str) -> None:
         """Exchange ``check``'s problems between all ranks; raise the same :class:`CheckFailed` on every
         rank: for a problem that leaves later checks nothing to check."""
         merged = self.collect(problems, check)
         if merged:
             raise CheckFailed(merged)
 
-    def collect(self, problems: list[str], check: str) -> list[Problem]:
+    def collect(self, problems: list[str | Problem], check: str) -> list[Problem]:
         """Every rank's problems of ``check``, the same list on every rank, for the cell to go on.
 
-        A problem every rank found is reported once, under the first rank that found it. Every
-        problem is kept (each check already bounds its own list), so none escapes an expectation.
+        A problem is a message, or a :class:`Problem` carrying its tensors (its own check kept). A
+        problem every rank found is reported once, under the first rank that found it. Every problem
+        is kept (each check already bounds its own list), so none escapes an expectation.
         """
-        for problem in problems:  # kept in the log should a peer never reach this exchange
-            print(log_line(check, problem), file=sys.stderr, flush=True)
+        mine = [p if isinstance(p, Problem) else Problem(check, p) for p in problems]
+        for p in mine:  # kept in the log should a peer never reach this exchange
+            print(log_line(p.check, p.message), file=sys.stderr, flush=True)
         merged: list[Problem] = []
-        seen: set[str] = set()
-        for rank, rank_problems in enumerate(self.gather(list(problems))):
-            for problem in rank_problems or []:
-                if problem not in seen:
-                    seen.add(problem)
-                    merged.append(Problem(check, problem, f"rank {rank}"))
+        seen: set[tuple[str, str, tuple[str, ...]]] = set()
+        for rank, rank_problems in enumerate(self.gather([p.as_dict() for p in mine])):
+            for raw in rank_problems or []:
+                p = Problem.from_dict(raw)
+                if (p.check, p.message, p.tensors) not in seen:
+                    seen.add((p.check, p.message, p.tensors))
+                    merged.append(Problem(p.check, p.message, f"rank {rank}", p.tensors))
         return merged

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ class CellResult:
     ) -> CellResult:
         metrics = metrics or {}
         reason = relative_paths(reason)  # what is matched is what is written and shown
-        problems = [Problem(p.check, relative_paths(p.message), p.where) for p in problems or []]
+        problems = [replace(p, message=relative_paths(p.message)) for p in problems or []]
         unmet = expected.unmet(status, problems)
         return cls(
             id=cell.id,

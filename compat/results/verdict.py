@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from compat.checks.problems import Problem, logged_problems, problems_of
@@ -83,7 +83,7 @@ def verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, str
         rank = f"rank {o.rank}" if o.record["status"] == "error" else ""
         out = []
         for p in problems_of(o.record.get("problems")) or [Problem("run", o.record["reason"])]:
-            out.append(Problem(p.check, p.message, at(rank, p.where)))
+            out.append(replace(p, where=at(rank, p.where)))
         return out
 
     def at(*parts: str) -> str:
