@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from compat.checks.compare import TOLERANCES, Tolerance, compare, effect_problem
+from compat.checks.compare import (
+    ADAPTER_GROWTH,
+    TOLERANCES,
+    Tolerance,
+    adapter_tolerance,
+    compare,
+    effect_problem,
+)
 
 
 def test_identical_tensors_match():
@@ -29,6 +36,26 @@ def test_nan_is_a_mismatch():
     actual = expected.clone()
     actual[2] = float("nan")
     assert not compare(actual, expected, TOLERANCES["fp32"]).ok
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_reference_is_a_mismatch_and_is_counted(value):
+    """peft's logits and merged weights are the expected side: their NaN must not read as a match."""
+    expected = torch.tensor([1.0, value, 1.0, 1.0])
+    c = compare(torch.ones(4), expected, Tolerance(1e-5, 0))
+    assert not c.ok and c.mismatched == 1 and c.non_finite == 1
+    assert "(1 not finite)" in c.message("logits")
+    with_rtol = compare(torch.ones(4), expected, Tolerance(5e-2, 5e-2))
+    assert not with_rtol.ok
+
+
+def test_the_adapted_bound_stops_growing_with_a_base_drift_past_the_base_bound():
+    """A base conversion fault drifts the bases apart by its own size; the adapted bound counts the
+    drift only up to what the base check allows, so it cannot grow with the fault."""
+    within = adapter_tolerance("bf16", 0.2, 0.05, base_allowed=0.3)
+    assert within.atol == pytest.approx(ADAPTER_GROWTH * 0.2)
+    fault = adapter_tolerance("bf16", 3.0, 0.05, base_allowed=0.3)
+    assert fault.atol == pytest.approx(ADAPTER_GROWTH * 0.3)
 
 
 def test_difference_within_tolerance_passes_and_just_above_fails():

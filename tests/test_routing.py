@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from compat.checks.compare import ADAPTER_GROWTH, TOLERANCES, compare
+from compat.checks.compare import ADAPTER_GROWTH, MIN_POSITIONS, TOLERANCES, compare, positions_problem
 from compat.rank.routing import capture_hf_routing, find_flips
 
 B, S, E, K = 2, 6, 8, 2
@@ -75,8 +75,18 @@ def test_a_flip_at_every_first_position_leaves_nothing_and_says_so():
     meg[:, 0, :] = torch.tensor([3.0, 2.001, 2.0, 0, 0, 0, 0, 0])
     hf = meg.clone()
     hf[:, 0, 2] += 0.002
-    problems = find_flips(_side(meg), _side(hf), "bf16", 64).problems()
-    assert problems and "no logit left to compare" in problems[-1]
+    flips = find_flips(_side(meg), _side(hf), "bf16", 64)
+    assert flips.problems() == []  # near-ties: no router differs
+    few = positions_problem(flips.keep(), "adapter")
+    assert few and "routing flips left 0 positions past each sequence's first compared" in few
+
+
+def test_flips_that_leave_fewer_than_the_stated_positions_are_a_problem_and_enough_are_not():
+    keep = torch.ones(8, 16, 1, dtype=torch.bool)
+    keep[:, 2:] = False  # one position past the first in each of 8 sequences: exactly MIN_POSITIONS
+    assert positions_problem(keep, "adapter") is None
+    keep[0, 1] = False
+    assert f"left {MIN_POSITIONS - 1} positions" in positions_problem(keep, "adapter")
 
 
 def test_dense_models_have_no_routing():

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ADAPTER_GROWTH",
     "EFFECT_MIN_SHARE",
+    "MIN_POSITIONS",
     "NOISE_SAFETY",
     "TOLERANCES",
     "WEIGHT_TOLERANCES",
@@ -26,6 +27,7 @@ __all__ = [
     "compare",
     "effect_problem",
     "forward_noise",
+    "positions_problem",
     "token_agreement",
     "torch_dtype",
 ]
@@ -91,15 +93,25 @@ def base_tolerance(dtype: str, layers: int, hidden: int, reference: torch.Tensor
 
 
 def adapter_tolerance(
-    dtype: str, base_drift: float | None, modelled: float = 0.0, table: Tolerance | None = None
+    dtype: str,
+    base_drift: float | None,
+    modelled: float = 0.0,
+    table: Tolerance | None = None,
+    base_allowed: float | None = None,
 ) -> Tolerance:
     """The adapted logits' bound: ADAPTER_GROWTH x the base models' drift, measured or, where the measured
     maximum fell below it, modelled (``forward_noise``); never below ``table`` (the dtype's, or a serving
-    engine's pins), which is the bound without a measurement."""
+    engine's pins), which is the bound without a measurement.
+
+    Capped: the measured drift counts only up to what the base check allows (``base_allowed``). Past
+    that the base models differ by a conversion fault, not by rounding, and a bound grown with the
+    fault would let the same fault, or another one of its size, through the adapted comparison.
+    """
     t = table or TOLERANCES[dtype]
     if base_drift is None:
         return t
-    return Tolerance(atol=max(t.atol, ADAPTER_GROWTH * max(base_drift, modelled)), rtol=t.rtol)
+    drift = base_drift if base_allowed is None else min(base_drift, base_allowed)
+    return Tolerance(atol=max(t.atol, ADAPTER_GROWTH * max(drift, modelled)), rtol=t.rtol)
 
 
 # Weights merged by two code paths (peft merging the adapter export; the bridge's merged export)
@@ -120,6 +132,26 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
+# Routing flips (compat.rank.routing) hide every position from a sequence's first flip on. A comparison
+# left with fewer than this many positions past each sequence's first (which attends to itself alone)
+# has seen too little of the model to vouch for it: a problem, not a pass. Eight sequences are run
+# (compat.rank.activations.SEQUENCES), so this asks that about one position in fifteen survive.
+MIN_POSITIONS = 8
+
+
+def positions_problem(keep: torch.Tensor | None, what: str) -> str | None:
+    """Why a comparison restricted to ``keep`` ([b, s, 1]) saw too few positions, or None."""
+    if keep is None:
+        return None
+    seen = int(keep[:, 1:].sum())
+    if seen >= MIN_POSITIONS:
+        return None
+    return (
+        f"{what}: routing flips left {seen} positions past each sequence's first compared, at least "
+        f"{MIN_POSITIONS} needed (the positions a flip hides cannot vouch for the adapter)"
+    )
+
+
 # The adapter must move the logits by more than the tolerance, in at least this share of them: the
 # logits without the adapter must fail the very comparison the cell makes, or agreement proves nothing.
 EFFECT_MIN_SHARE = 0.5
@@ -133,6 +165,7 @@ class Comparison:
     total: int
     worst_index: tuple[int, ...]
     tolerance: Tolerance
+    non_finite: int = 0  # elements NaN or infinite on either side (each a mismatch)
 
     @property
     def ok(self) -> bool:
@@ -143,8 +176,9 @@ class Comparison:
             self.worst_index
         )
         share = 100.0 * self.mismatched / max(self.total, 1)
+        odd = f" ({self.non_finite} not finite)" if self.non_finite else ""
         return (
-            f"{what}: mismatched elements: {self.mismatched} / {self.total} ({share:.1f}%); "
+            f"{what}: mismatched elements: {self.mismatched} / {self.total} ({share:.1f}%){odd}; "
             f"greatest absolute difference: {self.max_abs_diff:.3e} at {where} "
             f"(up to {self.tolerance.atol:g} allowed); greatest relative difference: "
             f"{self.max_rel_diff:.3e} (up to {self.tolerance.rtol:g} allowed)"
@@ -154,7 +188,8 @@ class Comparison:
 def compare(
     actual: torch.Tensor, expected: torch.Tensor, tolerance: Tolerance, keep: torch.Tensor | None = None
 ) -> Comparison:
-    """Elementwise |a - e| <= atol + rtol * |e| in float64; NaN anywhere is a mismatch.
+    """Elementwise |a - e| <= atol + rtol * |e| in float64; a NaN or infinity on either side is a
+    mismatch (peft's logits and merged weights are the ``expected`` side: their NaN must not pass).
 
     ``keep``: a boolean mask broadcast over the tensors; only its elements are compared and counted
     (the logits before a routing flip, ``compat.rank.routing``)."""
@@ -164,15 +199,15 @@ def compare(
         raise ValueError(f"shapes differ: {tuple(actual.shape)} vs {tuple(expected.shape)}")
     a = actual.detach().double()  # on the tensors' own device: at real widths a CPU pass costs seconds
     e = expected.detach().double().to(a.device)
-    diff = (a - e).abs()
-    diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
-    rel = diff / e.abs().clamp_min(torch.finfo(torch.float64).tiny)
-    bad = diff > tolerance.atol + tolerance.rtol * e.abs()
+    odd = ~(torch.isfinite(a) & torch.isfinite(e))
+    diff = torch.where(odd, torch.full_like(a, float("inf")), (a - e).abs())
+    rel = diff / e.abs().nan_to_num(0.0).clamp_min(torch.finfo(torch.float64).tiny)
+    bad = odd | (diff > tolerance.atol + tolerance.rtol * e.abs())
     total = diff.numel()
     if keep is not None:
         keep = keep.to(diff.device).expand_as(diff)
         diff, rel = torch.where(keep, diff, 0.0), torch.where(keep, rel, 0.0)
-        bad, total = bad & keep, int(keep.sum())
+        bad, odd, total = bad & keep, odd & keep, int(keep.sum())
     flat = int(diff.argmax())
     index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(diff.shape)))
     return Comparison(
@@ -182,6 +217,7 @@ def compare(
         total=total,
         worst_index=index,
         tolerance=tolerance,
+        non_finite=int(odd.sum()),
     )
 
 

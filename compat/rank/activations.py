@@ -28,7 +28,7 @@ __all__ = [
     "megatron_forward",
 ]
 
-SEQUENCES, TOKENS = 2, 16
+SEQUENCES, TOKENS = 8, 16  # eight sequences: routing flips at real widths leave enough positions (MIN_POSITIONS)
 _PARTS = ("self_attn", "mlp", "output")
 
 

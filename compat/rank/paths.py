@@ -86,8 +86,13 @@ class CellPaths:
 
     @property
     def delta_oracle(self) -> Path:
-        """The per-weight delta comparison rank 0 made on the Megatron side (``compat.rank.delta_oracle``)."""
+        """The at-rest oracle's entries, every rank's, written by rank 0 (``compat.rank.delta_oracle``)."""
         return self.root / "delta-oracle.json"
+
+    @property
+    def forward_oracle(self) -> Path:
+        """Megatron's in-flight oracle entries, every rank's, written by rank 0 (``compat.rank.forward_oracle``)."""
+        return self.root / "forward-oracle.json"
 
     def activations(self, tag: str, pp_rank: int) -> Path:
         """One pipeline stage's activations of a Megatron forward (``tag``: adapter or merged)."""

@@ -22,6 +22,7 @@ from compat.checks.compare import (
     compare,
     effect_problem,
     forward_noise,
+    positions_problem,
     token_agreement,
     torch_dtype,
 )
@@ -33,9 +34,10 @@ from compat.declare.adapters import get_adapter
 from compat.declare.cells import Cell
 from compat.declare.families import get_family
 from compat.rank.activations import capture_hf, first_divergence, input_ids, load_megatron
-from compat.rank.delta_oracle import oracle_problems
 from compat.rank.export import MEGATRON_MERGED, MERGED_EXPORT, MERGED_WEIGHTS, PEFT_MERGED
+from compat.rank.oracle_verdict import oracle_verdict
 from compat.rank.paths import CellPaths
+from compat.rank.peft_oracle import PeftRecorder
 from compat.rank.routing import capture_hf_routing, find_flips
 
 __all__ = ["adapter_problems", "compare_with_peft"]
@@ -81,9 +83,10 @@ def compare_with_peft(
     metrics: dict[str, Any] = {}
     problems += _base_problems(cell, paths, base_logits, base, metrics)
     drift = metrics["tolerance"]
-    tol = adapter_tolerance(cell.dtype, drift.get("base_drift"), drift.get("base_drift_modelled", 0.0))
+    tol = adapter_tolerance(
+        cell.dtype, drift.get("base_drift"), drift.get("base_drift_modelled", 0.0), base_allowed=drift.get("base_atol")
+    )
     metrics["tolerance"]["adapter_allowed"] = str(tol)
-    problems += [Problem("delta oracle", p) for p in oracle_problems(paths, metrics)]  # from the files alone
     try:
         peft_model = PeftModel.from_pretrained(hf, str(paths.where(paths.adapter))).eval()
     except Exception as exc:  # peft refusing the files is this cell's finding, not a crash
@@ -94,14 +97,16 @@ def compare_with_peft(
                 f"{first_line(exc, 600, lines=3)} at {upstream_frame(exc)}",
             )
         )
+        problems += oracle_verdict(paths, None, metrics)
         raise CheckFailed(problems, metrics, _NEED_PEFT) from exc
     problems += [Problem("peft placement", p) for p in check_loaded_by_peft(peft_model, paths.where(paths.adapter))]
     hf_acts: dict[str, torch.Tensor] = {}
     hooks = capture_hf(peft_model, hf_acts) + capture_hf_routing(peft_model, hf_acts, ids)
-    with torch.no_grad():
+    with torch.no_grad(), PeftRecorder(peft_model) as in_flight:
         peft_logits = peft_model(ids).logits
     for h in hooks:
         h.remove()
+    problems += oracle_verdict(paths, _peft_entries(in_flight, paths, cell.dtype, device), metrics)
     meg = load_megatron(paths, "adapter")
     keep, flipped, rerouted = _routing(cell, meg, hf_acts, "adapter", metrics)
     cmp = compare(meg["logits"], peft_logits, tol, keep)
@@ -138,6 +143,18 @@ def compare_with_peft(
     return metrics
 
 
+def _peft_entries(recorder: PeftRecorder, paths: CellPaths, dtype: str, device: Any) -> list[dict[str, Any]] | None:
+    """peft's in-flight entries, judged against the files (None where the files cannot be read: the
+    file checks say why, and the coverage shows the oracle did not run)."""
+    from compat.checks.adapter_files import FileAdapter
+
+    try:
+        files = FileAdapter(paths.where(paths.adapter), device)
+    except Exception:  # an unreadable export is the files check's finding
+        return None
+    return recorder.judge(files, dtype)
+
+
 _BASES_DIFFER = "the base models differ before any adapter: Megatron with its adapters off vs the HF model"
 _NEED_PEFT = "peft placement, logits, adapter effect, merged forms (they need the model peft did not load)"
 
@@ -159,7 +176,9 @@ def _routing(
         return None, "", []  # no flip: every position is compared, and any message reads as before
     found["finding"] = flips.summary()
     clause = f"; {found['finding']}, positions from each sequence's first flip on not compared"
-    return flips.keep(), clause, [f"{pair}: {p}" for p in flips.problems()]
+    keep = flips.keep()
+    few = positions_problem(keep, pair)
+    return keep, clause, [f"{pair}: {p}" for p in flips.problems()] + ([few] if few else [])
 
 
 def _base_problems(
@@ -182,10 +201,11 @@ def _base_problems(
     metrics["tolerance"] = {
         "base_drift": c.max_abs_diff,
         "base_allowed": str(tol),
+        "base_atol": tol.atol,
         "base_rms": float(base_logits.double().pow(2).mean().sqrt()),
         "base_drift_modelled": forward_noise(cell.dtype, dims.num_layers, dims.hidden_size, base_logits),
         "derivation": "base: max(table, NOISE_SAFETY x sqrt(L) x u x rms x sqrt(2 ln N)); "
-        "adapter: max(table, ADAPTER_GROWTH x max(base drift, modelled)) (compat/checks/compare.py)",
+        "adapter: max(table, ADAPTER_GROWTH x max(min(base drift, base bound), modelled)) (compat/checks/compare.py)",
     }
     if not c.ok:
         problems.append(
@@ -247,8 +267,8 @@ def _merged_forms(
             problems.append(Problem(name, out[name]["reason"]))
             continue
         problems += [Problem("routing", r) for r in rerouted]
-        if c.total == 0:  # a pass would say what nothing measured; the routing problem says why
-            out[name] = {"status": "fail", "max_abs_diff": None, "reason": f"no logit left to compare{flipped}"}
+        if rerouted:  # a pass would vouch for what the routing problem says was not measured
+            out[name] = {"status": "fail", "max_abs_diff": c.max_abs_diff if c.total else None, "reason": rerouted[-1]}
     if MERGED_EXPORT not in skipped:
         out[MERGED_WEIGHTS] = _merged_weights(merged_model, paths, dtype, device)
         if out[MERGED_WEIGHTS]["status"] != "pass":

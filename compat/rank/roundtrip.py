@@ -21,13 +21,14 @@ from compat.checks.problems import Problem
 from compat.declare.cells import Cell
 from compat.declare.families import base_device_kind, ensure_tiny_model, get_family, require_model_type
 from compat.declare.plugins import Resolved
-from compat.rank import adapter_state, checkpoint, delta_oracle
+from compat.rank import adapter_state, checkpoint, delta_oracle, forward_oracle
 from compat.rank.activations import megatron_forward
+from compat.rank.adapted_weights import adapted_weights, unjudged_wrappers
 from compat.rank.backends import Backend
 from compat.rank.collective import Collective
 from compat.rank.export import MEGATRON_MERGED, MERGED_EXPORT, default_exporter, merged_export, merged_in_place
 from compat.rank.model_build import Built, build
-from compat.rank.paths import CellPaths
+from compat.rank.paths import CellPaths, write_json_atomic
 from compat.rank.peft_compare import adapter_problems, compare_with_peft
 
 __all__ = ["DEFAULT_PLUGINS", "OTHER_SEED", "SAVE_SEED", "run_phase"]
@@ -123,15 +124,18 @@ def _steps(
         skipped_checks["bridge loader"] = why
     lap("load, verify")
     vocab = get_family(cell.family).dims.vocab_size
-    megatron_forward(built.model, backend, built.hidden_size, vocab, paths, "adapter")
-    comm.barrier()
+    weights = adapted_weights(built.bridge, built.model)  # the stored factors, as loaded
+    with forward_oracle.recording(weights) as recorder:
+        megatron_forward(built.model, backend, built.hidden_size, vocab, paths, "adapter")
+    _judge_flight(cell, built, weights, recorder, paths, comm)
     lap("forward")
     _export(built, paths, comm, plugins, reference=False)
     lap("export")
-    delta_oracle.run_oracle(built.bridge, built.model, paths, comm.rank, backend.device)
+    delta_oracle.run_oracle(built.bridge, weights, paths, comm, backend.device)
     comm.barrier()
     lap("delta oracle")
-    skipped = _merged(cell, built, paths, backend, comm, vocab, reference=phase == "load")
+    _base_forward(built, paths, backend, comm, vocab)
+    merged_skipped = _merged(cell, built, paths, backend, comm, vocab, reference=phase == "load")
     lap("merged forms")
     if comm.rank != 0:
         return {}
@@ -142,7 +146,7 @@ def _steps(
         lap("serving inputs")
     lap.step = "hf side"  # what a failure below is charged to, served or not
     try:
-        metrics = compare_with_peft(cell, paths, phase == "load", skipped, backend.device)
+        metrics = compare_with_peft(cell, paths, phase == "load", merged_skipped, backend.device)
     except CheckFailed as exc:
         _skips(exc.metrics, skipped_checks, paths)["peak_memory"] = _peak_memory()
         raise
@@ -277,18 +281,30 @@ def _export(built: Built, paths: CellPaths, comm: Collective, plugins: Resolved,
     comm.agree(problems, "exporter")
 
 
+def _judge_flight(cell: Cell, built: Built, weights: list, recorder: Any, paths: CellPaths, comm: Collective) -> None:
+    """The forward oracle's verdict on this rank's modules; rank 0 writes every rank's entries."""
+    entries = forward_oracle.judge_weights(weights, recorder, cell.dtype)
+    every = [e for rank_entries in comm.gather(entries) for e in rank_entries]
+    unknown = {k: v for rank_unknown in comm.gather(unjudged_wrappers(built.model)) for k, v in rank_unknown.items()}
+    if comm.rank == 0:
+        write_json_atomic(paths.forward_oracle, {"entries": every, "unjudged_wrappers": unknown})
+
+
+def _base_forward(built: Built, paths: CellPaths, backend: Backend, comm: Collective, vocab: int) -> None:
+    """Megatron's base model alone (adapters off), for telling a conversion mismatch from an adapter one."""
+    if hasattr(built.peft, "disable_adapter_layers") and hasattr(built.peft, "enable_adapter_layers"):
+        built.peft.disable_adapter_layers(built.model)
+        megatron_forward(built.model, backend, built.hidden_size, vocab, paths, "base")
+        built.peft.enable_adapter_layers(built.model)
+        comm.barrier()
+
+
 def _merged(
     cell: Cell, built: Built, paths: CellPaths, backend: Backend, comm: Collective, vocab: int, reference: bool
 ) -> dict[str, str]:
     """Produce the merged forms on the Megatron side; return those skipped, with why."""
     problems = lambda: adapter_problems(cell, paths, reference)  # noqa: E731 (read only if a merge raises)
     skipped: dict[str, str] = {}
-    if hasattr(built.peft, "disable_adapter_layers") and hasattr(built.peft, "enable_adapter_layers"):
-        # The base model alone, for telling a conversion mismatch from an adapter one.
-        built.peft.disable_adapter_layers(built.model)
-        megatron_forward(built.model, backend, built.hidden_size, vocab, paths, "base")
-        built.peft.enable_adapter_layers(built.model)
-        comm.barrier()
     why = merged_export(built.bridge, built.model, paths.merged, paths.hf, problems)
     comm.barrier()
     if why:

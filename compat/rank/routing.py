@@ -178,7 +178,7 @@ class Flips:
         )
 
     def problems(self) -> list[str]:
-        """Flips the measured drift does not explain, and flips that leave no logit to compare."""
+        """Flips the measured drift does not explain (too few positions left: ``compare.positions_problem``)."""
         out = []
         wide = [f for f in self.flips if not f.near_tie]
         if wide:
@@ -188,8 +188,6 @@ class Flips:
                 for f in wide[:3]
             )
             out.append(f"{len(wide)} tokens routed otherwise, not near-ties (margin <= 2 x drift <= noise): {shown}")
-        if all(any(f.sequence == b and f.position == 0 for f in self.flips) for b in range(self.sequences)):
-            out.append(f"{self.summary()}: every sequence flips at position 0, no logit left to compare")
         return out
 
 

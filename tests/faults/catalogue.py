@@ -42,8 +42,24 @@ DIFF = (
     r"greatest absolute difference: \d\.\d+e[-+]\d+ at sequence \d+, position \d+, token \d+ "
     r"\(up to [\d.e-]+ allowed\)"
 )
-# What the delta oracle (compat/rank/delta_oracle.py) says, naming the weights of .format(modules) (a regex).
-DELTAS = r"the exported adapter's delta differs from Megatron's in \d+ of \d+ weights .*\.layers\.{}\.weight \(rows "
+# What the at-rest oracle (compat/rank/delta_oracle.py) says, naming the HF weights of .format(modules) (a regex).
+DELTAS = (
+    r"the exported delta, mapped into Megatron's layout by the bridge's import conversion, differs from "
+    r"Megatron's stored delta in \d+ of \d+ weights .*\.layers\.{}\.weight[^(]* \(layer \d+(?: expert \d+)?, rows "
+)
+
+
+def in_flight(side: str, megatron: str, gain: str) -> str:
+    """What the forward oracle says of one side (``Megatron``, ``peft``): a weight named by ``megatron``
+    (a regex) whose forward adds ``gain`` x its stored adapter's product, with its layer (and expert)."""
+    return (
+        rf"in flight, {side}: \d+ of \d+ adapted weights add another contribution in the forward pass than their "
+        rf"stored adapter's scale \* x A\^T B\^T: .*{megatron}[^(]* \(layer \d+(?: expert \d+)?, gain {gain}"
+    )
+
+
+EXPERTS = r"decoder\.layers\.\d\.mlp\.experts\.\S+\.weight\d* = model\.layers\.\d\.mlp\.experts\.\d+\."
+ATTENTION = r"decoder\.layers\.\d\.self_attention\.linear_(?:qkv|proj)\.weight"
 FP32_DIFF = r"greatest absolute difference: \d\.\d+e[-+]\d+ at .* \(up to 1e-05 allowed\)"
 
 
@@ -75,6 +91,15 @@ def _saved(fn: Callable[[Path], None]) -> tuple[str, str, Wrap]:
 
 
 WITHOUT_MERGED_EXPORT = (AUTO_BRIDGE, "AutoBridge.save_hf_weights", tamper.without_merged_export)
+ADAPTER_FORWARDS = ("ParallelLinearAdapter.forward", "GroupedExpertLinearAdapter.forward",
+                    "SharedOuterGroupedExpertAdapter.forward")  # fmt: skip
+
+
+def _scaled(factor: float, experts: bool) -> tuple[tuple[str, str, Wrap], ...]:
+    """Every adapter class's forward scaled (which one a cell uses depends on its spec and mode), the
+    merged export hidden: the per-module oracles alone must catch it."""
+    wrap = tamper.scale_adapter_forward(factor, experts)
+    return (*((PEFT_UTILS, f, wrap) for f in ADAPTER_FORWARDS), WITHOUT_MERGED_EXPORT)
 
 
 def _config(fn: Callable[[dict[str, Any]], None]) -> tuple[str, str, Wrap]:
@@ -384,6 +409,65 @@ FAULTS: tuple[Fault, ...] = (
         "tp=2,sp=1",
         ((PEFT_UTILS, "gather_from_sequence_parallel_region", parallel.sp_gather_drops_last_chunk),),
         **mismatch_at(0, "self_attn"),
+    ),
+    # -- faults only the per-module oracles see (the merged export hidden, as before merge_adapter_weights) --
+    Fault(
+        "expert_forward_scaled",
+        "every expert adapter adds 1.3x its delta in Megatron's forward pass only (stored values, export right)",
+        "qwen3_moe",
+        "tp1",
+        _scaled(1.3, experts=True),
+        (in_flight("Megatron", EXPERTS, r"1\.(?:29|30)"),),
+    ),
+    Fault(
+        "expert_forward_scaled_2pct",
+        "every expert adapter adds 1.02x its delta in Megatron's forward pass only",
+        "qwen3_moe",
+        "tp1",
+        _scaled(1.02, experts=True),
+        (in_flight("Megatron", EXPERTS, r"1\.0[12]"),),
+    ),
+    Fault(
+        "attention_forward_scaled_2pct",
+        "every attention adapter adds 1.02x its delta in Megatron's forward pass only",
+        "llama",
+        "tp1",
+        _scaled(1.02, experts=False),
+        (in_flight("Megatron", ATTENTION, r"1\.0[12]"),),
+    ),
+    Fault(
+        "qkv_export_split_swaps_key_groups",
+        "the Megatron -> HF QKV split swaps key groups 0 and 1 (adapter and base exports alike; import right)",
+        "llama",
+        "tp1",
+        (
+            (PARAM_MAPPING, "split_qkv_weights", tamper.swap_key_groups),
+            (PEFT_BRIDGE, "split_qkv_weights", tamper.swap_key_groups),
+            WITHOUT_MERGED_EXPORT,
+        ),
+        (DELTAS.format(r"\d\.self_attn\.k_proj"),),
+    ),
+    Fault(
+        "module_delta_2pct",
+        "layer 2's o_proj delta exported 2% too large",
+        "llama",
+        "tp1",
+        (_export(tamper.delta_two_percent_off), WITHOUT_MERGED_EXPORT),
+        (DELTAS.format(r"2\.self_attn\.o_proj"),),
+    ),
+    Fault(
+        "peft_logits_nan",
+        "peft's forward returns one NaN logit",
+        "llama",
+        "tp1",
+        (
+            ("peft.peft_model", "PeftModel.forward", tamper.nan_in_peft_logits),
+            ("peft.peft_model", "PeftModelForCausalLM.forward", tamper.nan_in_peft_logits),
+        ),
+        (
+            LOGITS
+            + r" \(\d+\.\d%\) \(1 not finite\); greatest absolute difference: inf at sequence 0, position 3, token 5",
+        ),
     ),
     # -- run faults: tests/test_run_faults.py ------------------------------------------------------
     Fault(

@@ -465,3 +465,60 @@ def load_bumps_a_base_weight(original: Callable[..., Any]) -> Callable[..., Any]
         return out
 
     return load_state_dict
+
+
+# -- faults only the per-module oracles see (issue 33) --------------------------------------------
+def scale_adapter_forward(factor: float, experts: bool) -> Wrap:
+    """An adapter's forward returns ``factor`` x its output, for expert adapters (``experts``) or for
+    attention ones: stored weights, checkpoint and export all right, only the forward pass is off."""
+
+    def applies(adapter: Any) -> bool:
+        name = str(getattr(adapter, "base_linear_name", ""))
+        is_expert = bool(getattr(adapter, "is_expert", False)) or ".experts." in name
+        return is_expert if experts else "self_attention" in name
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+            out = original(self, x, *args, **kwargs)
+            return out * factor if applies(self) else out
+
+        return forward
+
+    return wrap
+
+
+def swap_key_groups(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``split_qkv_weights`` hands back k with query groups 0 and 1 swapped: every Megatron -> HF
+    conversion (the adapter export and the base-weight export) moves alike, HF -> Megatron stays right."""
+
+    if getattr(original, "planted", False):  # peft_bridge imported the already wrapped function by name
+        return original
+
+    @functools.wraps(original)
+    def split_qkv_weights(config: Any, *args: Any, **kwargs: Any) -> Any:
+        q, k, v = original(config, *args, **kwargs)
+        d = config.kv_channels
+        k = k.clone()
+        k[: 2 * d] = k[: 2 * d].roll(d, dims=0)
+        return q, k, v
+
+    split_qkv_weights.planted = True  # type: ignore[attr-defined]
+    return split_qkv_weights
+
+
+def delta_two_percent_off(w: dict[str, Any]) -> dict[str, Any]:
+    """Layer 2's o_proj lora_B written 2% too large."""
+    return {k: (v * 1.02 if _layer(k, 2) and k.endswith("o_proj.lora_B.weight") else v) for k, v in w.items()}
+
+
+def nan_in_peft_logits(original: Callable[..., Any]) -> Callable[..., Any]:
+    """peft's model forward returns one NaN logit (sequence 0, position 3, token 5)."""
+
+    @functools.wraps(original)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        out.logits[0, 3, 5] = float("nan")
+        return out
+
+    return forward

@@ -1,0 +1,99 @@
+"""An exported HF PEFT adapter read from its files alone: each module's factors and scaling, as peft scales.
+
+The oracles' HF side: what the files say each module adds, ``scaling * lora_B @ lora_A`` with
+``scaling = lora_alpha / r`` (``rank_pattern``/``alpha_pattern`` per module, rsLoRA's
+``alpha / sqrt(r)``), and DoRA's magnitudes. Read from the safetensors and the config, never from
+peft's loaded model (which the in-flight oracle judges) or the bridge's export code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compat.checks.peft_files import _pattern_matches
+
+__all__ = ["Factors", "FileAdapter", "LazyDeltas"]
+
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+_MAGNITUDE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_magnitude_vector(?:\.weight)?$")
+
+
+@dataclass(frozen=True)
+class Factors:
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    scaling: float
+
+
+class FileAdapter:
+    """The factors of every well-formed LoRA pair in an adapter directory (``peft_files`` reports the rest)."""
+
+    def __init__(self, directory: Path, device: Any = "cpu") -> None:
+        from safetensors.torch import load_file
+
+        self.config = json.loads((directory / "adapter_config.json").read_text())
+        tensors = load_file(str(directory / "adapter_model.safetensors"), device=str(device))
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        self.magnitudes: dict[str, torch.Tensor] = {}
+        for key, t in tensors.items():
+            if m := _KEY.match(key):
+                pairs.setdefault(m["module"], {})[m["ab"]] = t
+            elif m := _MAGNITUDE.match(key):
+                self.magnitudes[m["module"]] = t
+        self.factors: dict[str, Factors] = {}
+        for module, ab in pairs.items():
+            a, b = ab.get("A"), ab.get("B")
+            if a is None or b is None or a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+                continue
+            self.factors[module] = Factors(a, b, self.scaling(module))
+
+    def scaling(self, module: str) -> float:
+        config = self.config
+        r = _pattern_value(config, "rank_pattern", module, config["r"])
+        alpha = _pattern_value(config, "alpha_pattern", module, config["lora_alpha"])
+        return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+    def delta(self, module: str) -> torch.Tensor:
+        """fp32 ``scaling * B @ A`` of one module."""
+        f = self.factors[module]
+        return f.scaling * (f.b.float() @ f.a.float())
+
+
+def _pattern_value(config: dict[str, Any], field: str, module: str, default: float) -> float:
+    for pattern, value in (config.get(field) or {}).items():
+        if _pattern_matches(pattern, module):
+            return value
+    return default
+
+
+class LazyDeltas(Mapping[str, torch.Tensor]):
+    """HF weight name -> the file's fp32 delta, computed when read (at real widths all deltas at once
+    are the model's size); zeros of the base weight's shape where the file adapts nothing."""
+
+    def __init__(self, files: FileAdapter, base_shapes: dict[str, tuple[int, ...]], device: Any) -> None:
+        self.files, self.shapes, self.device = files, base_shapes, device
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        module = name.removesuffix(".weight")
+        if module in self.files.factors:
+            return self.files.delta(module).to(self.device)
+        if module not in self.shapes:
+            raise KeyError(name)
+        return torch.zeros(self.shapes[module], dtype=torch.float32, device=self.device)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(f"{m}.weight" for m in self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.removesuffix(".weight") in self.shapes
