@@ -27,6 +27,16 @@ def test_family_expert_count_must_agree_with_its_config():
         _parse(bad, "test")
 
 
+def test_a_family_at_its_own_width_must_declare_its_head_dim():
+    """OLMoE-1B-7B widths declared without head_dim inherited [defaults]' 8: HF's OLMoE ignores it, the
+    bridge reads it, and the build failed on k_norm's shape instead of the declaration saying so."""
+    widths = {"model_type": "olmoe", "architecture": "OlmoeForCausalLM", "config": {"hidden_size": 2048}}
+    with pytest.raises(FamilyError, match="would inherit head_dim = 8 from \\[defaults\\]"):
+        _parse({"defaults": {"head_dim": 8}, "family": {"w": widths}}, "test")
+    widths["config"]["head_dim"] = 128
+    assert _parse({"defaults": {"head_dim": 8}, "family": {"w": widths}}, "test")["w"].config["head_dim"] == 128
+
+
 def test_a_seed_is_declared_data_and_draws_another_base(tmp_path: Path, monkeypatch) -> None:
     """matrix/noise/: the same family at another seed is another draw, cached apart; a bad seed is bad input."""
     import torch

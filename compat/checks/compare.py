@@ -27,6 +27,7 @@ __all__ = [
     "compare",
     "effect_problem",
     "forward_noise",
+    "merged_tolerance",
     "positions_problem",
     "token_agreement",
     "torch_dtype",
@@ -112,6 +113,21 @@ def adapter_tolerance(
         return t
     drift = base_drift if base_allowed is None else min(base_drift, base_allowed)
     return Tolerance(atol=max(t.atol, ADAPTER_GROWTH * max(drift, modelled)), rtol=t.rtol)
+
+
+def merged_tolerance(dtype: str, adapted: Tolerance, layers: int, reference: torch.Tensor) -> Tolerance:
+    """A merged form's bound against the unmerged adapter: the adapted bound, and the rounding of the
+    merged weights ``W + delta`` into the dtype (once per weight, where the unmerged forward rounds the
+    two products instead). That rounding is one more error of ``u`` relative per layer's output, of the
+    activations' own size, so it adds ``ADAPTER_GROWTH x`` the modelled drift of weights rounded that
+    way, in quadrature (independent of the activations' rounding). A base drift measured as exactly 0
+    (bitwise-identical kernels on both sides) leaves only the modelled terms: this one must be there."""
+    import math
+
+    n = reference.numel()
+    rms = float(reference.detach().double().pow(2).mean().sqrt())
+    rounding = math.sqrt(layers) * _UNIT_ROUNDOFF[dtype] * rms * math.sqrt(2 * math.log(max(n, 2)))
+    return Tolerance(atol=math.hypot(adapted.atol, ADAPTER_GROWTH * rounding), rtol=adapted.rtol)
 
 
 # Weights merged by two code paths (peft merging the adapter export; the bridge's merged export)

@@ -100,7 +100,15 @@ def _parse(data: dict[str, Any], source: str, known: dict[str, Family] | None = 
         for key in ("model_type", "architecture"):
             if not isinstance(spec.get(key), str):
                 raise FamilyError(f"{source}: family {name!r} needs a string {key!r}")
-        config = {**defaults, **spec.get("config", {})}
+        own = spec.get("config", {})
+        if "head_dim" in defaults and "head_dim" not in own and {"hidden_size", "num_attention_heads"} & set(own):
+            raise FamilyError(
+                f"{source}: family {name!r} sets {sorted({'hidden_size', 'num_attention_heads'} & set(own))} but would "
+                f"inherit head_dim = {defaults['head_dim']} from [defaults]: declare its head_dim (some HF configs keep "
+                "a head_dim their model ignores, and the bridge reads it: OLMoE's k_norm was then sized "
+                "head_dim x heads on Megatron's side, megatron/bridge/models/olmoe/olmoe_bridge.py:67-69)"
+            )
+        config = {**defaults, **own}
         num_experts = spec.get("num_experts", 0)
         if num_experts:
             declared_experts = [config[k] for k in _EXPERT_KEYS if k in config]

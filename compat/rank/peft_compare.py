@@ -22,6 +22,7 @@ from compat.checks.compare import (
     compare,
     effect_problem,
     forward_noise,
+    merged_tolerance,
     positions_problem,
     token_agreement,
     torch_dtype,
@@ -246,6 +247,8 @@ def _merged_forms(
     its logits before each sequence's first flip.
     """
     dtype = torch_dtype(cell.dtype)
+    tol = merged_tolerance(cell.dtype, tol, get_family(cell.family).dims.num_layers, unmerged["logits"])
+    metrics["tolerance"]["merged_allowed"] = str(tol)
     forms: dict[str, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
         if MERGED_EXPORT not in skipped:

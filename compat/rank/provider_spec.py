@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["TE_FUSIONS", "configure"]
+__all__ = ["FLASH_PACKAGES", "TE_FUSIONS", "configure"]
 
 # Provider fields for fusions that need Transformer Engine or CUDA kernels: off with the local spec.
 TE_FUSIONS = (
@@ -45,11 +45,41 @@ def configure(spec: str, provider: Any, local_layer_spec: Any, dtype: str) -> No
     # Without APEX, TE-spec models fail to build with gradient_accumulation_fusion on
     # ("fused_weight_gradient_mlp_cuda module is not found"); it only matters for training.
     provider.gradient_accumulation_fusion = False
+    from megatron.core.transformer.enums import AttnBackend
+
+    forced = getattr(provider, "attention_backend", None)
     if dtype == "fp32":
         # TE has no flash or fused attention kernels for fp32 (it falls back to unfused attention:
         # transformer_engine/pytorch/attention/dot_product_attention/utils.py, 2.20), so a provider
         # that forces one (Gemma, Gemma 3: attention_backend = flash) builds no attention in fp32.
-        from megatron.core.transformer.enums import AttnBackend
-
-        if getattr(provider, "attention_backend", None) in (AttnBackend.flash, AttnBackend.fused):
+        if forced in (AttnBackend.flash, AttnBackend.fused):
             provider.attention_backend = AttnBackend.auto
+    elif forced == AttnBackend.flash and not any(_importable(m) for m in FLASH_PACKAGES):
+        # Megatron turns TE's other backends off when one is forced (NVTE_FUSED_ATTN=0, NVTE_UNFUSED_ATTN=0),
+        # and TE's flash backend is the flash-attn package, which users of these providers install: here it
+        # is missing, and TE would say only "No dot product attention backend is available".
+        import inspect
+
+        from compat.checks.findings import Unsupported
+        from compat.checks.upstream import upstream_path
+
+        where = upstream_path(inspect.getsourcefile(type(provider)) or "") or type(provider).__module__
+        raise Unsupported(
+            f"the bridge's {type(provider).__name__} ({where}) forces attention_backend=flash (Gemma's bridge sets it: "
+            f"megatron/bridge/models/gemma/gemma_bridge.py) and Transformer Engine's flash backend needs the "
+            f"flash-attn package ({' or '.join(FLASH_PACKAGES)}), which is not installed here; with flash forced, "
+            "TE's fused (cuDNN) and unfused backends are off"
+        )
+
+
+# The packages Transformer Engine's FlashAttention backend imports (flash-attn 2, flash-attn 3).
+FLASH_PACKAGES = ("flash_attn", "flash_attn_interface", "flash_attn_3")
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
