@@ -104,8 +104,8 @@ def _parse(data: dict[str, Any], source: str, known: dict[str, Family] | None = 
         if "head_dim" in defaults and "head_dim" not in own and {"hidden_size", "num_attention_heads"} & set(own):
             raise FamilyError(
                 f"{source}: family {name!r} sets {sorted({'hidden_size', 'num_attention_heads'} & set(own))} but would "
-                f"inherit head_dim = {defaults['head_dim']} from [defaults]: declare its head_dim (some HF configs keep "
-                "a head_dim their model ignores, and the bridge reads it: OLMoE's k_norm was then sized "
+                f"inherit head_dim = {defaults['head_dim']} from [defaults]: declare its head_dim (some HF configs "
+                "keep a head_dim their model ignores, and the bridge reads it: OLMoE's k_norm was then sized "
                 "head_dim x heads on Megatron's side, megatron/bridge/models/olmoe/olmoe_bridge.py:67-69)"
             )
         config = {**defaults, **own}
