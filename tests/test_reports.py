@@ -316,3 +316,19 @@ def test_compat_diff_exits_1_on_a_status_or_problem_change(tmp_path: Path) -> No
     assert main(["diff", str(before), str(after)]) == 1
     after.write_text(json.dumps({"cells": [{**cell, "status": "error", "met": False}]}))
     assert main(["diff", str(before), str(after)]) == 1
+
+
+def test_coverage_is_shown_on_the_row_and_in_the_page():
+    """Which adapted weights the per-module oracles judged: a mark on each row, the counts on -v and in HTML."""
+    from compat.report.html import html_report
+    from compat.results.skips import coverage_mark, coverage_note
+
+    cov = {"weights": 4, "judged": {"delta at rest": 4, "in flight, Megatron": 3, "in flight, peft": 0},
+           "unjudged": {"model.layers.0.mlp.router.weight": "no maths for LoRATopKRouter"}, "by_weight": {}}  # fmt: skip
+    cell = {"id": "qwen3_moe.tp1", "status": "pass", "met": True, "metrics": {"coverage": cov}}
+    assert coverage_mark(cell) == "3/4" and coverage_mark({"metrics": {}}) == "-"
+    note = coverage_note(cell)
+    assert note.startswith("judged 3 of 4 adapted weights (delta at rest 4; in flight, Megatron 3; in flight, peft 0)")
+    assert "by no oracle: model.layers.0.mlp.router.weight" in note
+    page = html_report({"cells": [cell], "versions": {}, "device": "x"}, "results.json")
+    assert ">3/4<" in page and "judged 3 of 4" in page

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from compat.report.vocabulary import column_label, headline, outcome, status_text
-from compat.results.skips import skip_mark, skip_note
+from compat.results.skips import coverage_mark, coverage_note, skip_mark, skip_note
 
 __all__ = ["html_report"]
 
@@ -88,6 +88,7 @@ _HEAD = (
     "expected",
     "max diff",
     "effect",
+    "judged",
     "seconds",
     "served",
     "reason",
@@ -128,6 +129,7 @@ def _row(cell: dict[str, Any]) -> str:
         f"<td>{escape(str(cell.get('expected', '')))}</td>",
         f'<td class="num">{_num(cell.get("max_abs_diff"))}</td>',
         f'<td class="num">{_num(cell.get("adapter_effect"))}</td>',
+        f'<td class="num" title="{escape(coverage_note(cell))}">{escape(coverage_mark(cell))}</td>',
         f'<td class="num">{float(cell.get("seconds") or 0):.1f}</td>',
         f"<td>{_served(cell)}</td>",
         f"<td>{_reason(cell)}</td>",

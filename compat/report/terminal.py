@@ -24,12 +24,12 @@ from typing import IO, Any
 
 from compat.report.vocabulary import UNMET, headline, status_text, unmet_line
 from compat.results.record import CellResult
-from compat.results.skips import skip_mark, skip_note
+from compat.results.skips import coverage_mark, coverage_note, skip_mark, skip_note
 
 __all__ = ["RunView", "add_verbosity", "duration", "row", "summary"]
 
 _FIGURES = (("world", 5), ("status", len(f"unsupported {UNMET}")), ("expected", 11))
-_NUMBERS = (("max diff", 8), ("effect", 8), ("seconds", 7))
+_NUMBERS = (("max diff", 8), ("effect", 8), ("judged", 9), ("seconds", 7))
 PROBLEM_WIDTH = 160  # characters of a first problem on its row (the whole text is in results.json)
 
 
@@ -68,7 +68,8 @@ def row(r: CellResult, id_width: int, problems: dict[str, int], count: str = "")
     skipped = {"metrics": r.metrics}  # a check that did not run: marked and named on the row
     status = status_text(r.status + skip_mark(skipped), r.met)
     figures = [str(r.world_size).ljust(5), status.ljust(_FIGURES[1][1]), r.expected.ljust(11)]
-    numbers = [_num(r.max_abs_diff).rjust(8), _num(r.adapter_effect).rjust(8), f"{r.seconds:.1f}".rjust(7)]
+    numbers = [_num(r.max_abs_diff).rjust(8), _num(r.adapter_effect).rjust(8), coverage_mark(skipped).rjust(9)]
+    numbers.append(f"{r.seconds:.1f}".rjust(7))
     line = "  ".join([r.id.ljust(id_width), *figures, *numbers])
     for engine, s in r.serving.items():  # the serving checks' own figures, on the cell's row
         diff, effect = _num(s["max_abs_diff"]), _num(s["adapter_effect"])
@@ -164,7 +165,8 @@ class RunView:
         if self.verbosity < 0 and r.met:
             return
         self._print(text)
-        whole = ([r.reason] if r.reason and r.status != "pass" else []) + [skip_note({"metrics": r.metrics})]
+        cell = {"metrics": r.metrics}
+        whole = ([r.reason] if r.reason and r.status != "pass" else []) + [skip_note(cell), coverage_note(cell)]
         for text in whole if self.verbosity > 0 else ():
             if text:
                 self._print("    " + text.strip().replace("\n", "\n    "))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["skip_mark", "skip_note", "skip_reasons", "skipped_checks"]
+__all__ = ["coverage_mark", "coverage_note", "skip_mark", "skip_note", "skip_reasons", "skipped_checks"]
 
 
 def skip_reasons(cell: dict[str, Any]) -> dict[str, str]:
@@ -40,3 +40,24 @@ def skip_mark(cell: dict[str, Any]) -> str:
     """`` (2 skipped)`` after a status, or "": what a table cell or a grid square shows."""
     n = len(skipped_checks(cell))
     return f" ({n} skipped)" if n else ""
+
+
+def coverage_mark(cell: dict[str, Any]) -> str:
+    """``64/64``: the adapted weights some per-module oracle judged, of those the cell adapts; ``-`` where
+    no oracle ran (a cell that stopped before them)."""
+    cov = (cell.get("metrics") or {}).get("coverage") or cell.get("coverage")
+    if not cov:
+        return "-"
+    return f"{cov['weights'] - len(cov.get('unjudged') or {})}/{cov['weights']}"
+
+
+def coverage_note(cell: dict[str, Any]) -> str:
+    """``judged 64 of 64 adapted weights: delta at rest 64, in flight, Megatron 64, in flight, peft 16``."""
+    cov = (cell.get("metrics") or {}).get("coverage") or cell.get("coverage")
+    if not cov:
+        return ""
+    each = "; ".join(f"{oracle} {n}" for oracle, n in cov.get("judged", {}).items())
+    unjudged = cov.get("unjudged") or {}
+    return f"judged {cov['weights'] - len(unjudged)} of {cov['weights']} adapted weights ({each})" + (
+        f"; by no oracle: {', '.join(sorted(unjudged)[:3])}" if unjudged else ""
+    )
