@@ -323,8 +323,9 @@ def test_coverage_is_shown_on_the_row_and_in_the_page():
     from compat.report.html import html_report
     from compat.results.skips import coverage_mark, coverage_note
 
-    cov = {"weights": 4, "judged": {"delta at rest": 4, "in flight, Megatron": 3, "in flight, peft": 0},
-           "unjudged": {"model.layers.0.mlp.router.weight": "no maths for LoRATopKRouter"}, "by_weight": {}}  # fmt: skip
+    judged = {"delta at rest": 4, "in flight, Megatron": 3, "in flight, peft": 0}
+    unjudged = {"model.layers.0.mlp.router.weight": "no maths for LoRATopKRouter"}
+    cov = {"weights": 4, "judged": judged, "unjudged": unjudged, "by_weight": {}}
     cell = {"id": "qwen3_moe.tp1", "status": "pass", "met": True, "metrics": {"coverage": cov}}
     assert coverage_mark(cell) == "3/4" and coverage_mark({"metrics": {}}) == "-"
     note = coverage_note(cell)
