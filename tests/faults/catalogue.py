@@ -32,6 +32,7 @@ PEFT_BRIDGE = "megatron.bridge.models.conversion.peft_bridge"
 PARAM_MAPPING = "megatron.bridge.models.conversion.param_mapping"
 PEFT_UTILS = "megatron.bridge.peft.utils"
 DIST_CKPT = "megatron.core.dist_checkpointing"
+FULLY_PARALLEL = "megatron.core.dist_checkpointing.strategies.fully_parallel"
 CKPT_FILTER = "megatron.bridge.training.checkpointing"
 MODEL_BRIDGE = "megatron.bridge.models.conversion.model_bridge"
 LORA_MERGE = "megatron.bridge.peft.lora_merge"
@@ -377,6 +378,14 @@ FAULTS: tuple[Fault, ...] = (
             r"rank 0: its copy in the checkpoint \(\S+adapter\S+ at offset \([\d, ]+\)\) was written by rank 1 "
             r"\(__1_\d+\.distcp\)",
         ),
+    ),
+    Fault(  # before issue 34 the CPU backend bypassed this exchange: the fault went unseen
+        "dp_load_exchange_corrupted",
+        "the fully parallel load's exchange over the data-parallel group delivers what a peer read off by 1e-3",
+        "llama",
+        "dp=2",
+        ((FULLY_PARALLEL, "exchange_by_distribution", parallel.exchange_corrupts_received),),
+        (r"load_peft_adapter_checkpoint: \S+adapter\S+ \(chunk 0\): max \|diff\| \d\.\d+e-0[34], expected bit-exact",),
     ),
     Fault(
         "sp_gather_drops_last_chunk",
