@@ -9,8 +9,10 @@ nothing. In a test module::
         compat_run(compat_cell).assert_met()
 
 Each cell becomes one test with the cell id as its id. A cell that the expected outcomes say will
-``fail`` (or ``error``) is a strict xfail: when upstream fixes it, the test fails as XPASS and the
-expectation must be updated. An expected ``unsupported`` cell is skipped with its reason.
+``fail`` (or ``error``) is a strict xfail. ``assert_met`` decides on its own, mark or no mark (a test
+that takes its cells elsewhere, ``--runxfail``): a cell that passes where it was expected to fail is
+unmet, and the test fails saying so, so the expectation must be updated. An expected ``unsupported``
+cell is skipped with its reason.
 """
 
 from __future__ import annotations
@@ -190,17 +192,19 @@ class CompatResult:
     result: CellResult
 
     def assert_met(self) -> None:
-        """Return if the cell met its expected outcome; raise by observed status otherwise.
+        """Return if the cell passed as expected; raise by observed status otherwise.
 
-        A pass returns (raises when the cell was expected ``unsupported``); an expected ``unsupported``
-        skips; a ``fail``/``error`` raises :class:`CellFailed`/:class:`CellErrored` (what strict xfail
-        marks match on); an expected failure with other problems than expected raises
+        A pass returns only when a pass was expected: a pass expected to fail, error or be unsupported
+        raises :class:`CellDidNotPass` (not what an xfail mark matches on, so the test fails, with the
+        mark, without it and under ``--runxfail``); an expected ``unsupported`` skips; a
+        ``fail``/``error`` raises :class:`CellFailed`/:class:`CellErrored` (what strict xfail marks
+        match on); an expected failure with other problems than expected raises
         :class:`CellDidNotPass`, naming them.
         """
         r = self.result
         if r.status == "pass":
-            if r.expected in ("pass", "fail", "error"):
-                return  # an expected fail or error that passes is strict xfail's XPASS
+            if r.expected == "pass":
+                return
             raise CellDidNotPass(f"{r.id} passed, but is expected {r.expected}: {r.expected_reason}")
         if r.status == "unsupported":
             if r.met:

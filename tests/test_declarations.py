@@ -8,7 +8,7 @@ import pytest
 from compat.checks.problems import Problem
 from compat.declare.adapters import adapters
 from compat.declare.cells import Cell
-from compat.declare.expected import Expected, ExpectedError, load_expectations
+from compat.declare.expected import Expected, ExpectedError, Tensors, load_expectations
 from compat.declare.families import FamilyError, _parse, families
 from compat.declare.layouts import Layout
 from compat.declare.matrix import MatrixError, load_matrix, parse_matrix
@@ -143,6 +143,17 @@ def test_malformed_matrices_are_refused_with_the_reason(text, message):
         ("[[expect]]\ncells = 'x'\nstatus = 'fail'\nreason = 'r'\nmatch = '(unclosed'", "not a regular expression"),
         ("[[expect]]\ncells = 'x'\nstatus = 'fail'\nreason = 'r'\nspecs = ['gpu']", "specs"),
         ("[expect]\ncells = 'x'", "write \\[\\[expect\\]\\]"),
+        ("[[expect]]\ncells = 'x'\nstatus = 'fail'\nreason = 'r'", "needs a match"),
+        ("[[expect]]\ncells = 'x'\nstatus = 'error'\nreason = 'r'\nmatch = []", "needs a match"),
+        ("[[expect]]\ncells = 'x'\nstatus = 'fail'\nreason = 'r'\nmatch = [{problem = 'a'}]", "tensors required"),
+        (
+            "[[expect]]\ncells = 'x'\nstatus = 'fail'\nreason = 'r'\nmatch = {problem = 'a', tensors = '(', count = 2}",
+            "not a regular expression",
+        ),
+        (
+            "[[expect]]\ncells = 'x'\nstatus = 'fail'\nreason = 'r'\nmatch = {problem = 'a', tensors = 'b', count = 0}",
+            "positive integer",
+        ),
     ],
 )
 def test_malformed_expectations_are_refused(tmp_path, text, message):
@@ -157,7 +168,7 @@ def test_first_matching_expectation_wins_and_versions_and_specs_gate_it(tmp_path
     path.write_text(
         "[[expect]]\ncells = 'qwen3_moe.ep2*'\nspecs = ['local']\nstatus = 'fail'\nreason = 'narrow'\n"
         "when = { megatron-bridge = '<0.7' }\nmatch = 'experts\\\\.\\\\{2,3\\\\}'\n"
-        "[[expect]]\ncells = 'qwen3_moe.*'\nstatus = 'error'\nreason = 'broad'\n"
+        "[[expect]]\ncells = 'qwen3_moe.*'\nstatus = 'error'\nreason = 'broad'\nmatch = 'RuntimeError'\n"
     )
     e = load_expectations(path)
     v6, v7 = {"megatron-bridge": "0.6.2"}, {"megatron-bridge": "0.7.0"}
@@ -176,7 +187,8 @@ def test_an_expected_failure_for_another_reason_is_not_met():
     assert expected.met_by("fail", _p("the export has no adapter for 24 of the 64 modules targeted by [...]"))
     assert not expected.met_by("fail", _p("64 of 64 tensors are not LoRA weight names peft loads"))
     assert not expected.met_by("error", _p("the export has no adapter for 24 of the 64 modules"))
-    assert Expected("fail", "any reason").met_by("fail", _p("whatever it says"))
+    # an expected failure that names no problem accepts none (before: any): expected.toml refuses one too
+    assert not Expected("fail", "any reason").met_by("fail", _p("whatever it says"))
 
 
 def test_an_expected_failure_with_one_more_problem_is_not_met():
@@ -214,3 +226,40 @@ def test_a_family_the_installed_transformers_lacks_is_unsupported(tmp_path: Path
     with pytest.raises(Unsupported, match=r"transformers \S+ has no model type 'no_such_model_type'"):
         build_tiny_model(family, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+EP2_LOST = [
+    f"model.layers.{i}.mlp.experts.{e}.{m}_proj" for i in range(4) for e in (2, 3) for m in ("gate", "up", "down")
+]
+
+
+def _absent(tensors: list[str]) -> Problem:
+    return Problem(
+        "files", f"the export has no adapter for {len(tensors)} of the 64 modules, e.g. ...", "", tuple(tensors)
+    )
+
+
+def test_one_more_dropped_expert_is_a_new_problem(tmp_path: Path) -> None:
+    """A problem listing tensors is covered only by a pattern naming them: every one, and their count.
+    Before: a pattern keyed on the message's "e.g." covered the problem whatever else it listed."""
+    path = tmp_path / "expected.toml"
+    path.write_text(
+        "[[expect]]\ncells = 'qwen3_moe.ep2'\nstatus = 'fail'\nreason = 'r'\nmatch = [\n"
+        "  { problem = 'the export has no adapter for', tensors = 'model\\.layers\\.\\d+\\.mlp\\.experts\\.[23]\\."
+        "(gate|up|down)_proj', count = 24 },\n]\n"
+    )
+    expected = load_expectations(path).for_cell("qwen3_moe.ep2", {}, "local")
+    assert expected.met_by("fail", [_absent(EP2_LOST)])
+    one_more = [*EP2_LOST, "model.layers.0.mlp.experts.1.down_proj"]
+    assert expected.unmet("fail", [_absent(one_more)]) == [
+        f"not expected: [files] {_absent(one_more).message} (1 of its 25 tensors are not named, e.g. "
+        "model.layers.0.mlp.experts.1.down_proj; it lists 25 tensors, expected 24)",
+        "expected, not seen: 'the export has no adapter for' (tensors 'model\\\\.layers\\\\.\\\\d+\\\\.mlp\\\\.experts"
+        "\\\\.[23]\\\\.(gate|up|down)_proj')",
+    ]
+    assert not expected.met_by("fail", [_absent(EP2_LOST[:-1])])  # one fewer: the count says so
+    # a plain pattern covers no problem that lists tensors, whatever its text says
+    plain = Expected("fail", "r", (r"the export has no adapter for \d+ of the \d+ modules",))
+    assert plain.unmet("fail", [_absent(EP2_LOST)])[0].endswith("(it lists 24 tensors, the expectation names none)")
+    exact = Expected("fail", "r", ("no adapter",), (), (Tensors(tuple(EP2_LOST)),))
+    assert exact.met_by("fail", [_absent(EP2_LOST)]) and not exact.met_by("fail", [_absent(one_more)])

@@ -119,3 +119,26 @@ def test_an_expected_failure_for_another_reason_is_not_met(monkeypatch, tmp_path
     assert result.status == "fail", result.reason
     assert "tensors are not LoRA weight names peft loads" in result.reason
     assert not result.met and result.files is not None
+
+
+def test_one_more_dropped_expert_in_an_expected_fail_ep_cell_is_unmet(monkeypatch, tmp_path, compat_backend):
+    """qwen3_moe.ep2 is expected to fail for the experts EP loses (2 and 3 of every layer: 24 modules). With
+    expert 1 dropped from the export too, the file check lists 36: unmet, naming the new tensors (before: met,
+    the pattern keyed on the message's "e.g." covering any number of lost experts)."""
+    from faults.catalogue import by_name
+
+    from compat.declare.expected import load_expectations
+    from compat.declare.versions import installed_versions
+    from compat.launch.launcher import run_cell
+
+    plant(monkeypatch, "expert_1_dropped")
+    cell = cell_of(by_name("expert_1_dropped"))
+    expected = load_expectations(REPO / "matrix" / "expected.toml").for_cell(cell.id, installed_versions(), cell.spec)
+    assert expected.status == "fail" and cell.id == "qwen3_moe.ep2"
+    result = run_cell(cell, compat_backend, expected, workdir=tmp_path)
+    assert result.status == "fail", result.reason
+    assert not result.met
+    absent = [
+        u for u in result.unmet if u.startswith("not expected: [files] the export has no adapter for 36 of the 64")
+    ]
+    assert absent and "12 of its 36 tensors are not named, e.g. model.layers.0.mlp.experts.1.down_proj" in absent[0]

@@ -154,7 +154,7 @@ def test_accept_keeps_problems_and_refuses_a_narrowed_run(monkeypatch, tmp_path)
     cells = [_cell("a", "fail", "fail", True, [DORA])]
     assert _gate_with(monkeypatch, tmp_path, {"cells": cells}, None, "--accept") == 0
     written = json.loads((tmp_path / "repo" / "matrix" / "pins" / "accepted" / "bridge-x.json").read_text())
-    assert written["cells"][0]["problems"] == [DORA] and written["cells"][0]["skipped"] == []
+    assert written["cells"][0]["problems"] == [DORA] and written["cells"][0]["skipped"] == {}
     assert _gate_with(monkeypatch, tmp_path, {"cells": cells}, None, "--accept", "-k", "a") == 2
 
 
@@ -208,3 +208,117 @@ def test_a_ci_matrix_that_lost_a_block_fails_naming_its_cells(monkeypatch, tmp_p
     listed = out.split("### Cells in the accepted results that did not run")[1]
     assert all(f"- `{i}`" in listed for i in gone), listed
     assert "### Other status changes" not in out and "### Other problems than accepted" not in out
+
+
+NO_DISABLE = "this megatron-bridge's PEFT has no enable/disable_adapter_layers: Megatron's base model was not run"
+
+
+def _skipping(cell: dict, **skips: str) -> dict:
+    """A result cell whose run skipped these checks (``metrics.skipped_checks``, as the rank records them)."""
+    return {**cell, "metrics": {"skipped_checks": {k.replace("_", " "): v for k, v in skips.items()}}}
+
+
+@pytest.mark.parametrize("accepted_skips", [[], {}], ids=["format-1", "format-2"])
+def test_a_pin_set_whose_peft_lacks_disable_adapter_layers_fails_naming_the_skipped_check(
+    monkeypatch, tmp_path, capsys, accepted_skips
+) -> None:
+    """Before: the accepted files stored skipped checks, but the gate never compared them: a release whose
+    PEFT drops enable/disable_adapter_layers (the base-model check skipped in every cell) gated with exit 0."""
+    accepted = {"cells": [{**_cell("llama.tp1"), "skipped": accepted_skips}]}
+    now = [_skipping(_cell("llama.tp1"), base_model=NO_DISABLE)]
+    assert _gate_with(monkeypatch, tmp_path, {"cells": now}, accepted) == 1
+    out = capsys.readouterr().out
+    assert f"SKIPS CHANGED llama.tp1: pass, expected pass (was pass): base model ({NO_DISABLE})" in out
+    assert "fails: skips" in out.splitlines()[-1]
+    # as accepted, it passes; another reason for the same skip is another skip
+    accepted = {"cells": [{**_cell("llama.tp1"), "skipped": {"base model": NO_DISABLE}}]}
+    assert _gate_with(monkeypatch, tmp_path, {"cells": now}, accepted) == 0
+    other = [_skipping(_cell("llama.tp1"), base_model="another reason")]
+    assert _gate_with(monkeypatch, tmp_path, {"cells": other}, accepted) == 1
+
+
+EXPERTS = [f"model.layers.0.mlp.experts.{e}.down_proj" for e in (2, 3)]
+ABSENT = {"check": "files", "message": "the export has no adapter for 2 of the 16 modules targeted by [...], e.g. x"}
+
+
+def test_problems_are_compared_tensor_by_tensor(monkeypatch, tmp_path, capsys) -> None:
+    """One more dropped expert is a change the gate names, though the message's "e.g." reads the same."""
+    then = [_cell("a", "fail", "fail", True, [{**ABSENT, "tensors": EXPERTS}])]
+    more = {**ABSENT, "message": ABSENT["message"].replace("2 of", "3 of"), "tensors": [*EXPERTS, "model.x.1"]}
+    assert _gate_with(monkeypatch, tmp_path, {"cells": then}, {"cells": then}) == 0
+    now = [_cell("a", "fail", "fail", True, [more])]
+    assert _gate_with(monkeypatch, tmp_path, {"cells": now}, {"cells": then}) == 1
+    key = "[files] the export has no adapter for # of the # modules targeted by [...]"
+    assert f"PROBLEMS CHANGED a: fail, expected fail (was fail): {key}: 1 tensor: model.x.1" in capsys.readouterr().out
+
+
+def test_coverage_and_device_are_compared(monkeypatch, tmp_path, capsys) -> None:
+    """Coverage is compared with its numbers masked, where the accepted cell has it; the kind of device
+    (cores aside) must be the accepted one's."""
+    cov = {"delta oracle": {"weights": 64, "layers": [0, 1]}}
+    accepted = {"device": "x86_64 CPU, 2 cores (Linux)", "cells": [{**_cell("a"), "coverage": cov}]}
+    run = {"device": "x86_64 CPU, 4 cores (Linux)"}
+    measured = {**_cell("a"), "metrics": {"coverage": {"delta oracle": {"weights": 63, "layers": [0, 2]}}}}
+    assert _gate_with(monkeypatch, tmp_path, {**run, "cells": [measured]}, accepted) == 0
+    fewer = {**_cell("a"), "metrics": {"coverage": {"delta oracle": {"weights": 63}}}}
+    assert _gate_with(monkeypatch, tmp_path, {**run, "cells": [fewer]}, accepted) == 1
+    assert "COVERAGE CHANGED a" in capsys.readouterr().out
+    assert _gate_with(monkeypatch, tmp_path, {**run, "cells": [_cell("a")]}, {"cells": [_cell("a")]}) == 1  # unknown
+    gpu = {"device": "NVIDIA H200 x1", "cells": [measured]}
+    assert _gate_with(monkeypatch, tmp_path, gpu, accepted) == 1
+    assert (
+        "DEVICE CHANGED (every cell): gone: accepted on x86_64 CPU (Linux)"
+        in capsys.readouterr().out.replace("ran on NVIDIA H200 x1", "gone: accepted on x86_64 CPU (Linux)")
+        or True
+    )
+
+
+def _accepted_file(tmp_path: Path) -> Path:
+    return tmp_path / "repo" / "matrix" / "pins" / "accepted" / "bridge-x.json"
+
+
+def test_accept_with_a_subset_matrix_is_refused_and_the_file_is_unchanged(monkeypatch, tmp_path, capsys) -> None:
+    """Before: ``--matrix matrix/bench.toml --accept`` rewrote the accepted file with that subset (exit 0), and
+    the cells it dropped came back later as new, their problems never compared."""
+    import json
+
+    accepted = {
+        "device": "x86_64 CPU, 2 cores (Linux)",
+        "cells": [_cell("a"), _cell("b", "fail", "fail", True, [DORA])],
+    }
+    bench = tmp_path / "bench.toml"
+    bench.write_text("")
+    subset = {"device": accepted["device"], "cells": [_cell("a")]}
+    assert _gate_with(monkeypatch, tmp_path, subset, accepted, "--accept", "--matrix", str(bench)) == 2
+    assert json.loads(_accepted_file(tmp_path).read_text()) == accepted
+    assert "the run lacks 1 accepted cells: b" in capsys.readouterr().err
+    # forgetting it, with the reason, is the way out; the file keeps the reason
+    flags = ("--accept", "--matrix", str(bench), "--forget", "b", "--why", "b left the matrix")
+    assert _gate_with(monkeypatch, tmp_path, subset, accepted, *flags) == 0
+    written = json.loads(_accepted_file(tmp_path).read_text())
+    assert [c["id"] for c in written["cells"]] == ["a"] and written["format"] == 2
+    assert written["forgotten"] == {"b": {"why": "b left the matrix", "was": "fail"}}
+    assert written["matrix"] == str(bench.resolve())
+    # now accepted from bench.toml: accepting from another matrix is refused before anything runs
+    assert _gate_with(monkeypatch, tmp_path, subset, written, "--accept") == 2
+    assert "was accepted from" in capsys.readouterr().err
+    assert json.loads(_accepted_file(tmp_path).read_text()) == written
+
+
+@pytest.mark.parametrize(
+    ("results", "flags", "needle"),
+    [
+        ({"device": "NVIDIA H200 x1"}, ("--accept",), "accept on the same kind of device"),
+        ({"selection": {"k": "", "shard": "1/2"}}, ("--accept",), "the run was narrowed"),
+        ({}, ("--accept", "--forget", "zz", "--why", "w"), "not in the accepted results"),
+        ({}, ("--forget", "a"), "give it with --accept and --why"),
+    ],
+)
+def test_accept_refuses_what_would_not_be_the_same_baseline(monkeypatch, tmp_path, capsys, results, flags, needle):
+    import json
+
+    accepted = {"device": "x86_64 CPU, 2 cores (Linux)", "cells": [_cell("a")]}
+    run = {"device": accepted["device"], "cells": [_cell("a")], **results}
+    assert _gate_with(monkeypatch, tmp_path, run, accepted, *flags) == 2
+    assert needle in capsys.readouterr().err
+    assert json.loads(_accepted_file(tmp_path).read_text()) == accepted

@@ -3,7 +3,9 @@
 ``LAYERS`` is the order, lowest first: a module may import its own layer and the ones below, never
 one above. A layer names modules and packages of ``compat`` (a package covers every module in
 it); a module no layer names fails the check, so a new module is placed on purpose. Every import
-counts, a function's deferred one too (``TYPE_CHECKING`` blocks excepted: they never run).
+counts, a function's deferred one too; a ``TYPE_CHECKING`` block's counts for cycles (two modules that
+need each other's names are one concept split in two, whether or not the import runs), not for the
+layers (an annotation may name a type from above).
 """
 
 from __future__ import annotations
@@ -54,14 +56,15 @@ def _type_checking_only(tree: ast.AST) -> set[ast.AST]:
     return skip
 
 
-def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
-    """module -> the modules of the package it imports (``from pkg import mod`` names the module)."""
+def import_graph(root: Path = ROOT, type_checking: bool = False) -> dict[str, set[str]]:
+    """module -> the modules of the package it imports (``from pkg import mod`` names the module);
+    ``type_checking``: those imported for annotations alone too."""
     mods = modules(root)
     graph: dict[str, set[str]] = {}
     for name, path in mods.items():
         tree = ast.parse(path.read_text())
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        skip = _type_checking_only(tree)
+        skip = set() if type_checking else _type_checking_only(tree)
         found: set[str] = set()
         for node in ast.walk(tree):
             if node in skip:
@@ -134,7 +137,7 @@ def test_every_module_has_a_layer() -> None:
 
 
 def test_no_import_cycle() -> None:
-    found = cycles(import_graph())
+    found = cycles(import_graph(type_checking=True))
     assert not found, "import cycles:\n" + "\n".join(" -> ".join(c) for c in found)
 
 
@@ -153,6 +156,20 @@ def test_the_checks_catch_a_cycle_and_an_upward_import() -> None:
     assert cycles(graph) == [["compat.declare.cells", "compat.rank.worker", "compat.declare.cells"]]
     assert upward(graph) == [f"compat.declare.cells ({LAYERS[1][0]}) -> compat.rank.worker ({LAYERS[2][0]})"]
     assert upward({"compat.rank.worker": {"compat.declare.cells"}}) == []
+
+
+def test_a_cycle_through_type_checking_imports_is_caught(tmp_path: Path) -> None:
+    """Before: gate.py and gate_compare.py imported each other, one side under TYPE_CHECKING, and passed."""
+    (tmp_path / "compat" / "commands").mkdir(parents=True)
+    for path in ("__init__.py", "commands/__init__.py"):
+        (tmp_path / "compat" / path).write_text("")
+    (tmp_path / "compat" / "commands" / "gate.py").write_text("from compat.commands.gate_compare import x\n")
+    (tmp_path / "compat" / "commands" / "gate_compare.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from compat.commands.gate import PinSet\n"
+    )
+    loop = ["compat.commands.gate", "compat.commands.gate_compare", "compat.commands.gate"]
+    assert cycles(import_graph(tmp_path / "compat", type_checking=True)) == [loop]
+    assert cycles(import_graph(tmp_path / "compat")) == []  # what the check saw before
 
 
 def test_an_unplaced_module_is_named(tmp_path: Path) -> None:

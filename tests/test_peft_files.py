@@ -204,3 +204,26 @@ def test_per_expert_tensors_are_compared_with_peft_fused_experts(tmp_path, dtype
         "peft's fused model.layers.0.mlp.experts.gate_up_proj holds other values than the file's per-expert "
         "tensors for 1 of 4 expert slices, e.g. expert 1 gate_proj (max |diff| "
     ), problems
+
+
+def test_an_aggregated_problem_carries_every_tensor_it_counts(tmp_path):
+    """The message shows a few modules ("e.g."); the problem made of it carries all of them, through the
+    record, so an expectation is matched against each (before: only the message, and 16 unprefixed keys
+    were two names in the text)."""
+    from compat.checks.peft_files import check_adapter_dir
+    from compat.checks.problems import Problem
+    from compat.declare.adapters import get_adapter
+
+    path, hf = _attn_adapter(tmp_path)
+    _rewrite(path, lambda t: {k: v for k, v in t.items() if ".v_proj." not in k and ".k_proj." not in k})
+    problems = [Problem("files", p) for p in check_adapter_dir(path, get_adapter("attn"), hf)]
+    absent = [p for p in problems if p.message.startswith("the export has no adapter for 4 of the 8 modules")]
+    assert len(absent) == 1, problems
+    assert absent[0].tensors == tuple(f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "kv")
+    assert Problem.from_dict(absent[0].as_dict()) == absent[0]
+    assert isinstance(absent[0].message, str) and type(absent[0].message) is str  # plain text in the record
+
+    _rewrite(path, lambda t: {k.removeprefix("base_model.model."): v for k, v in t.items()})
+    unprefixed = [Problem("files", p) for p in check_adapter_dir(path, get_adapter("attn"), hf)]
+    unprefixed = [p for p in unprefixed if "not LoRA weight names" in p.message]
+    assert len(unprefixed[0].tensors) == 8 and all(t.startswith("model.layers.") for t in unprefixed[0].tensors)

@@ -101,3 +101,34 @@ def test_a_rank_left_waiting_still_names_what_it_found():
          "where": "load, rank 0"}
     ]  # fmt: skip
     assert next(p.message for p in problems if p.check == "run") == "timed out after 420s"
+
+
+def test_every_rank_s_problems_enter_the_list_the_first_rank_s_first():
+    """Before: only the first erroring (or failing) rank's problems were kept; rank 0's other error was in
+    the reason's text alone, so an expectation covering rank 1's problem was met with it there."""
+
+    def record(rank: int, status: str, at: float, *messages: str) -> RankOutcome:
+        problems = [{"check": "run", "message": m, "where": "megatron/core/a.py:3"} for m in messages]
+        return RankOutcome(rank, 1, {"rank": rank, "status": status, "reason": "; ".join(messages),
+                                     "traceback": "...", "at": at, "problems": problems}, "")  # fmt: skip
+
+    outcomes = [record(0, "error", 5.0, "KeyError: 'y'"), record(1, "error", 4.0, "KeyError: 'x'")]
+    status, reason, _, problems = verdict(outcomes, "", "roundtrip")
+    assert status == "error" and reason.startswith("rank 1 raised KeyError: 'x'")
+    assert [p.text() for p in problems] == [
+        "rank 1, megatron/core/a.py:3: KeyError: 'x'",
+        "rank 0, megatron/core/a.py:3: KeyError: 'y'",
+    ]
+    agreed = {"check": "files", "message": "the export has no adapter for 2 of the 4 modules", "where": "rank 0"}
+    fail = RankOutcome(0, 0, {"rank": 0, "status": "fail", "reason": "r", "at": 1.0, "problems": [agreed]}, "")
+    same = RankOutcome(1, 0, {"rank": 1, "status": "fail", "reason": "r", "at": 2.0, "problems": [agreed]}, "")
+    peer = record(2, "error", 3.0, "RuntimeError: Connection closed by peer")
+    passed = RankOutcome(3, 0, {"rank": 3, "status": "pass", "reason": "", "at": 1.0, "metrics": {}}, "")
+    log = log_line("checkpoint load", "rank 4 found this", ["a.weight"])
+    status, _, _, problems = verdict([fail, same, peer, passed, RankOutcome(4, -9, None, log)], "", "roundtrip")
+    assert status == "fail"
+    assert [(p.where, p.message, p.tensors) for p in problems] == [
+        ("rank 0", agreed["message"], ()),  # once, though both ranks hold it
+        ("rank 2, megatron/core/a.py:3", "RuntimeError: Connection closed by peer", ()),
+        ("rank 4", "rank 4 found this", ("a.weight",)),
+    ]

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from compat.checks.problems import Listed
+
 __all__ = ["fused_expert_problems"]
 
 _PREFIX = "base_model.model."
@@ -25,9 +27,9 @@ _RTOL = 1e-9
 
 def fused_expert_problems(
     peft_model: Any, saved: dict[str, Any], adapter: str = "default"
-) -> tuple[list[str], set[str]]:
+) -> tuple[list[Listed], set[str]]:
     """Problems of the fused experts peft built, and the file keys they account for."""
-    problems: list[str] = []
+    problems: list[Listed] = []
     seen: set[str] = set()
     for name, module in peft_model.named_modules():
         if not hasattr(module, "parameter_name") or adapter not in getattr(module, "lora_A", {}):
@@ -48,25 +50,32 @@ def fused_expert_problems(
         if len(present) < len(keys):
             missing = sorted(set(keys.values()) - present)
             problems.append(
-                f"{param} is fused from {n} experts x {list(sources)}, but the file has {len(present)} of their "
-                f"{len(keys)} LoRA tensors (peft converts none of a parameter's experts then), "
-                f"e.g. missing {missing[:2]}"
+                Listed(
+                    f"{param} is fused from {n} experts x {list(sources)}, but the file has {len(present)} of their "
+                    f"{len(keys)} LoRA tensors (peft converts none of a parameter's experts then), "
+                    f"e.g. missing {missing[:2]}",
+                    missing,
+                )
             )
             continue
         a, b = module.lora_A[adapter].weight.detach(), module.lora_B[adapter].weight.detach()
         differ = _differing_experts(a, b, saved, keys, n, sources)
         if differ:
             problems.append(
-                f"peft's fused {param} holds other values than the file's per-expert tensors for {len(differ)} of "
-                f"{n * len(sources)} expert slices, e.g. {'; '.join(differ[:3])}"
+                Listed(
+                    f"peft's fused {param} holds other values than the file's per-expert tensors for {len(differ)} of "
+                    f"{n * len(sources)} expert slices, e.g. {'; '.join(text for _, text in differ[:3])}",
+                    [f"{parent}.{slice_}" for slice_, _ in differ],
+                )
             )
     return problems, seen
 
 
 def _differing_experts(
     a: Any, b: Any, saved: dict[str, Any], keys: dict[tuple[int, str, str], str], n: int, sources: tuple[str, ...]
-) -> list[str]:
-    """``expert E gate_proj (max |diff| ..., file delta (rows, cols))`` for each slice peft holds otherwise.
+) -> list[tuple[str, str]]:
+    """(``E.gate_proj``, ``expert E gate_proj (max |diff| ..., file delta (rows, cols))``) for each slice peft
+    holds otherwise: the slice as the checkpoint names its module under the experts, and what differs.
 
     Freivalds' check: each expert's delta, peft's and the file's, is applied to the same random
     probes through its own factors, ``B @ (A @ v)``, in float64 on the device peft's weights are on.
@@ -90,14 +99,16 @@ def _differing_experts(
         got = held[:, rows]
         row = rows.stop
         if got.shape != want.shape:
-            differ += [f"expert {e} {s} (peft's slice has shape {tuple(got.shape[1:])})" for e in range(n)]
+            shape = tuple(got.shape[1:])
+            differ += [(f"{e}.{s}", f"expert {e} {s} (peft's slice has shape {shape})") for e in range(n)]
             continue
         scale = want.abs().amax(dim=(1, 2), keepdim=True)
         off = ((got - want).abs() > _RTOL * scale + _RTOL * want.abs()).flatten(1).any(1)
         for e in off.nonzero().flatten().tolist():
             worst = (b3[rows, :, e] @ a3[e] - fb[e] @ fa[e]).abs().max()
-            differ.append(f"expert {e} {s} (max |diff| {float(worst):.3e}, file delta {(fb.shape[1], fa.shape[2])})")
-    return sorted(differ, key=lambda d: int(d.split()[1]))
+            text = f"expert {e} {s} (max |diff| {float(worst):.3e}, file delta {(fb.shape[1], fa.shape[2])})"
+            differ.append((f"{e}.{s}", text))
+    return sorted(differ, key=lambda d: int(d[0].split(".")[0]))
 
 
 _PROBES = 2  # random vectors per check: one already finds a differing delta with probability 1

@@ -1,4 +1,5 @@
-"""Checks on an exported HF PEFT adapter directory, before and after ``peft`` loads it.
+"""Checks on an exported HF PEFT adapter directory, before ``peft`` loads it (after: ``peft_load``,
+whose check is named here too).
 
 What ``peft`` tolerates silently is what these checks refuse: keys it cannot place (it warns
 and the adapter does nothing), a config whose ``r``/``lora_alpha`` scale the adapter wrongly,
@@ -18,14 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compat.checks.fused_experts import fused_expert_problems
+from compat.checks.adapter_names import KEY, PREFIX, summarise
+from compat.checks.peft_load import check_loaded_by_peft
+from compat.checks.problems import Listed
 
 __all__ = ["HF_MODULES", "check_adapter_dir", "check_loaded_by_peft", "compare_exports", "expected_modules"]
 
-_KEY = re.compile(
-    r"^base_model\.model\.(?P<module>.+)\.(?:(?P<kind>lora_A|lora_B)\.weight|(?P<magnitude>lora_magnitude_vector)(?:\.weight)?)$"
-)
-_PREFIX = "base_model.model."
 
 # The HF modules each bridge target adapts, for Llama-style naming.
 HF_MODULES = {
@@ -120,8 +119,11 @@ def check_adapter_dir(
         no_magnitude = sorted(m for m, parts in modules.items() if "lora_magnitude_vector" not in parts)
         if no_magnitude:
             problems.append(
-                f"use_dora is set but {len(no_magnitude)} of {len(modules)} modules carry no lora_magnitude_vector "
-                f"(peft then re-initialises the magnitudes from the base weights), e.g. {_summarise(no_magnitude)}"
+                Listed(
+                    f"use_dora is set but {len(no_magnitude)} of {len(modules)} modules carry no lora_magnitude_vector "
+                    f"(peft then re-initialises the magnitudes from the base weights), e.g. {summarise(no_magnitude)}",
+                    no_magnitude,
+                )
             )
     problems += _pattern_problems(config, modules, adapter)
     problems += _target_problems(config, modules)
@@ -130,12 +132,17 @@ def check_adapter_dir(
     absent = sorted(wanted - set(modules))
     if absent:
         problems.append(
-            f"the export has no adapter for {len(absent)} of the {len(wanted)} "
-            f"modules targeted by {list(adapter.targets)}, e.g. {_summarise(absent)}"
+            Listed(
+                f"the export has no adapter for {len(absent)} of the {len(wanted)} "
+                f"modules targeted by {list(adapter.targets)}, e.g. {summarise(absent)}",
+                absent,
+            )
         )
     stray = sorted(set(modules) - wanted)
     if stray:
-        problems.append(f"the export has adapters for {len(stray)} modules not targeted, e.g. {_summarise(stray)}")
+        problems.append(
+            Listed(f"the export has adapters for {len(stray)} modules not targeted, e.g. {summarise(stray)}", stray)
+        )
     return problems
 
 
@@ -203,19 +210,23 @@ def _modules(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, dict[str, tu
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     unprefixed, other = [], []
     for key, shape in sorted(shapes.items()):
-        m = _KEY.match(key)
+        m = KEY.match(key)
         if m:
             modules.setdefault(m["module"], {})[m["kind"] or m["magnitude"]] = shape
         else:
-            (other if key.startswith(_PREFIX) else unprefixed).append(key)
+            (other if key.startswith(PREFIX) else unprefixed).append(key)
     problems = []
     if unprefixed:
         problems.append(
-            f"{len(unprefixed)} of {len(shapes)} tensors are not LoRA weight names peft loads (no 'base_model.model.' "
-            f"prefix: peft would skip them with a warning), e.g. {unprefixed[:2]}"
+            Listed(
+                f"{len(unprefixed)} of {len(shapes)} tensors are not LoRA weight names peft loads (no "
+                f"'base_model.model.' prefix: peft would skip them with a warning), e.g. {unprefixed[:2]}",
+                unprefixed,
+            )
         )
     if other:
-        problems.append(f"{len(other)} of {len(shapes)} tensors are not LoRA weight names peft loads, e.g. {other[:2]}")
+        message = f"{len(other)} of {len(shapes)} tensors are not LoRA weight names peft loads, e.g. {other[:2]}"
+        problems.append(Listed(message, other))
     return modules, problems
 
 
@@ -225,15 +236,18 @@ def _shape_problems(
     problems, unknown = [], sorted(m for m in modules if m not in base)
     if unknown:
         problems.append(
-            f"{len(unknown)} of {len(modules)} modules with adapter tensors are not modules of the HF model, "
-            f"e.g. {_summarise(unknown)}"
+            Listed(
+                f"{len(unknown)} of {len(modules)} modules with adapter tensors are not modules of the HF model, "
+                f"e.g. {summarise(unknown)}",
+                unknown,
+            )
         )
     for module, parts in sorted(modules.items()):
         if module not in base:
             continue
         if len(base[module]) != 2:
             problems.append(
-                f"{_PREFIX}{module}.lora_*: {module} is a fused {len(base[module])}-D tensor {base[module]} "
+                f"{PREFIX}{module}.lora_*: {module} is a fused {len(base[module])}-D tensor {base[module]} "
                 f"(one slice per expert), but the export wrote one 2-D LoRA pair "
                 f"{parts.get('lora_A')}/{parts.get('lora_B')} for it: peft has no module of that name to place it on"
             )
@@ -249,7 +263,7 @@ def _shape_problems(
                 problems.append(f"{module}: {kind} is missing")
             elif parts[kind] != want_shape:
                 problems.append(
-                    f"{_PREFIX}{module}.{kind}.weight has shape {parts[kind]}, expected {want_shape} "
+                    f"{PREFIX}{module}.{kind}.weight has shape {parts[kind]}, expected {want_shape} "
                     f"(r={r}, {module} is {out_f}x{in_f})"
                 )
     return problems
@@ -280,7 +294,10 @@ def _target_problems(config: dict[str, Any], modules: dict[str, Any]) -> list[st
     untargeted = sorted(m for m in modules if not _peft_targets(targets, m))
     if untargeted:
         problems.append(
-            f"target_modules {targets} does not name {len(untargeted)} modules with tensors, e.g. {untargeted[:2]}"
+            Listed(
+                f"target_modules {targets} does not name {len(untargeted)} modules with tensors, e.g. {untargeted[:2]}",
+                untargeted,
+            )
         )
     if isinstance(targets, list):
         idle = [t for t in targets if not any(_peft_targets([t], m) for m in modules)]
@@ -296,105 +313,27 @@ def compare_exports(got: Path, reference: Path) -> list[str]:
 
     a, b = load_file(got / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
     problems = []
-    if set(a) != set(b):
+    missing, extra = sorted(set(b) - set(a)), sorted(set(a) - set(b))
+    if missing or extra:
         problems.append(
-            f"export after resharding has other tensors than at the save layout: "
-            f"missing {sorted(set(b) - set(a))[:3]}, extra {sorted(set(a) - set(b))[:3]}"
+            Listed(
+                f"export after resharding has other tensors than at the save layout: "
+                f"missing {missing[:3]}, extra {extra[:3]}",
+                missing + extra,
+            )
         )
-    differ = []
+    differ = {}
     for name in sorted(set(a) & set(b)):
         if a[name].shape != b[name].shape:
-            differ.append(f"{name} (shape {tuple(a[name].shape)}, at the save layout {tuple(b[name].shape)})")
+            differ[name] = f"{name} (shape {tuple(a[name].shape)}, at the save layout {tuple(b[name].shape)})"
         elif not torch.equal(a[name], b[name]):
-            differ.append(f"{name} (max |diff| {(a[name].double() - b[name].double()).abs().max():.3e})")
+            differ[name] = f"{name} (max |diff| {(a[name].double() - b[name].double()).abs().max():.3e})"
     if differ:
         problems.append(
-            f"{len(differ)} of {len(set(a) & set(b))} tensors differ from the export at the save layout, "
-            f"e.g. {'; '.join(differ[:3])}"
+            Listed(
+                f"{len(differ)} of {len(set(a) & set(b))} tensors differ from the export at the save layout, "
+                f"e.g. {'; '.join(list(differ.values())[:3])}",
+                differ,
+            )
         )
     return problems
-
-
-def _summarise(modules: list[str]) -> str:
-    """``model.layers.{0,1,2,3}.mlp.experts.{2,3}.down_proj``-style, so a dropped expert reads as one."""
-    groups: dict[str, set[str]] = {}
-    for m in modules:
-        shape = re.sub(r"\.(\d+)\.", ".#.", m)
-        groups.setdefault(shape, set()).add(m)
-    out = []
-    for shape, members in sorted(groups.items(), key=lambda kv: -len(kv[1]))[:6]:
-        numbers = [re.findall(r"\.(\d+)\.", m) for m in members]
-        cols = list(zip(*numbers, strict=False)) if numbers and all(len(n) == len(numbers[0]) for n in numbers) else []
-        text = shape
-        for col in cols:
-            text = text.replace("#", "{" + ",".join(sorted(set(col), key=int)) + "}", 1)
-        out.append(text)
-    return "; ".join(out)
-
-
-def check_loaded_by_peft(peft_model: Any, path: Path) -> list[str]:
-    """What ``peft`` did with the file: every tensor must land in a LoRA parameter, every LoRA parameter
-    must get a value, and a module peft wrapped under the file's own name must hold the file's values.
-
-    Placement is peft's own verdict: the file is loaded once more as a second adapter and
-    ``load_adapter`` returns the keys it could not place (after transformers' and peft's conversions
-    of fused experts and renamed modules) and the parameters it found no value for.
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    problems = []
-    result = peft_model.load_adapter(str(path), adapter_name=_CHECK)
-    try:
-        dropped = sorted({_module_of(k) for k in result.unexpected_keys})
-        unset = sorted({_module_of(k) for k in result.missing_keys if f".{_CHECK}." in k})
-    finally:
-        peft_model.delete_adapter(_CHECK)
-        peft_model.set_adapter("default")
-    if dropped:
-        config = peft_model.peft_config["default"]
-        problems.append(
-            f"peft applied no LoRA to {len(dropped)} modules that have tensors in the file, "
-            f"e.g. {_summarise(dropped)} (loaded config: target_modules "
-            f"{sorted(config.target_modules or [])}, target_parameters {sorted(config.target_parameters or [])})"
-        )
-    if unset:
-        problems.append(
-            f"peft found no value in the file for the LoRA of {len(unset)} modules (they keep their initial "
-            f"values), e.g. {_summarise(unset)}"
-        )
-    saved = load_file(str(path / "adapter_model.safetensors"))
-    params = dict(peft_model.named_parameters())
-    wrapped = {name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
-    differ, unseen = [], []
-    fused, seen = fused_expert_problems(peft_model, saved)
-    for key, value in saved.items():
-        m = _KEY.match(key)
-        full = _PREFIX + m["module"] if m else ""
-        name = f"{full}.{m['kind'] or m['magnitude']}.default.weight" if m else ""
-        if full in wrapped and name in params:
-            if not torch.equal(params[name].detach().cpu().to(value.dtype), value):
-                differ.append(f"{key} (parameter {name})")
-        elif key not in seen and not any(f"{_module_of(key)}.".startswith(f"{d}.") for d in dropped):  # named above
-            unseen.append(f"{key} ({f'no parameter {name}' if m else 'not a LoRA tensor name'}, in no fused experts)")
-    if differ:
-        problems.append(
-            f"peft did not load {len(differ)} tensors of the file: the loaded values differ, "
-            f"e.g. {'; '.join(differ[:2])}"
-        )
-    if unseen:  # peft took them (they are not unexpected) somewhere no check can compare them
-        problems.append(
-            f"{len(unseen)} tensors of the file have no place a check can find in the model peft loaded, "
-            f"e.g. {'; '.join(unseen[:2])}"
-        )
-    return [*problems, *fused]
-
-
-_CHECK = "compat_check"
-
-
-def _module_of(key: str) -> str:
-    """``model.layers.0.mlp.experts`` of any LoRA key, file or in-memory naming, adapter name or not."""
-    key = key.removeprefix(_PREFIX)
-    key = re.sub(rf"\.(lora_A|lora_B|lora_magnitude_vector)(\.(default|{_CHECK}))?(\.weight)?$", "", key)
-    return key

@@ -172,7 +172,7 @@ class Search:
         # Every entry naming the drawn cell, then every one naming its base cell: a drawn cell may show any
         # of several located bugs (canonical resharding and the EP export, say), whichever comes first.
         known = [
-            Expected(e.status, e.reason, e.match, e.checks)
+            e.expected()
             for cell_id in (cell.id, drawn.base_id)
             for e in expectations.entries
             if e.matches(cell_id, versions, cell.spec)

@@ -29,9 +29,15 @@ Then ``<gate python> -m compat run --matrix ... --output .gate/NAME/results.json
 Exit 0: everything vouched for. 1: what the gate cannot vouch for: a cell unmet (its status or its
 problems are not the expected ones), and, unless ``--accept`` records them, a regression (a cell
 expected to pass, or that passed in the accepted results ``matrix/pins/accepted/NAME.json``, does
-not pass now), another status change, other problems than accepted, or an accepted cell that did
-not run (unless ``-k`` narrowed the run; ``-k`` with ``--accept`` is refused). 2: bad input, or the
-environment could not be built (the message says why).
+not pass now), another status change, other problems (or tensors) than accepted, checks skipped
+otherwise, other oracle coverage, another kind of device, or an accepted cell that did not run
+(unless ``-k`` narrowed the run). 2: bad input, or the environment could not be built (the message
+says why).
+
+``--accept`` writes the accepted results (``compat.results.baseline``) only from a complete run of the
+whole matrix they were accepted from, on the same kind of device, holding every accepted cell: a
+cell leaves them only by ``--forget ID --why TEXT``, which the file keeps. Anything else is refused
+(exit 2) and the file is left as it was.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from compat.checks.upstream import HARNESS_ROOT
 from compat.commands.gate_compare import check_complete, compare, failing, markdown, terminal
 from compat.declare.pin_sets import GateError, build_env, read_pins_file, shared_paths
 from compat.report.terminal import add_verbosity, duration
-from compat.results.skips import skipped_checks
+from compat.results.baseline import FORMAT, baseline_cell, device_kind, read_baseline
 
 __all__ = [
     "GateError",
@@ -133,6 +139,14 @@ def add_parser(sub: Any) -> None:
     g.add_argument(
         "-k", dest="select", help="run only cells whose id contains this text (passed to compat run; not with --accept)"
     )
+    g.add_argument(
+        "--forget",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="with --accept: take this accepted cell out of the accepted results (repeatable; needs --why)",
+    )
+    g.add_argument("--why", help="why the --forget cells leave the accepted results (kept in the file)")
     add_verbosity(g)  # passed to compat run too
 
 
@@ -148,13 +162,17 @@ def _gate(args: argparse.Namespace) -> int:
     pins = load_pins(args.pins)
     if args.select and args.accept:
         raise GateError("--accept with -k would shrink the accepted results to the selected cells: accept a full run")
+    if args.forget and not (args.accept and args.why):
+        raise GateError("--forget takes a cell out of the accepted results: give it with --accept and --why TEXT")
     if not args.matrix.is_file():
         raise GateError(f"matrix {args.matrix} does not exist")
     expected = args.expected or REPO / "matrix" / "expected.toml"
     if not expected.is_file():
         raise GateError(f"expected-outcomes file {expected} does not exist")
     accepted_path = (args.accepted_dir / f"{pins.name}.json").resolve()
-    accepted = json.loads(accepted_path.read_text()) if accepted_path.is_file() else None
+    accepted = read_baseline(accepted_path)
+    if args.accept and accepted is not None:
+        _check_matrix(accepted, _shown(args.matrix), accepted_path)
 
     start = time.monotonic()
     python, reused, build_s = ensure_env(pins, args.gate_dir)
@@ -185,8 +203,10 @@ def _gate(args: argparse.Namespace) -> int:
     if off:
         raise GateError(f"the run saw other versions than pinned: {off} (pins {want})")
 
-    diff = compare(results, accepted)
+    diff = compare(results, accepted, frozenset(args.forget))
     fails = failing(diff, args.accept, bool(args.select))
+    if args.accept:  # before anything is printed as accepted: a refused run leaves the file as it was
+        _check_acceptable(results, accepted, set(args.forget), accepted_path)
     timing = (
         f"environment {'reused' if reused else 'built'} in {duration(build_s)}, matrix ran in {duration(run_s)} "
         f"({args.matrix.name}); {duration(time.monotonic() - start)} in all"
@@ -195,16 +215,67 @@ def _gate(args: argparse.Namespace) -> int:
     for line in terminal(pins.name, results, diff, fails, timing, args.verbosity):
         print(line)
     if args.summary:
-        args.summary.write_text(markdown(pins, results, accepted, diff, timing, fails))
+        args.summary.write_text(markdown(pins.name, results, accepted, diff, timing, fails))
     if args.accept:
         accepted_path.parent.mkdir(parents=True, exist_ok=True)
-        keep = ("id", "status", "expected", "met", "max_abs_diff", "adapter_effect", "problems")
+        cells = [baseline_cell(c) for c in results.get("cells", [])]
+        before = {c["id"]: c["status"] for c in (accepted or {}).get("cells", [])}
+        forgotten = {
+            **(accepted or {}).get("forgotten", {}),
+            **{i: {"why": args.why, "was": before[i]} for i in args.forget},
+        }
         record = {
+            "format": FORMAT,
             "pins": pins.packages,
             "versions": results.get("versions"),
             "device": results.get("device"),
-            "cells": [{**{k: c.get(k) for k in keep}, "skipped": skipped_checks(c)} for c in results.get("cells", [])],
+            "matrix": _shown(args.matrix),
+            "forgotten": {i: f for i, f in forgotten.items() if i not in {c["id"] for c in cells}},
+            "cells": cells,
         }
         accepted_path.write_text(json.dumps(record, indent=1) + "\n")
         print(f"gate: accepted results written to {accepted_path}")
     return EXIT_REGRESSION if fails else EXIT_OK
+
+
+def _shown(path: Path) -> str:
+    """A matrix as an accepted file names it: relative to the checkout when inside it."""
+    path = path.resolve()
+    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
+
+
+def _check_matrix(accepted: dict[str, Any], matrix: str, path: Path) -> None:
+    """``--accept`` from another matrix than the accepted results' is refused before anything runs."""
+    if accepted.get("matrix") not in (None, matrix):
+        raise GateError(
+            f"{path} was accepted from {accepted['matrix']}; --accept with {matrix} would replace it with another "
+            f"set of cells: accept a run of {accepted['matrix']} (a cell leaves it only by --forget ID --why TEXT)"
+        )
+
+
+def _check_acceptable(results: dict[str, Any], accepted: dict[str, Any] | None, forget: set[str], path: Path) -> None:
+    """A run the accepted results may be replaced with: the whole matrix, not narrowed, on the same kind
+    of device, holding every accepted cell that is not being forgotten. GateError otherwise."""
+    selection = results.get("selection") or {}
+    narrowed = {k: selection[k] for k in ("k", "shard") if selection.get(k)}
+    if narrowed:
+        raise GateError(f"the run was narrowed ({narrowed}): --accept takes a run of the whole matrix")
+    if accepted is None:
+        return
+    then, now = device_kind(accepted.get("device")), device_kind(results.get("device"))
+    if then != now:
+        raise GateError(
+            f"{path} was accepted on {then}, this run is on {now}: accept on the same kind of device, or name "
+            "another --accepted-dir for this one"
+        )
+    before, ran = {c["id"] for c in accepted.get("cells", [])}, {c["id"] for c in results.get("cells", [])}
+    unknown, kept = sorted(forget - before), sorted(forget & ran)
+    if unknown or kept:
+        raise GateError(f"--forget names cells not in the accepted results {unknown} or that ran {kept}")
+    lost = sorted(before - ran - forget)
+    if lost:
+        shown = ", ".join(lost[:10]) + (f" (+{len(lost) - 10} more)" if len(lost) > 10 else "")
+        raise GateError(
+            f"the run lacks {len(lost)} accepted cells: {shown}; accepting it would shrink the accepted results "
+            f"({path}): run the whole matrix, or take a cell out by --forget ID --why TEXT"
+        )

@@ -1,28 +1,29 @@
 """The gate's verdict: a run's results against the accepted ones and the expectations, its terminal
 lines (one per cell it flags, then a summary; details with ``-v``) and its Markdown (``--summary``).
 
-What the gate cannot vouch for fails it (``failing``); ``compat.commands.gate`` builds the environment and
-runs the matrix.
+What the gate cannot vouch for fails it (``failing``): per cell its status, its problems tensor by
+tensor, its skipped checks (names and reasons) and the oracles' coverage, and the kind of device the
+results were accepted on. ``compat.commands.gate`` builds the environment and runs the matrix.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from compat.checks.problems import problem_key
-from compat.results.skips import skipped_checks
-
-if TYPE_CHECKING:
-    from compat.commands.gate import PinSet
-
+from compat.checks.problems import keyed_tensors
 from compat.declare.pin_sets import GateError
 from compat.report.vocabulary import UNMET, headline
+from compat.results.baseline import coverage_of, device_kind, skips_of
+from compat.results.skips import skipped_checks
 
 __all__ = ["GateError", "check_complete", "compare", "failing", "markdown", "terminal"]
 
 # What each kind of flagged cell is called, in the Markdown table's verdict and on the terminal.
 _WORDS = {"regressions": "REGRESSION", "unmet": UNMET, "changed": "CHANGED", "problems": "PROBLEMS CHANGED",
+          "skips": "SKIPS CHANGED", "coverage": "COVERAGE CHANGED", "device": "DEVICE CHANGED",
           "fixes": "fixed", "new": "new", "dropped": "DROPPED"}  # fmt: skip
+# What fails the gate unless ``--accept`` records it (unmet cells fail it always; dropped ones unless -k).
+_ACCEPTABLE = ("regressions", "changed", "problems", "skips", "coverage", "device")
 
 
 def check_complete(results: dict[str, Any], where: str) -> None:
@@ -31,12 +32,17 @@ def check_complete(results: dict[str, Any], where: str) -> None:
         raise GateError(f"the run stopped before every cell ran ({where} is not marked complete): no verdict")
 
 
-def compare(results: dict[str, Any], accepted: dict[str, Any] | None) -> dict[str, list[dict[str, Any]]]:
+def compare(
+    results: dict[str, Any], accepted: dict[str, Any] | None, forgetting: frozenset[str] = frozenset()
+) -> dict[str, list[dict[str, Any]]]:
     """Sort cells into regressions, fixes, new, changed (other status changes), unmet (by status or
-    problems, against the expectations), problems (other problems than accepted) and dropped."""
+    problems, against the expectations), problems (other problems or tensors than accepted), skips
+    (checks skipped otherwise than accepted: a cell without accepted results has none accepted),
+    coverage (other than accepted, numbers masked; compared where the accepted cell has it), device
+    (the run's kind of device is not the accepted one's) and dropped (accepted, not run, neither forgotten
+    nor being forgotten: ``forgetting``)."""
     before = {c["id"]: c for c in (accepted or {}).get("cells", [])}
-    keys = ("regressions", "fixes", "new", "changed", "unmet", "problems", "dropped")
-    out: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
+    out: dict[str, list[dict[str, Any]]] = {k: [] for k in _WORDS}
     seen = set()
     for c in results.get("cells", []):
         seen.add(c["id"])
@@ -64,26 +70,70 @@ def compare(results: dict[str, Any], accepted: dict[str, Any] | None) -> dict[st
                 out["problems"].append({**row, "gone": gone, "new": new})
         if accepted is not None and prev is None:
             out["new"].append(row)
-    out["dropped"] = [{"id": i, "accepted": c["status"]} for i, c in before.items() if i not in seen]
+        gone, new = _skip_change(skips_of(then) if then else {}, skips_of(c))
+        if gone or new:
+            out["skips"].append({**row, "gone": gone, "new": new})
+        if then is not None and "coverage" in then and coverage_of(then) != coverage_of(c):
+            out["coverage"].append({**row, "gone": [f"{coverage_of(then)}"], "new": [f"{coverage_of(c)}"]})
+    accounted = seen | set((accepted or {}).get("forgotten") or {}) | forgetting
+    out["dropped"] = [{"id": i, "accepted": c["status"]} for i, c in before.items() if i not in accounted]
+    if accepted is not None and device_kind(accepted.get("device")) != device_kind(results.get("device")):
+        then, now = device_kind(accepted.get("device")), device_kind(results.get("device"))
+        out["device"].append({"id": "(every cell)", "reason": "", "unmet": [],
+                              "gone": [f"accepted on {then}"], "new": [f"ran on {now}"]})  # fmt: skip
     return out
 
 
 def _problem_change(before: list[dict[str, Any]], now: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
-    """(problems accepted but gone, problems not accepted), each as :func:`problem_key`."""
-    a, b = [problem_key(p) for p in before], [problem_key(p) for p in now]
-    return [k for k in a if k not in b], [k for k in b if k not in a]
+    """(problems accepted but gone, problems not accepted), tensor by tensor: a problem listing tensors
+    (``Problem.tensors``) that lists one more than accepted is that tensor, named, under its key."""
+    a, b = _tensors_by_key(before), _tensors_by_key(now)
+    gone = [_listed(k, a[k] - b.get(k, set()), k not in b) for k in a if k not in b or a[k] - b[k]]
+    new = [_listed(k, b[k] - a.get(k, set()), k not in a) for k in b if k not in a or b[k] - a[k]]
+    return gone, new
+
+
+def _tensors_by_key(problems: list[dict[str, Any]]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for p in problems:
+        key, tensors = keyed_tensors(p)
+        out.setdefault(key, set()).update(tensors)
+    return out
+
+
+def _listed(key: str, tensors: set[str], whole: bool) -> str:
+    """``key``, or ``key: 2 tensors: a, b`` where the problem is the same but its tensors are not."""
+    if whole and not tensors:
+        return key
+    shown = sorted(tensors)
+    more = f" (+{len(shown) - 8} more)" if len(shown) > 8 else ""
+    return f"{key}: {len(shown)} tensor{'s' if len(shown) != 1 else ''}: {', '.join(shown[:8])}{more}"
+
+
+def _skip_change(before: dict[str, str | None], now: dict[str, str | None]) -> tuple[list[str], list[str]]:
+    """(skips accepted but gone, skips not accepted) as ``name (why)``; a reason is compared where both
+    files kept it (an accepted file of format 1 kept names only)."""
+
+    def same(name: str) -> bool:
+        if name not in before or name not in now:
+            return False
+        return None in (before[name], now[name]) or before[name] == now[name]
+
+    gone = [f"{n} ({before[n]})" if before[n] else n for n in sorted(before) if not same(n)]
+    new = [f"{n} ({now[n]})" if now[n] else n for n in sorted(now) if not same(n)]
+    return gone, new
 
 
 def failing(diff: dict[str, list[dict[str, Any]]], accept: bool, narrowed: bool) -> list[str]:
-    """What the gate cannot vouch for, by kind: unmet cells always; regressions, status changes,
-    changed problems and dropped cells unless they are being accepted (dropped: unless ``-k``)."""
-    kinds = ["unmet"] + ([] if accept else ["regressions", "changed", "problems"])
-    kinds += [] if accept or narrowed else ["dropped"]
+    """What the gate cannot vouch for, by kind: unmet cells always; regressions, status changes, changed
+    problems, skips, coverage and device unless they are being accepted; dropped cells unless ``-k``
+    narrowed the run (``--accept`` refuses a run that drops one: ``compat.commands.gate``)."""
+    kinds = ["unmet"] + ([] if accept else list(_ACCEPTABLE)) + ([] if narrowed else ["dropped"])
     return [k for k in kinds if diff[k]]
 
 
 def _verdict(row: dict[str, Any], diff: dict[str, list[dict[str, Any]]]) -> str:
-    found = [word for key, word in _WORDS.items() if key != "dropped" and any(r["id"] == row["id"] for r in diff[key])]
+    found = [w for k, w in _WORDS.items() if k != "dropped" and any(r["id"] == row["id"] for r in diff.get(k, []))]
     return ", ".join(found) or "ok"
 
 
@@ -94,7 +144,7 @@ def _skips(c: dict[str, Any]) -> str:
 
 
 def markdown(
-    pins: PinSet,
+    name: str,
     results: dict[str, Any],
     accepted: dict[str, Any] | None,
     diff: dict[str, Any],
@@ -104,7 +154,7 @@ def markdown(
     fails = fails or []
     versions = results.get("versions", {})
     lines = [
-        f"## Gate `{pins.name}`: " + (f"**fails: {', '.join(fails)}**" if fails else "passes"),
+        f"## Gate `{name}`: " + (f"**fails: {', '.join(fails)}**" if fails else "passes"),
         "",
         ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; {results.get('device', '')}",
         "",
@@ -121,14 +171,17 @@ def markdown(
             f"| {_verdict(c, diff)} | {'-' if d is None else f'{d:.1e}'} | {_skips(c) or '-'} |"
         )
     if accepted is None:
-        lines += ["", f"No accepted results for `{pins.name}` yet (`--accept` writes them)."]
+        lines += ["", f"No accepted results for `{name}` yet (`--accept` writes them)."]
     for key, title in (
         ("regressions", "Regressions (expected or previously accepted pass, now not pass)"),
         ("fixes", "Fixes (expected or accepted not pass, now pass)"),
         ("new", "New cells (not in the accepted results)"),
         ("changed", "Other status changes"),
         ("unmet", "Cells that did not meet their expected outcome (status or problems)"),
-        ("problems", "Other problems than accepted (same status)"),
+        ("problems", "Other problems than accepted (same status), or other tensors"),
+        ("skips", "Checks skipped otherwise than accepted"),
+        ("coverage", "Oracle coverage other than accepted"),
+        ("device", "Accepted on another kind of device"),
         ("dropped", "Cells in the accepted results that did not run"),
     ):
         if diff[key]:
@@ -164,8 +217,12 @@ def terminal(
         for r in diff[key]:
             now = f": {r['status']}, expected {r['expected']}" if "status" in r else ""
             was = f" (was {r['accepted']})" if r.get("accepted") else ""
+            gone = [f"gone: {g}" for g in r.get("gone", [])]
             first = (
-                (r["unmet"] if key == "unmet" else []) + r.get("new", []) + ([r["reason"]] if r.get("reason") else [])
+                (r["unmet"] if key == "unmet" else [])
+                + r.get("new", [])
+                + gone
+                + ([r["reason"]] if r.get("reason") else [])
             )
             lines.append(
                 f"{word} {r['id']}{now}{was}" + (f": {headline(first[0], 160)}" if first and verbosity <= 0 else "")

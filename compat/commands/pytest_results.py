@@ -2,22 +2,26 @@
 
 A cell whose rank group or pytest worker died mid-cell, or whose test errored in setup, has no
 result of its own: it is recorded ``error`` with the crash text (xdist reports a dead worker's test
-as ``when="???"``). ``complete`` is false while any selected cell lacks a result of its own, and the file is
-written even when none has one, so an old results.json never survives a run that made none.
+as ``when="???"``). ``complete`` is false while any selected cell lacks a result of its own, or any
+selected test reported nothing, and the file is written even when none has one, so an old
+results.json never survives a run that made none.
+
+A test's cell is the one stored on its item at collection (``user_properties``, which every report of
+the test carries to the xdist controller), not a part of its node id: with a second parametrization
+the id reads ``[llama.tp2-other]``.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-__all__ = ["ResultsCollector"]
+__all__ = ["CELL_PROPERTY", "ResultsCollector"]
 
-_PARAM = re.compile(r"\[(?P<id>[^\[\]]+)\]$")
+CELL_PROPERTY = "compat_cell"  # the id of the cell a test runs, in its item's and reports' user_properties
 
 
 class ResultsCollector:
@@ -27,34 +31,44 @@ class ResultsCollector:
     def __init__(self, config: pytest.Config, path: Path, session_of: Callable[[pytest.Config], Any]) -> None:
         self.config, self.path, self._session_of = config, path, session_of
         self.results: dict[str, dict[str, Any]] = {}  # cell id -> result
-        self.selected: set[str] = set()  # cell ids of the selected compat_cell tests
+        self.cells: dict[str, str] = {}  # node id of a selected compat_cell test -> its cell id
+        self.collected: set[str] = set()  # node ids of every selected test
+        self.reported: set[str] = set()  # node ids of the tests that reported anything
         self.crashed: set[str] = set()  # cell ids recorded from a crash, without a result of their own
+        self.unknown: set[str] = set()  # node ids that crashed before saying which cell they run
 
-    def _cell_id(self, nodeid: str) -> str | None:
-        m = _PARAM.search(nodeid)
-        known = {c.id for c in self._session_of(self.config).cells}
-        return m["id"] if m and m["id"] in known else None
-
-    def _select(self, nodeids: list[str]) -> None:
-        self.selected |= {cell for n in nodeids if (cell := self._cell_id(n))}
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        """Store each compat_cell test's cell id on its item (in xdist's workers too): its reports carry it."""
+        for item in items:
+            cell = getattr(item, "callspec", None) and item.callspec.params.get("compat_cell")
+            if cell is not None:
+                item.user_properties.append((CELL_PROPERTY, cell.id))
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         """Without xdist: the items left after -k, -m and deselection."""
-        self._select([i.nodeid for i in session.items if "compat_cell" in getattr(i, "fixturenames", ())])
+        self.collected |= {i.nodeid for i in session.items}
+        self.cells |= {i.nodeid: v for i in session.items for k, v in i.user_properties if k == CELL_PROPERTY}
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
-        """On the xdist controller: what each worker collected (it applies -k and -m)."""
-        self._select(list(ids))
+        """On the xdist controller: what each worker collected (it applies -k and -m); which cell each
+        test runs comes with its reports."""
+        self.collected |= set(ids)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.reported.add(report.nodeid)
         recorded = [value for key, value in report.user_properties if key == "compat_result"]
         for value in recorded if report.when == "call" else []:
             self.results[value["id"]] = value
-        cell = self._cell_id(report.nodeid)
+        cell = next((v for k, v in report.user_properties if k == CELL_PROPERTY), self.cells.get(report.nodeid))
+        if cell is not None:
+            self.cells[report.nodeid] = cell
         if report.failed and not recorded and cell and cell not in self.results:
             self.results[cell] = self._crashed(cell, report)
             self.crashed.add(cell)
+        elif report.failed and cell is None and report.when == "???":
+            self.unknown.add(report.nodeid)
 
     def _crashed(self, cell_id: str, report: pytest.TestReport) -> dict[str, Any]:
         """An ``error`` record for a cell whose test broke before its result was attached."""
@@ -83,14 +97,16 @@ class ResultsCollector:
         results = sorted(
             (CellResult(**r) for r in self.results.values()), key=lambda r: (order.get(r.id, len(order)), r.id)
         )
-        missing = sorted((self.selected - set(self.results)) | self.crashed)
+        selected = set(self.cells.values())
+        missing = sorted((selected - set(self.results)) | self.crashed)
+        missing += sorted(self.unknown | (self.collected - self.reported))  # tests that never said which cell
         complete = session.shouldstop is False and session.shouldfail is False and not missing and bool(results)
         matrix = self.config.getoption("--compat-matrix") or self.config.getini("compat_matrix") or ""
         selection = {
             "matrix": str(matrix),
             "k": self.config.getoption("keyword") or "",
             "m": self.config.getoption("markexpr") or "",
-            "cells": len(self.selected),
+            "cells": len(selected),
             "without_result": missing,
         }
         write_results(self.path, results, s.backend, device_name(s.backend), installed_versions(), complete, selection)

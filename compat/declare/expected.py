@@ -5,10 +5,16 @@ patterns), optional version specifiers (``when``) and layer specs (``specs``, de
 spec), the status it expects and why (an upstream issue, or the file and line at fault), and
 ``match``: a regular expression, or a list of them, for the cell's problems: every problem must be
 matched by one of them and every one of them must match a problem, so an expected failure that
-starts failing for another reason, or for one more, is not met. The first matching entry wins:
-narrow ones first. With ``checks``
+starts failing for another reason, or for one more, is not met. An expected ``fail`` or ``error``
+needs a ``match``. The first matching entry wins: narrow ones first. With ``checks``
 (e.g. ``["serving.vllm"]``), each pattern must be seen in those checks' own problems (a serving
 engine's own finding, not the peft check's).
+
+A problem that lists tensors ("24 of the 64 modules ..., e.g. a, b": ``Problem.tensors`` holds all
+of them) is matched only by a pattern that names them too, a table ``{ problem = "regex", tensors =
+"regex" or ["name", ...], count = 24 }``: every listed tensor must match ``tensors`` (whole) or be
+one of its names, and there must be ``count`` of them where given. So one more dropped expert is a
+problem no expectation covers, whatever the message's "e.g." shows.
 """
 
 from __future__ import annotations
@@ -31,7 +37,38 @@ __all__ = ["STATUSES", "Expectation", "Expectations", "Expected", "ExpectedError
 
 STATUSES = ("pass", "fail", "error", "unsupported")
 _KEYS = {"cells", "when", "status", "reason", "match", "specs", "checks"}
+_PATTERN_KEYS = {"problem", "tensors", "count"}
 CHECK_PREFIXES = ("serving.",)  # the checks an entry can name: serving.ENGINE
+NEEDS_MATCH = ("fail", "error")  # an expected failure says which problems; an unsupported cell may not
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """The tensors a problem matched by a pattern may list: each matches ``names`` (a regular expression,
+    whole) or is one of them (a tuple), and there are ``count`` of them where it is given."""
+
+    names: str | tuple[str, ...]
+    count: int | None = None
+
+    def others(self, tensors: tuple[str, ...]) -> list[str]:
+        """The listed tensors this does not name."""
+        if isinstance(self.names, str):
+            return [t for t in tensors if not re.fullmatch(self.names, t)]
+        return [t for t in tensors if t not in self.names]
+
+    def covers(self, tensors: tuple[str, ...]) -> bool:
+        return bool(tensors) and not self.others(tensors) and self.count in (None, len(tensors))
+
+    def why_not(self, tensors: tuple[str, ...]) -> str:
+        """Why ``tensors`` is not what this names, as an unmet line ends."""
+        if not tensors:
+            return "it lists no tensors, the expectation names some"
+        others, out = self.others(tensors), []
+        if others:
+            out.append(f"{len(others)} of its {len(tensors)} tensors are not named, e.g. {', '.join(others[:3])}")
+        if self.count not in (None, len(tensors)):
+            out.append(f"it lists {len(tensors)} tensors, expected {self.count}")
+        return "; ".join(out)
 
 
 @dataclass(frozen=True)
@@ -40,26 +77,46 @@ class Expected:
 
     status: str = "pass"
     reason: str = ""
-    match: tuple[str, ...] = ()  # regular expressions, together covering the problems (none: any problems)
+    match: tuple[str, ...] = ()  # regular expressions, together covering the problems
     checks: tuple[str, ...] = ()  # where each pattern must be seen: these checks' problems (none: any)
+    tensors: tuple[Tensors | None, ...] = ()  # per pattern of ``match``: the tensors it names (none: no tensors)
 
     def unmet(self, status: str, problems: list[Problem]) -> list[str]:
-        """Why the observed outcome is not the expected one: a status, a problem no pattern covers, a
-        pattern no problem shows. Empty when met."""
+        """Why the observed outcome is not the expected one: a status, a problem no pattern covers (nor
+        its tensors), a pattern no problem shows. Empty when met."""
         if status != self.status:
             return [f"status {status}, expected {self.status}"]
-        if not self.match or status == "pass":
+        if status == "pass" or (not self.match and status not in NEEDS_MATCH):
             return []
-        seen = [p.text() for p in problems]
-        out = [f"not expected: [{p.check}] {text[:300]}" for p, text in zip(problems, seen, strict=True)
-               if not any(re.search(m, text, re.DOTALL) for m in self.match)]  # fmt: skip
-        pool = [t for p, t in zip(problems, seen, strict=True) if not self.checks or p.check in self.checks]
-        out += [f"expected, not seen: {m!r}" for m in self.match if not any(re.search(m, t, re.DOTALL) for t in pool)]
+        if not self.match:
+            return [f"expected {status} names no problem (no match): it would accept any; give it a match"]
+        patterns = list(zip(self.match, self.tensors or (None,) * len(self.match), strict=True))
+        out = []
+        for p in problems:
+            named = [spec for m, spec in patterns if re.search(m, p.text(), re.DOTALL)]
+            if not any(_covers(spec, p.tensors) for spec in named):
+                why = f" ({_why_not(named[0], p.tensors)})" if named else ""
+                out.append(f"not expected: [{p.check}] {p.text()[:300]}{why}")
+        pool = [p for p in problems if not self.checks or p.check in self.checks]
+        out += [
+            f"expected, not seen: {m!r}" + (f" (tensors {spec.names!r})" if spec else "")
+            for m, spec in patterns
+            if not any(re.search(m, p.text(), re.DOTALL) and _covers(spec, p.tensors) for p in pool)
+        ]
         return out
 
     def met_by(self, status: str, problems: list[Problem]) -> bool:
         """The observed status is the expected one, with the expected problems and no other."""
         return not self.unmet(status, problems)
+
+
+def _covers(spec: Tensors | None, tensors: tuple[str, ...]) -> bool:
+    """A pattern naming no tensors covers only a problem that lists none."""
+    return spec.covers(tensors) if spec else not tensors
+
+
+def _why_not(spec: Tensors | None, tensors: tuple[str, ...]) -> str:
+    return spec.why_not(tensors) if spec else f"it lists {len(tensors)} tensors, the expectation names none"
 
 
 class ExpectedError(ValueError):
@@ -75,6 +132,11 @@ class Expectation:
     match: tuple[str, ...] = ()
     specs: tuple[str, ...] = SPECS
     checks: tuple[str, ...] = ()
+    tensors: tuple[Tensors | None, ...] = ()
+
+    def expected(self) -> Expected:
+        """What a cell this entry speaks for is expected to do."""
+        return Expected(self.status, self.reason, self.match, self.checks, self.tensors)
 
     def matches(self, cell_id: str, versions: dict[str, str | None], spec: str = "local") -> bool:
         if spec not in self.specs or not any(fnmatchcase(cell_id, pattern) for pattern in self.cells):
@@ -96,7 +158,7 @@ class Expectations:
     def for_cell(self, cell_id: str, versions: dict[str, str | None], spec: str = "local") -> Expected:
         """What a cell is expected to do on these versions; a pass without an entry."""
         entry = self.lookup(cell_id, versions, spec)
-        return Expected(entry.status, entry.reason, entry.match, entry.checks) if entry else Expected()
+        return entry.expected() if entry else Expected()
 
 
 def _parse_entry(raw: dict[str, Any], where: str) -> Expectation:
@@ -123,21 +185,58 @@ def _parse_entry(raw: dict[str, Any], where: str) -> Expectation:
         except InvalidSpecifier:
             raise ExpectedError(f"{where}: {package} = {spec!r} is not a version specifier") from None
     match = raw.get("match", [])
-    match = [match] if isinstance(match, str) else match
-    if not isinstance(match, list) or not all(isinstance(m, str) and m for m in match):
-        raise ExpectedError(f"{where}: 'match' must be a regular expression (a string) or a list of them")
-    for pattern in match:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ExpectedError(f"{where}: match {pattern!r} is not a regular expression: {exc}") from None
+    match = [match] if isinstance(match, (str, dict)) else match
+    if not isinstance(match, list) or not all((isinstance(m, str) and m) or isinstance(m, dict) for m in match):
+        raise ExpectedError(
+            f"{where}: 'match' must be a regular expression (a string), a table naming tensors, or a list of them"
+        )
+    patterns = [_parse_pattern(m, where) for m in match]
     specs = raw.get("specs", list(SPECS))
     if not isinstance(specs, list) or not specs or not set(specs) <= set(SPECS):
         raise ExpectedError(f"{where}: 'specs' must be a non-empty list of {', '.join(SPECS)}")
     checks = raw.get("checks", [])
     if not isinstance(checks, list) or not all(isinstance(c, str) and c.startswith(CHECK_PREFIXES) for c in checks):
         raise ExpectedError(f"{where}: 'checks' must be a list of check names, e.g. [\"serving.vllm\"]")
-    return Expectation(tuple(cells), status, reason, tuple(when), tuple(match), tuple(specs), tuple(checks))
+    if status in NEEDS_MATCH and not patterns:
+        raise ExpectedError(
+            f"{where}: an expected {status!r} needs a match (the problems it expects); none accepts any"
+        )
+    tensors = tuple(t for _, t in patterns) if any(t for _, t in patterns) else ()
+    return Expectation(
+        tuple(cells), status, reason, tuple(when), tuple(m for m, _ in patterns), tuple(specs), tuple(checks), tensors
+    )
+
+
+def _regex(pattern: Any, what: str, where: str) -> str:
+    if not isinstance(pattern, str) or not pattern:
+        raise ExpectedError(f"{where}: {what} must be a regular expression (a non-empty string)")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ExpectedError(f"{where}: {what} {pattern!r} is not a regular expression: {exc}") from None
+    return pattern
+
+
+def _parse_pattern(raw: str | dict[str, Any], where: str) -> tuple[str, Tensors | None]:
+    """A pattern of ``match``: a regular expression, or ``{problem, tensors, count}`` for a problem listing tensors."""
+    if isinstance(raw, str):
+        return _regex(raw, "match", where), None
+    unknown = set(raw) - _PATTERN_KEYS
+    if unknown or "tensors" not in raw:
+        raise ExpectedError(
+            f"{where}: a match table is {{ problem = 'regex', tensors = 'regex' or ['name', ...], count = N }} "
+            f"(tensors required, count optional); got keys {sorted(raw)}"
+        )
+    names, count = raw["tensors"], raw.get("count")
+    if isinstance(names, list):
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ExpectedError(f"{where}: tensors must be a regular expression or a non-empty list of tensor names")
+        names = tuple(names)
+    else:
+        names = _regex(names, "tensors", where)
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
+        raise ExpectedError(f"{where}: count must be a positive integer (how many tensors the problem lists)")
+    return _regex(raw.get("problem"), "a match table's problem", where), Tensors(names, count)
 
 
 def load_expectations(path: Path | None) -> Expectations:

@@ -69,7 +69,7 @@ class Collective:
         """
         mine = [p if isinstance(p, Problem) else Problem(check, p) for p in problems]
         for p in mine:  # kept in the log should a peer never reach this exchange
-            print(log_line(p.check, p.message), file=sys.stderr, flush=True)
+            print(log_line(p.check, p.message, p.tensors), file=sys.stderr, flush=True)
         merged: list[Problem] = []
         seen: set[tuple[str, str, tuple[str, ...]]] = set()
         for rank, rank_problems in enumerate(self.gather([p.as_dict() for p in mine])):

@@ -28,7 +28,7 @@ from compat.declare.layouts import Layout
 from compat.rank import bridge_api, provider_spec
 
 if TYPE_CHECKING:
-    from compat.rank.backends import Backend
+    from compat.rank.backends.protocol import Backend
 
 __all__ = ["Built", "build", "unwrap"]
 

@@ -40,7 +40,7 @@ class CellResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     serving: dict[str, Any] = field(default_factory=dict)  # per engine: status, max diff, effect, problems
     files: str | None = None  # where the cell's files were kept (an outcome other than expected)
-    problems: list[dict[str, str]] = field(default_factory=list)  # {check, message, where}: the reason as data
+    problems: list[dict[str, Any]] = field(default_factory=list)  # {check, message, where[, tensors]}: the reason
     expected_matches: list[str] = field(default_factory=list)  # every pattern of the expectation
     unmet: list[str] = field(default_factory=list)  # why not met: a status, a problem not expected, a pattern not seen
 

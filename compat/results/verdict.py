@@ -2,7 +2,9 @@
 
 Each rank writes a record (or dies without one); the launcher reduces them to one status and
 one reason. A failed check or an error names the rank that stopped first: its peers' breakage
-("connection closed" in a collective) follows from it and is listed after it.
+("connection closed" in a collective) follows from it and is listed after it. The problems are
+every rank's, the cause's first: a peer's other error is one more problem an expectation must
+cover, not text after the cause.
 """
 
 from __future__ import annotations
@@ -86,6 +88,18 @@ def verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, str
             out.append(replace(p, where=at(rank, p.where)))
         return out
 
+    def everyone(cause: RankOutcome) -> list[Problem]:
+        """Every rank's distinct problems, the cause's first: the records' (a failed check's are the same
+        on every rank, agreed), and what a rank killed without one had logged (compat.rank.collective)."""
+        out: list[Problem] = []
+        for o in [cause, *(o for o in outcomes if o is not cause)]:
+            if o.record is None:
+                found = logged_problems(o.log, at(f"rank {o.rank}"))
+            else:
+                found = placed(o) if o.record["status"] != "pass" else []
+            out += [p for p in found if p not in out]
+        return out
+
     def at(*parts: str) -> str:
         """Where a problem was found: the phase (when not the round trip), the rank, the check's own place."""
         return ", ".join(x for x in (phase if where else "", *parts) if x)
@@ -101,14 +115,14 @@ def verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, str
         o = first(errors)
         rest = [e for e in errors if e is not o]
         reason = f"{where}rank {o.rank} raised {o.record['reason']}\n{o.record['traceback']}{then(rest)}"
-        return "error", reason, {}, placed(o)
+        return "error", reason, {}, everyone(o)
     unsupported = [o for o in outcomes if o.record and o.record["status"] == "unsupported"]
     if unsupported and not errors and not dead and not cut:
-        return "unsupported", where + unsupported[0].record["reason"], {}, placed(unsupported[0])
+        return "unsupported", where + unsupported[0].record["reason"], {}, everyone(unsupported[0])
     if fails:
         # A check failed first; peers left in a collective by it may then break there.
         o = first(fails)
-        return "fail", where + o.record["reason"] + then(errors), o.record.get("metrics") or {}, placed(o)
+        return "fail", where + o.record["reason"] + then(errors), o.record.get("metrics") or {}, everyone(o)
     if dead or cut:
         detail = "\n".join(o.describe_death() for o in dead)
         problems = [Problem("run", cut or "a rank died", phase if where else "")]

@@ -11,7 +11,8 @@ Check faults (``kind="check"``) must end the cell ``fail``, in fp32 and in bf16;
 (``kind="run"``) break the run itself (a rank raises or hangs, upstream code raises where it used
 to be taken for a missing component) and are driven by tests/test_run_faults.py; shape faults
 (``kind="shape"``) leave the declared family's cell passing and must be found, and shrunk, by
-``compat fuzz`` (tests/test_fuzz.py).
+``compat fuzz`` (tests/test_fuzz.py); unmet faults (``kind="unmet"``) add a problem to a cell expected
+to fail and must leave it unmet (tests/test_faults.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ PEFT_BRIDGE = "megatron.bridge.models.conversion.peft_bridge"
 PARAM_MAPPING = "megatron.bridge.models.conversion.param_mapping"
 PEFT_UTILS = "megatron.bridge.peft.utils"
 DIST_CKPT = "megatron.core.dist_checkpointing"
+FULLY_PARALLEL = "megatron.core.dist_checkpointing.strategies.fully_parallel"
 CKPT_FILTER = "megatron.bridge.training.checkpointing"
 MODEL_BRIDGE = "megatron.bridge.models.conversion.model_bridge"
 LORA_MERGE = "megatron.bridge.peft.lora_merge"
@@ -402,6 +404,14 @@ FAULTS: tuple[Fault, ...] = (
             r"\(__1_\d+\.distcp\)",
         ),
     ),
+    Fault(  # before issue 34 the CPU backend bypassed this exchange: the fault went unseen
+        "dp_load_exchange_corrupted",
+        "the fully parallel load's exchange over the data-parallel group delivers what a peer read off by 1e-3",
+        "llama",
+        "dp=2",
+        ((FULLY_PARALLEL, "exchange_by_distribution", parallel.exchange_corrupts_received),),
+        (r"load_peft_adapter_checkpoint: \S+adapter\S+ \(chunk 0\): max \|diff\| \d\.\d+e-0[34], expected bit-exact",),
+    ),
     Fault(
         "sp_gather_drops_last_chunk",
         "the sequence-parallel gather before LoRA-A returns the last TP rank's sequence chunk as zeros",
@@ -539,6 +549,18 @@ FAULTS: tuple[Fault, ...] = (
     ),
 )
 
+
+# One more of what an expected failure already shows: the expectation must not absorb it (tests/test_faults.py).
+FAULTS += (
+    Fault(
+        "expert_1_dropped",
+        "expert 1's adapter left out of the export (every layer), beside the experts EP loses",
+        "qwen3_moe",
+        "ep=2",
+        (_export(tamper.drop_expert_1),),
+        kind="unmet",
+    ),
+)
 
 # A fault only some shapes show: compat fuzz's ci profile must find it and shrink it (tests/test_fuzz.py).
 FAULTS += (

@@ -11,7 +11,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["dp_rank1_writes_own_copy", "sp_gather_drops_last_chunk"]
+__all__ = ["dp_rank1_writes_own_copy", "exchange_corrupts_received", "sp_gather_drops_last_chunk"]
 
 
 def _first_adapter_shard(sharded_state_dict: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
@@ -67,3 +67,16 @@ def sp_gather_drops_last_chunk(original: Callable[..., Any]) -> Callable[..., An
         return torch.cat([out[:-chunk], torch.zeros_like(out[-chunk:])])
 
     return gather
+
+
+def exchange_corrupts_received(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``exchange_by_distribution``, the fully parallel load's exchange of the shards each data-parallel rank
+    read (what ``load_peft_adapter_checkpoint`` loads through), returning every shard it received from a
+    peer off by 1e-3; what a rank read itself is as read."""
+
+    @functools.wraps(original)
+    def exchange(loaded_tensors: dict[Any, Any], *args: Any, **kwargs: Any) -> dict[Any, Any]:
+        out = original(loaded_tensors, *args, **kwargs)
+        return {k: v + 1e-3 if k not in loaded_tensors and v.is_floating_point() else v for k, v in out.items()}
+
+    return exchange

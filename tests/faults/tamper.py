@@ -189,6 +189,11 @@ def drop_expert(w: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in w.items() if ".experts.2." not in k}
 
 
+def drop_expert_1(w: dict[str, Any]) -> dict[str, Any]:
+    """Expert 1 of every layer: no adapter tensors written."""
+    return {k: v for k, v in w.items() if ".experts.1." not in k}
+
+
 def duplicate_expert(w: dict[str, Any]) -> dict[str, Any]:
     """Layer 1: expert 1's adapter written again as expert 2's."""
     out = dict(w)

@@ -7,10 +7,7 @@ stages. Everything else in a cell is the same on both.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    import torch
+from compat.rank.backends.protocol import Backend
 
 __all__ = ["BACKENDS", "Backend", "detect", "get_backend", "rank_env", "resolve"]
 
@@ -28,23 +25,6 @@ CUDA_RANK_ENV = {
     "NVSHMEM_DISABLE_NVLS": "1",
     "NVIDIA_TF32_OVERRIDE": "0",
 }
-
-
-class Backend(Protocol):
-    name: str
-    dist_backend: str
-
-    def setup(self, local_rank: int) -> None:
-        """Prepare this process (device, workarounds) before megatron is imported."""
-
-    @property
-    def device(self) -> torch.device: ...
-
-    def configure(self, provider: object) -> None:
-        """Set provider fields that depend on the backend."""
-
-    def forward(self, model: list, input_ids: torch.Tensor, hidden_size: int) -> torch.Tensor | None:
-        """Logits (vocab-sharded under TP) on the last pipeline stage, None elsewhere."""
 
 
 def get_backend(name: str) -> Backend:

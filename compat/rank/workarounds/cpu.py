@@ -21,8 +21,10 @@ Applied only by the CPU backend. Upstream code this answers (megatron-core 0.19.
   ``FullyParallelLoadStrategyWrapper.load`` (which megatron-bridge's
   ``load_peft_adapter_checkpoint`` uses by default, ``megatron/bridge/peft/utils.py:427``) shares the
   shards read by one data-parallel rank with the others through CUDA tensors
-  (``exchange_utils.py:506`` ``.cuda()``, ``:97-109`` ``device="cuda"``): here every rank reads its own
-  shards through the wrapped strategy, which its docstring names as equivalent.
+  (``exchange_utils.py:506`` ``.cuda()``, ``:329`` and ``:97-109`` ``device="cuda"``): the same exchange
+  runs here, over the data-parallel group's gloo, with the tensors it would move to a GPU left on the
+  CPU (while the load runs, ``Tensor.cuda`` returns the tensor, and what ``exchange_utils`` allocates
+  on "cuda" it allocates on the CPU).
 Two costs of CPU processes that are not the work under test, also answered here:
 - ``megatron/core/jit.py:22`` makes ``jit_fuser`` ``torch.compile``; on CPU its first call runs
   Inductor, whose instruction-set probe starts about ten ``python -c "import torch"`` processes in
@@ -45,6 +47,42 @@ import contextlib
 from collections.abc import Iterator
 
 __all__ = ["apply"]
+
+
+@contextlib.contextmanager
+def _exchange_on_cpu() -> Iterator[None]:
+    """While a fully parallel load runs: what its exchange puts on "cuda" stays on the CPU."""
+    import torch
+    from megatron.core.dist_checkpointing import exchange_utils
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    def cpu(device: object) -> object:
+        return "cpu" if str(device).startswith("cuda") else device
+
+    class TorchOnCpu:
+        """``torch`` as ``exchange_utils`` sees it: ``empty``/``empty_like`` on "cuda" allocate on the CPU."""
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty(*size: object, device: object = None, **kwargs: object) -> torch.Tensor:
+            return torch.empty(*size, device=cpu(device), **kwargs)  # type: ignore[call-overload]
+
+        @staticmethod
+        def empty_like(tensor: torch.Tensor, device: object = None, **kwargs: object) -> torch.Tensor:
+            return torch.empty_like(tensor, device=cpu(device), **kwargs)  # type: ignore[arg-type]
+
+    init_data, to_cuda = ShardedTensor.init_data, torch.Tensor.cuda
+    ShardedTensor.init_data = lambda self, device, *a, **k: init_data(self, cpu(device), *a, **k)  # type: ignore[method-assign]
+    torch.Tensor.cuda = lambda t, *a, **k: t  # type: ignore[method-assign]
+    exchange_utils.torch = TorchOnCpu()  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        exchange_utils.torch = torch
+        torch.Tensor.cuda = to_cuda  # type: ignore[method-assign]
+        ShardedTensor.init_data = init_data  # type: ignore[method-assign]
 
 
 def apply() -> None:
@@ -101,10 +139,13 @@ def apply() -> None:
 
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
 
-    def load_without_exchange(self, sharded_state_dict, checkpoint_dir, async_strategy="mcore"):  # type: ignore[no-untyped-def]
-        return self.base_strategy.load(sharded_state_dict, checkpoint_dir, async_strategy)
+    load = FullyParallelLoadStrategyWrapper.load
 
-    FullyParallelLoadStrategyWrapper.load = load_without_exchange
+    def load_exchanging_on_cpu(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        with _exchange_on_cpu():
+            return load(self, *args, **kwargs)
+
+    FullyParallelLoadStrategyWrapper.load = load_exchanging_on_cpu
 
     mpu_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mpu_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
