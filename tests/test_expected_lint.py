@@ -45,13 +45,21 @@ GENERIC: tuple[tuple[str, tuple[str, ...]], ...] = (
      ("tokens routed otherwise, not near-ties (margin <= 2 x drift <= noise)",)),
     ("routing flips: 3 tokens at layers 1", ("routing flips: {tokens} tokens at layers {layers}",)),
     ("adapter not restored:", ('"adapter not restored:"',)),
-    # the delta oracle's headers
-    ("the exported adapter's delta differs from Megatron's in 3 of 64 weights",
-     ("the exported adapter's delta differs from Megatron's in {len(differ)} of {len(seen)} weights",)),
-    ("Megatron adapts 3 weights the export leaves unchanged",
-     ("Megatron adapts {len(missing)} weights the export leaves unchanged",)),
-    ("the export changes 3 weights Megatron does not adapt",
-     ("the export changes {len(extra)} weights Megatron does not adapt",)),
+    # the per-module oracles' headers (compat/checks/oracles.py): their problems list every weight
+    ("the exported delta, mapped into Megatron's layout by the bridge's import conversion, differs from "
+     "Megatron's stored delta in 3 of 64 weights (fp32, up to 1e-05 of the largest delta allowed)",
+     ("the exported delta, mapped into Megatron's layout by the bridge's import conversion, differs from ",
+      "Megatron's stored delta in {len(differ)} of {len(merged)} weights (fp32, up to 1e-05 of the largest ")),
+    ("Megatron adapts 3 weights the export leaves unchanged, e.g. ",
+     ("Megatron adapts {len(missing)} weights the export leaves unchanged, e.g. ",)),
+    ("the export changes 3 weights Megatron does not adapt, e.g. ",
+     ("the export changes {len(extra)} weights Megatron does not adapt, e.g. ",)),
+    ("in flight, Megatron: 3 of 64 adapted weights add another contribution in the forward pass than their "
+     "stored adapter's scale * x A^T B^T",
+     ("{side}: {len(bad)} of {len(merged)} adapted weights add another contribution in the forward pass than ",
+      "stored adapter's scale * x A^T B^T: ")),
+    ("routing flips left 3 positions past each sequence's first compared",
+     ("routing flips left {seen} positions past each sequence's first compared",)),
     # the aggregated headers of the file checks (their problems list every tensor: a pattern names them)
     ("the export has no adapter for 3 of the 64 modules targeted by ['linear_fc1']",
      ("the export has no adapter for {len(absent)} of the {len(wanted)} ",
