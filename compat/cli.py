@@ -31,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one cell (--family/--layout) or a matrix (--matrix)")
     _run_arguments(run)
-    run.add_argument("--output", type=Path, required=True, help="results.json to write")
+    run.add_argument(
+        "--output", type=Path, default=Path("results.json"), help="results file to write (default: results.json)"
+    )
     run.add_argument("--jobs", type=int, default=1, help="cells run at once (each launches world_size ranks)")
     run.add_argument("--keep-dir", type=Path, help="where files of cells that miss their expected outcome are kept")
     add_verbosity(run)
@@ -65,11 +67,12 @@ def _run_arguments(run: argparse.ArgumentParser) -> None:
     """What selects and configures cells: shared by ``run`` and ``bench``."""
     run.add_argument("--matrix", type=Path, help="matrix TOML file (matrix/ci.toml)")
     run.add_argument("--family", help="one cell: the model family")
-    run.add_argument("--layout", help="one cell: e.g. tp=2,pp=2")
+    run.add_argument("--layout", help="one cell: tp=2,ep=2 or as cell ids write it, tp2-ep2 (tp1: one process)")
     run.add_argument("--load-layout", help="one cell: load and export at this layout (default: --layout)")
     run.add_argument("--adapter", default="lora", help="one cell: adapter kind (default: lora)")
-    run.add_argument("--dtype", default="fp32", choices=DTYPES, help="one cell: dtype (default: fp32)")
-    run.add_argument("--spec", default="local", choices=SPECS, help="one cell: layer spec (default: local)")
+    # No argparse ``choices``: Cell.make refuses an unknown dtype or spec with the nearest name.
+    run.add_argument("--dtype", default="fp32", help=f"one cell: dtype, {' or '.join(DTYPES)} (default: fp32)")
+    run.add_argument("--spec", default="local", help=f"one cell: layer spec, {' or '.join(SPECS)} (default: local)")
     run.add_argument(
         "--serve", action="append", default=[], help="one cell: a serving engine that loads the export too (vllm)"
     )

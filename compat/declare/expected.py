@@ -25,6 +25,7 @@ from packaging.version import Version
 
 from compat.checks.problems import Problem
 from compat.declare.specs import SPECS
+from compat.declare.suggest import key_hints
 from compat.declare.versions import PACKAGES
 
 __all__ = ["STATUSES", "Expectation", "Expectations", "Expected", "ExpectedError", "load_expectations"]
@@ -102,7 +103,8 @@ class Expectations:
 def _parse_entry(raw: dict[str, Any], where: str) -> Expectation:
     unknown = set(raw) - _KEYS
     if unknown:
-        raise ExpectedError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_KEYS)}")
+        hints = key_hints(unknown, _KEYS)
+        raise ExpectedError(f"{where}: unknown keys {sorted(unknown)}{hints}; allowed: {sorted(_KEYS)}")
     cells = raw.get("cells")
     if isinstance(cells, str):
         cells = [cells]
