@@ -81,7 +81,7 @@ class ResultsCollector:
         s = self._session_of(self.config)
         order = {c.id: i for i, c in enumerate(s.cells)}
         results = sorted(
-            (CellResult(**r) for r in self.results.values()), key=lambda r: (order.get(r.id, len(order)), r.id)
+            (CellResult.from_dict(r) for r in self.results.values()), key=lambda r: (order.get(r.id, len(order)), r.id)
         )
         missing = sorted((self.selected - set(self.results)) | self.crashed)
         complete = session.shouldstop is False and session.shouldfail is False and not missing and bool(results)

@@ -11,6 +11,7 @@ from typing import Any
 
 from compat.report.terminal import duration
 from compat.report.vocabulary import UNMET, headline, status_text, unmet_line
+from compat.results.record import expected_patterns
 from compat.results.skips import skip_mark, skip_note
 
 __all__ = ["markdown", "summary"]
@@ -56,7 +57,7 @@ def summary(data: dict[str, Any], source: str = "") -> list[str]:
         f"{len(cells) - len(unmet)} met their expected outcome, {len(unmet)} {UNMET}."
     ]
     unmet_lines = [
-        unmet_line(c["id"], c["expected"], c.get("expected_match", ""), c["status"], c.get("reason", "")) for c in unmet
+        unmet_line(c["id"], c["expected"], expected_patterns(c), c["status"], c.get("reason", "")) for c in unmet
     ]
     return lines + ([""] + [f"- {line}" for line in unmet_lines] if unmet_lines else [])
 

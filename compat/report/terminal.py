@@ -97,7 +97,7 @@ def summary(results: list[CellResult], wall: float, jobs: int = 1, title: str = 
         f"{len(results) - len(unmet)} met, {len(unmet)} {UNMET}; "
         f"{sum(bool(skip_note({'metrics': r.metrics})) for r in results)} with checks skipped"
     ]
-    lines += [unmet_line(r.id, r.expected, r.expected_match, r.status, r.reason, PROBLEM_WIDTH) for r in unmet]
+    lines += [unmet_line(r.id, r.expected, r.expected_matches, r.status, r.reason, PROBLEM_WIDTH) for r in unmet]
     return lines
 
 

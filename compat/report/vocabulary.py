@@ -8,6 +8,7 @@ label, outcome class, a reason's headline) are shared with the heatmap and the r
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from math import lcm
 from typing import Any
 
@@ -121,9 +122,11 @@ def headline(reason: str, limit: int = 300) -> str:
     return lines[0][:limit] + ("…" if len(lines[0]) > limit else "")
 
 
-def unmet_line(cell_id: str, expected: str, expected_match: str, status: str, reason: str, limit: int = 300) -> str:
-    """``unmet ID: expected fail matching 'x', got pass``: a cell that missed, as every summary lists it."""
-    wanted = expected + (f" matching {expected_match!r}" if expected_match else "")
+def unmet_line(cell_id: str, expected: str, patterns: Sequence[str], status: str, reason: str, limit: int = 300) -> str:
+    """``unmet ID: expected fail matching 'x', got pass``: a cell that missed, as every summary lists it
+    (``patterns``: the expectation's ``match``; the first is shown, and how many more there are)."""
+    more = f" (and {len(patterns) - 1} more)" if len(patterns) > 1 else ""
+    wanted = expected + (f" matching {patterns[0]!r}{more}" if patterns else "")
     got = status + (f": {headline(reason, limit)}" if reason else "")
     return f"{UNMET} {cell_id}: expected {wanted}, got {got}"
 
