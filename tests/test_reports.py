@@ -276,7 +276,7 @@ SKIPS = {
 
 
 def test_a_pass_with_skipped_checks_is_shown_as_such_everywhere() -> None:
-    """Before (1ce6479): ``metrics.skipped_checks`` and skipped merged forms were recorded and shown nowhere."""
+    """A pass with skipped checks (``metrics.skipped_checks``, skipped merged forms) is marked in every view."""
     from compat.report.markdown import markdown
 
     skipping = _cell("llama", metrics=SKIPS)
@@ -303,7 +303,7 @@ def test_the_terminal_row_names_the_skipped_checks() -> None:
 
 
 def test_compat_diff_exits_1_on_a_status_or_problem_change(tmp_path: Path) -> None:
-    """Before: ``compat diff`` always exited 0."""
+    """``compat diff`` exits 1 when a cell changed status or problems, 0 when nothing did."""
     before, after = tmp_path / "a.json", tmp_path / "b.json"
     problem = {"check": "files", "message": "use_dora is set but 28 of 28 modules carry no lora_magnitude_vector"}
     cell = _cell("llama", "fail", True, problems=[problem])

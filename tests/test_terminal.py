@@ -91,7 +91,7 @@ def test_summary_says_what_an_unmet_cell_missed() -> None:
 
 
 def test_a_served_cell_is_one_row_with_its_serving_figures() -> None:
-    """Before: each serving check was a second line under the row (and a make matrix of 92 cells over 100 lines)."""
+    """A served cell is one row, with its serving check's status and figures in it."""
     served = json.loads((Path(__file__).parent / "records" / "served-vllm-cpu.json").read_text())["cells"]
     lines = _printed([CellResult.from_dict(c) for c in served]).splitlines()
     assert len(lines) == 1 + len(served) + 2 + 1  # header, rows, blank, summary, the unmet cell
