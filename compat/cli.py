@@ -104,13 +104,13 @@ def _run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="compat-run-", dir=args.keep_dir))
     print(f"{len(config.cells)} cells on {config.device} ({config.backend}); {config.versions_line()}", flush=True)
     from compat.report.terminal import RunView
-    from compat.results.record import write_results
+    from compat.results.record import CellResult, write_results
 
-    results = {}
+    results: dict[str, CellResult] = {}
     order = {c.id: i for i, c in enumerate(config.cells)}
     view = RunView([c.id for c in config.cells], args.verbosity, jobs=args.jobs)
 
-    def one(cell: Cell) -> object:
+    def one(cell: Cell) -> CellResult:
         view.started(cell.id)
         return launch.run_cell(
             cell, config.backend, config.expected(cell), config.timeout, workdir=workdir, plugins=config.plugins

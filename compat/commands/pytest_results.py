@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -48,7 +48,8 @@ class ResultsCollector:
         self._select(list(ids))
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        recorded = [value for key, value in report.user_properties if key == "compat_result"]
+        # what the compat_run fixture attached: a CellResult as a dict (compat.pytest_plugin)
+        recorded = [cast("dict[str, Any]", value) for key, value in report.user_properties if key == "compat_result"]
         for value in recorded if report.when == "call" else []:
             self.results[value["id"]] = value
         cell = self._cell_id(report.nodeid)
@@ -66,7 +67,8 @@ class ResultsCollector:
 
         s = self._session_of(self.config)
         cell = next(c for c in s.cells if c.id == cell_id)
-        phase = "the pytest worker running it crashed" if report.when == "???" else f"its test failed in {report.when}"
+        when: str | None = report.when  # xdist's report of a crashed worker says "???", outside pytest's Literal
+        phase = "the pytest worker running it crashed" if when == "???" else f"its test failed in {when}"
         text = report.longreprtext or "(no output)"
         problem = Problem("run", f"{phase}: {text.strip().splitlines()[-1][:300] if text.strip() else ''}")
         expected = s.expectations.for_cell(cell.id, installed_versions(), cell.spec)

@@ -80,9 +80,9 @@ class Expectation:
     def matches(self, cell_id: str, versions: dict[str, str | None], spec: str = "local") -> bool:
         if spec not in self.specs or not any(fnmatchcase(cell_id, pattern) for pattern in self.cells):
             return False
-        for package, spec in self.when:
+        for package, specifier in self.when:
             installed = versions.get(package)
-            if installed is None or Version(installed) not in spec:
+            if installed is None or Version(installed) not in specifier:
                 return False
         return True
 
