@@ -4,7 +4,7 @@ and each served cell's ``serving.vllm`` check in the Markdown and HTML reports.
 
 Fed with recorded results, never running a cell: the committed full CPU run (expected fails and
 errors with their tracebacks) and ``tests/records/served-vllm-cpu.json`` (served cells built by hand
-from that run and docs/serving.md's measured records: no vLLM environment is needed).
+from that run and the served cells' committed records: no vLLM environment is needed).
 """
 
 from __future__ import annotations
