@@ -35,7 +35,11 @@ def _parser() -> argparse.ArgumentParser:
         "--output", type=Path, default=Path("results.json"), help="results file to write (default: results.json)"
     )
     run.add_argument("--jobs", type=int, default=1, help="cells run at once (each launches world_size ranks)")
-    run.add_argument("--keep-dir", type=Path, help="where files of cells that miss their expected outcome are kept")
+    run.add_argument(
+        "--keep-dir",
+        type=Path,
+        help="where files of cells that miss their expected outcome are kept (default: a new temporary folder)",
+    )
     add_verbosity(run)
     fam = sub.add_parser("families", help="architectures the installed bridge registers, and the family x layout grid")
     fam.add_argument("--families", type=Path, dest="families_file", help="your own family declarations (TOML)")
@@ -84,7 +88,7 @@ def _run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--families", type=Path, dest="families_file", help="your own family declarations (TOML)")
     run.add_argument("--adapters", type=Path, dest="adapters_file", help="your own adapter declarations (TOML)")
     for role in ROLES:
-        run.add_argument(f"--{role}", help=f"your {role}, 'package.module:function' (docs/downstream.md)")
+        run.add_argument(f"--{role}", help=f"your {role}, 'package.module:function' (docs/reference/plugins.md)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -94,6 +98,8 @@ def _run(args: argparse.Namespace) -> int:
             raise BadInput("--jobs must be at least 1")
         if not args.output.parent.is_dir():
             raise BadInput(f"cannot write {args.output}: {args.output.parent} is not a directory")
+        if args.keep_dir and args.keep_dir.exists() and not args.keep_dir.is_dir():
+            raise BadInput(f"--keep-dir {args.keep_dir} is a file, not a directory")
     except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -101,6 +107,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if is_external_launch():
         return _run_external(args, config)
+    if args.keep_dir:
+        args.keep_dir.mkdir(parents=True, exist_ok=True)  # a new folder is fine: it is where files will go
     workdir = Path(tempfile.mkdtemp(prefix="compat-run-", dir=args.keep_dir))
     print(f"{len(config.cells)} cells on {config.device} ({config.backend}); {config.versions_line()}", flush=True)
     from compat.report.terminal import RunView

@@ -111,6 +111,10 @@ CASES = {
         r"unknown adapter 'ia3'",
     ),
     "no_cell_selected": (lambda t: ["--family", "llama", "--layout", "tp1", "-k", "qwen"], r"selects no cell"),
+    "keep_dir_is_a_file": (
+        lambda t: ["--family", "llama", "--layout", "tp1", "--keep-dir", str(Path(__file__))],
+        r"--keep-dir .* is a file, not a directory",
+    ),
     "scale_family_on_cpu": (
         lambda t: ["--family", "qwen3_1p7b_shape", "--layout", "tp1", "--backend", "cpu"],
         r"qwen3_1p7b_shape is a scale family \(real widths, .*\): run them on a GPU",
