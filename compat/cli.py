@@ -19,7 +19,7 @@ from compat.declare.specs import SPECS
 from compat.launch import launcher as launch
 from compat.launch.run_config import BadInput, RunConfig, configure
 from compat.report.terminal import add_verbosity
-from compat.report.vocabulary import UNMET
+from compat.report.vocabulary import UNMET, cells
 
 __all__ = ["main"]
 
@@ -110,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.keep_dir:
         args.keep_dir.mkdir(parents=True, exist_ok=True)  # a new folder is fine: it is where files will go
     workdir = Path(tempfile.mkdtemp(prefix="compat-run-", dir=args.keep_dir))
-    print(f"{len(config.cells)} cells on {config.device} ({config.backend}); {config.versions_line()}", flush=True)
+    print(f"{cells(len(config.cells))} on {config.device} ({config.backend}); {config.versions_line()}", flush=True)
     from compat.report.terminal import RunView
     from compat.results.record import CellResult, write_results
 
@@ -152,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
     executor.shutdown()
     kept = [r for r in ordered if r.files]
     if kept:
-        print(f"files of the {len(kept)} {UNMET} cells are kept under {workdir}")
+        print(f"files of the {UNMET} {'cell' if len(kept) == 1 else 'cells'} are kept under {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"results written to {args.output}")

@@ -204,14 +204,14 @@ def test_bench_rows_through_the_run_view_and_steps_only_with_v(monkeypatch, caps
     out = _printed(capsys, *argv)
     rows = [line for line in out if line.startswith("llama.tp2 ")]
     assert len(rows) == 2 and all("pass" in r and r.endswith("[1/1]") for r in rows)
-    assert [line.split(":")[0] for line in out if re.match(r"(cold|warm): 1 cells in ", line)] == ["cold", "warm"]
+    assert [line.split(":")[0] for line in out if re.match(r"(cold|warm): 1 cell in ", line)] == ["cold", "warm"]
     assert any(line.startswith("warm: rank groups started by a first pass in ") for line in out)
     assert re.search(r"^\| llama\.tp2 \| [\d.]+ \| [\d.]+ \| ([\d.]+x|-) \|$", "\n".join(out), re.M)
     assert not any("Steps inside" in line for line in out)
     assert any("Steps inside the ranks, cold" in line for line in _printed(capsys, *argv, "-v"))
     quiet = _printed(capsys, *argv, "-q")
     assert not any(line.startswith("llama.tp2 ") or line.startswith("cell ") for line in quiet)
-    assert sum(bool(re.match(r"(cold|warm): 1 cells in ", line)) for line in quiet) == 2
+    assert sum(bool(re.match(r"(cold|warm): 1 cell in ", line)) for line in quiet) == 2
 
 
 def test_bench_table_of_recorded_figures() -> None:

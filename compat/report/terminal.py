@@ -22,7 +22,7 @@ import time
 from types import TracebackType
 from typing import IO, Any
 
-from compat.report.vocabulary import UNMET, headline, status_text, unmet_line
+from compat.report.vocabulary import UNMET, cells, headline, status_text, unmet_line
 from compat.results.record import CellResult
 from compat.results.skips import skip_mark, skip_note
 
@@ -93,7 +93,7 @@ def summary(results: list[CellResult], wall: float, jobs: int = 1, title: str = 
     unmet = [r for r in results if not r.met]
     parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     lines = [
-        f"{title + ': ' if title else ''}{len(results)} cells in {duration(wall)} ({jobs} at a time): {parts}; "
+        f"{title + ': ' if title else ''}{cells(len(results))} in {duration(wall)} ({jobs} at a time): {parts}; "
         f"{len(results) - len(unmet)} met, {len(unmet)} {UNMET}; "
         f"{sum(bool(skip_note({'metrics': r.metrics})) for r in results)} with checks skipped"
     ]

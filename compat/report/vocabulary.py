@@ -17,6 +17,7 @@ from compat.results.skips import skip_mark
 __all__ = [
     "LAYOUT_KEYS",
     "UNMET",
+    "cells",
     "column_label",
     "family_grid",
     "grid_from_results",
@@ -107,6 +108,11 @@ def short_status(cell: dict[str, Any]) -> str:
     if cell.get("met", False):
         return _SHORT.get(status, status) + skip_mark(cell)
     return status_text(_SHORT.get(status, status).rstrip("*"), False) + skip_mark(cell)
+
+
+def cells(n: int) -> str:
+    """``1 cell``, ``92 cells``: a count of cells as every summary writes it."""
+    return f"{n} cell" if n == 1 else f"{n} cells"
 
 
 def status_text(status: str, met: bool) -> str:
