@@ -145,3 +145,22 @@ def test_one_spelling_of_unmet_everywhere() -> None:
         assert "unmet" in text, name
         for old_spelling in ("(unexpected)", "**unmet**", "(unmet)", "FAIL", "not a regression", "fail !"):
             assert old_spelling not in text, (name, old_spelling)
+
+
+def test_v_prints_each_problem_on_a_line_of_its_own() -> None:
+    """Reading a failure: the first problem is usually the cause, the others what it did to later checks."""
+    r = dataclasses.replace(
+        _results()[0],
+        status="fail",
+        met=False,
+        reason="adapter_config.json: lora_alpha is 32, expected 16; logits differ",
+        problems=[
+            {"check": "files", "message": "adapter_config.json: lora_alpha is 32, expected 16", "where": ""},
+            {"check": "logits", "message": "Megatron logits differ", "where": "load"},
+        ],
+    )
+    printed = _printed([r], verbosity=1).splitlines()
+    assert printed[2:4] == [
+        "    [files] adapter_config.json: lora_alpha is 32, expected 16",
+        "    [logits, load] Megatron logits differ",
+    ]

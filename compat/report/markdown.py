@@ -11,6 +11,7 @@ from typing import Any
 
 from compat.report.terminal import duration
 from compat.report.vocabulary import UNMET, headline, status_text, unmet_line
+from compat.report.vocabulary import cells as n_cells
 from compat.results.record import expected_patterns
 from compat.results.skips import skip_mark, skip_note
 
@@ -53,7 +54,7 @@ def summary(data: dict[str, Any], source: str = "") -> list[str]:
     parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     seconds = sum(float(c.get("seconds") or 0) for c in cells)
     lines = [
-        f"{source + ': ' if source else ''}{len(cells)} cells ({duration(seconds)} of cell time): {parts}; "
+        f"{source + ': ' if source else ''}{n_cells(len(cells))} ({duration(seconds)} of cell time): {parts}; "
         f"{len(cells) - len(unmet)} met their expected outcome, {len(unmet)} {UNMET}."
     ]
     unmet_lines = [

@@ -26,7 +26,7 @@ from compat.report.vocabulary import UNMET, cells, headline, status_text, unmet_
 from compat.results.record import CellResult
 from compat.results.skips import skip_mark, skip_note
 
-__all__ = ["RunView", "add_verbosity", "duration", "row", "summary"]
+__all__ = ["RunView", "add_verbosity", "details", "duration", "row", "summary"]
 
 _FIGURES = (("world", 5), ("status", len(f"unsupported {UNMET}")), ("expected", 11))
 _NUMBERS = (("max diff", 8), ("effect", 8), ("seconds", 7))
@@ -82,6 +82,20 @@ def row(r: CellResult, id_width: int, problems: dict[str, int], count: str = "")
             problems[first] = len(problems) + 1
             line += f"  [{problems[first]}] {first}"
     return f"{line}  {count}".rstrip()
+
+
+def details(r: CellResult) -> list[str]:
+    """What ``-v`` prints under a row: each problem on a line of its own, ``[check, where] message`` (the
+    first is usually the cause, the rest what it did to later checks), an error's whole reason with its
+    traceback, and the skipped checks."""
+    out: list[str] = []
+    if r.status != "pass":
+        for p in r.problems:
+            where = ", ".join(x for x in (p.get("check", ""), p.get("where", "")) if x)
+            out.append(f"[{where}] {p.get('message', '')}")
+        if r.reason and (r.status == "error" or not r.problems):
+            out.append(r.reason)
+    return [t for t in [*out, skip_note({"metrics": r.metrics})] if t]
 
 
 def summary(results: list[CellResult], wall: float, jobs: int = 1, title: str = "") -> list[str]:
@@ -164,10 +178,8 @@ class RunView:
         if self.verbosity < 0 and r.met:
             return
         self._print(text)
-        whole = ([r.reason] if r.reason and r.status != "pass" else []) + [skip_note({"metrics": r.metrics})]
-        for text in whole if self.verbosity > 0 else ():
-            if text:
-                self._print("    " + text.strip().replace("\n", "\n    "))
+        for text in details(r) if self.verbosity > 0 else ():
+            self._print("    " + text.strip().replace("\n", "\n    "))
 
     def close(self, results: list[CellResult]) -> float:
         """Print the summary; returns the wall time."""
