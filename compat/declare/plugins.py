@@ -88,7 +88,7 @@ class Plugins:
             except (ImportError, ValueError):
                 continue
             locations = list(spec.submodule_search_locations or []) if spec else []
-            origin = locations[0] if locations else (spec.origin if spec else None)
+            origin = (locations[0] if locations else None) or (spec.origin if spec else None)
             if origin and origin not in ("built-in", "frozen"):
                 path = str(Path(origin).resolve().parent)
                 if path not in out:
