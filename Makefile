@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 JOBS ?= 2
 
-.PHONY: venv serving-env matrix test lint format
+.PHONY: venv serving-env matrix test lint format typecheck
 venv:
 	@scripts/setup-venv
 
@@ -14,11 +14,15 @@ serving-env: venv
 matrix: venv serving-env
 	$(PY) -m compat run --matrix matrix/ci.toml --jobs $(JOBS) --output results.json
 
-test: venv serving-env
+test: venv serving-env typecheck
 	$(PY) -m ruff check compat tests conftest.py examples
 	$(PY) -m pytest -n $(JOBS) --dist loadgroup --compat-results results.json --compat-fuzz ci
 	cd examples/downstream && ../../$(PY) -m pytest -n $(JOBS) -p no:cacheprovider
 	$(PY) examples/verl/run --jobs $(JOBS)
+
+# mypy over compat/ ([tool.mypy] in pyproject.toml; pinned in requirements/cpu.lock).
+typecheck: venv
+	$(PY) -m mypy
 
 lint: venv
 	$(PY) -m ruff check compat tests conftest.py examples

@@ -1,6 +1,6 @@
 """megatron-lora-compat: does a LoRA adapter survive Megatron -> dist checkpoint -> HF PEFT?
 
-The public API (docs/downstream.md): build cells, run them, read their results. Importing this
+The public API (docs/reference/api.md): build cells, run them, read their results. Importing this
 package imports neither torch nor megatron, nor any module of its own: each public name loads its
 module when first used (PEP 562), so the pytest plugin, which every pytest run that has the
 package installed loads, costs those runs nothing. Cells run in rank processes of their own.

@@ -19,7 +19,7 @@ from compat.declare.specs import SPECS
 from compat.launch import launcher as launch
 from compat.launch.run_config import BadInput, RunConfig, configure
 from compat.report.terminal import add_verbosity
-from compat.report.vocabulary import UNMET
+from compat.report.vocabulary import UNMET, cells
 
 __all__ = ["main"]
 
@@ -31,9 +31,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one cell (--family/--layout) or a matrix (--matrix)")
     _run_arguments(run)
-    run.add_argument("--output", type=Path, required=True, help="results.json to write")
+    run.add_argument(
+        "--output", type=Path, default=Path("results.json"), help="results file to write (default: results.json)"
+    )
     run.add_argument("--jobs", type=int, default=1, help="cells run at once (each launches world_size ranks)")
-    run.add_argument("--keep-dir", type=Path, help="where files of cells that miss their expected outcome are kept")
+    run.add_argument(
+        "--keep-dir",
+        type=Path,
+        help="where files of cells that miss their expected outcome are kept (default: a new temporary folder)",
+    )
     add_verbosity(run)
     fam = sub.add_parser("families", help="architectures the installed bridge registers, and the family x layout grid")
     fam.add_argument("--families", type=Path, dest="families_file", help="your own family declarations (TOML)")
@@ -65,11 +71,12 @@ def _run_arguments(run: argparse.ArgumentParser) -> None:
     """What selects and configures cells: shared by ``run`` and ``bench``."""
     run.add_argument("--matrix", type=Path, help="matrix TOML file (matrix/ci.toml)")
     run.add_argument("--family", help="one cell: the model family")
-    run.add_argument("--layout", help="one cell: e.g. tp=2,pp=2")
+    run.add_argument("--layout", help="one cell: tp=2,ep=2 or as cell ids write it, tp2-ep2 (tp1: one process)")
     run.add_argument("--load-layout", help="one cell: load and export at this layout (default: --layout)")
     run.add_argument("--adapter", default="lora", help="one cell: adapter kind (default: lora)")
-    run.add_argument("--dtype", default="fp32", choices=DTYPES, help="one cell: dtype (default: fp32)")
-    run.add_argument("--spec", default="local", choices=SPECS, help="one cell: layer spec (default: local)")
+    # No argparse ``choices``: Cell.make refuses an unknown dtype or spec with the nearest name.
+    run.add_argument("--dtype", default="fp32", help=f"one cell: dtype, {' or '.join(DTYPES)} (default: fp32)")
+    run.add_argument("--spec", default="local", help=f"one cell: layer spec, {' or '.join(SPECS)} (default: local)")
     run.add_argument(
         "--serve", action="append", default=[], help="one cell: a serving engine that loads the export too (vllm)"
     )
@@ -81,7 +88,7 @@ def _run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--families", type=Path, dest="families_file", help="your own family declarations (TOML)")
     run.add_argument("--adapters", type=Path, dest="adapters_file", help="your own adapter declarations (TOML)")
     for role in ROLES:
-        run.add_argument(f"--{role}", help=f"your {role}, 'package.module:function' (docs/downstream.md)")
+        run.add_argument(f"--{role}", help=f"your {role}, 'package.module:function' (docs/reference/plugins.md)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -91,6 +98,8 @@ def _run(args: argparse.Namespace) -> int:
             raise BadInput("--jobs must be at least 1")
         if not args.output.parent.is_dir():
             raise BadInput(f"cannot write {args.output}: {args.output.parent} is not a directory")
+        if args.keep_dir and args.keep_dir.exists() and not args.keep_dir.is_dir():
+            raise BadInput(f"--keep-dir {args.keep_dir} is a file, not a directory")
     except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -98,16 +107,18 @@ def _run(args: argparse.Namespace) -> int:
 
     if is_external_launch():
         return _run_external(args, config)
+    if args.keep_dir:
+        args.keep_dir.mkdir(parents=True, exist_ok=True)  # a new folder is fine: it is where files will go
     workdir = Path(tempfile.mkdtemp(prefix="compat-run-", dir=args.keep_dir))
-    print(f"{len(config.cells)} cells on {config.device} ({config.backend}); {config.versions_line()}", flush=True)
+    print(f"{cells(len(config.cells))} on {config.device} ({config.backend}); {config.versions_line()}", flush=True)
     from compat.report.terminal import RunView
-    from compat.results.record import write_results
+    from compat.results.record import CellResult, write_results
 
-    results = {}
+    results: dict[str, CellResult] = {}
     order = {c.id: i for i, c in enumerate(config.cells)}
     view = RunView([c.id for c in config.cells], args.verbosity, jobs=args.jobs)
 
-    def one(cell: Cell) -> object:
+    def one(cell: Cell) -> CellResult:
         view.started(cell.id)
         return launch.run_cell(
             cell, config.backend, config.expected(cell), config.timeout, workdir=workdir, plugins=config.plugins
@@ -141,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
     executor.shutdown()
     kept = [r for r in ordered if r.files]
     if kept:
-        print(f"files of the {len(kept)} {UNMET} cells are kept under {workdir}")
+        print(f"files of the {UNMET} {'cell' if len(kept) == 1 else 'cells'} are kept under {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"results written to {args.output}")

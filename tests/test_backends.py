@@ -21,6 +21,6 @@ def test_a_named_backend_is_kept_and_an_unknown_one_refused() -> None:
 
 
 def test_cuda_ranks_compute_fp32_in_fp32() -> None:
-    # Transformer Engine's fp32 GEMMs are TF32 unless cuBLAS is told otherwise (docs/gpu.md).
+    # Transformer Engine's fp32 GEMMs are TF32 unless cuBLAS is told otherwise (docs/explanation/gpus-and-te.md).
     assert backends.rank_env("cuda")["NVIDIA_TF32_OVERRIDE"] == "0"
     assert backends.rank_env("cpu") == {}

@@ -18,16 +18,20 @@ REPO = Path(__file__).resolve().parents[1]
 STUBS = Path(__file__).parent / "stubs"
 
 
-def compat_run(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+def compat_run(tmp_path: Path, *args: str, env: dict[str, str] | None = None, output: bool = True) -> tuple[int, str]:
+    """Run ``compat run`` on bad input; ``output=False`` leaves ``--output`` to its default, ./results.json."""
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
     out = tmp_path / "results.json"
     full_env = {**os.environ, "TMPDIR": str(tmpdir), **(env or {})}
     full_env.pop("COMPAT_FAULT", None)
+    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), *full_env.get("PYTHONPATH", "").split(os.pathsep)]).rstrip(
+        os.pathsep
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "compat", "run", *args, "--output", str(out)],
+        [sys.executable, "-m", "compat", "run", *args, *(["--output", str(out)] if output else [])],
         env=full_env,
-        cwd=REPO,
+        cwd=REPO if output else tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
@@ -60,9 +64,37 @@ CASES = {
     ),
     "matrix_unknown_family": (
         lambda t: ["--matrix", _matrix(t, '[[cells]]\nfamilies = ["gpt9"]\nlayouts = ["tp1"]\n')],
-        r"unknown family 'gpt9'; known families: .*llama",
+        r"unknown family 'gpt9'; none of the \d+ families is close \(python -m compat families lists them\)",
+    ),
+    "matrix_misspelt_block_key": (
+        lambda t: ["--matrix", _matrix(t, '[[cells]]\nfamilies = ["llama"]\nlayout = ["tp1"]\n')],
+        r"unknown keys \['layout'\] \('layout': did you mean 'layouts'",
     ),
     "unknown_family": (lambda t: ["--family", "gpt9", "--layout", "tp1"], r"unknown family 'gpt9'"),
+    "misspelt_family": (
+        lambda t: ["--family", "lama", "--layout", "tp1"],
+        r"^error: unknown family 'lama'; did you mean 'llama'\?$",
+    ),
+    "misspelt_adapter": (
+        lambda t: ["--family", "llama", "--layout", "tp1", "--adapter", "lroa"],
+        r"unknown adapter 'lroa'; did you mean 'lora'\?",
+    ),
+    "misspelt_spec": (lambda t: ["--family", "llama", "--layout", "tp1", "--spec", "tee"], r"did you mean 'te'\?"),
+    "misspelt_dtype": (lambda t: ["--family", "llama", "--layout", "tp1", "--dtype", "bf61"], r"did you mean 'bf16'\?"),
+    "misspelt_layout_key": (
+        lambda t: ["--family", "llama", "--layout", "tq=2"],
+        r"'tq' is not a layout key \(did you mean 'tp'\?\).*'tp2-ep2'",
+    ),
+    "misspelt_engine": (lambda t: ["--family", "llama", "--layout", "tp1", "--serve", "vlm"], r"did you mean 'vllm'\?"),
+    "selection_near_a_cell": (
+        lambda t: ["--family", "llama", "--layout", "tp2", "-k", "llama.tp3"],
+        r"-k 'llama.tp3' selects no cell of 1; did you mean 'llama.tp2'",
+    ),
+    # The layout as cell ids spell it: the near-miss names the cell, so the layout was read (nothing runs).
+    "layout_in_the_id_form": (
+        lambda t: ["--family", "qwen3_moe", "--layout", "tp2-sp-ep2", "-k", "qwen3_moe.tp2-sp-ep4"],
+        r"did you mean 'qwen3_moe.tp2-sp-ep2'",
+    ),
     "impossible_layout": (
         lambda t: ["--family", "llama", "--layout", "tp=3"],
         r"layout tp3 cannot shard llama: tp=3 does not divide 8 attention heads",
@@ -79,6 +111,10 @@ CASES = {
         r"unknown adapter 'ia3'",
     ),
     "no_cell_selected": (lambda t: ["--family", "llama", "--layout", "tp1", "-k", "qwen"], r"selects no cell"),
+    "keep_dir_is_a_file": (
+        lambda t: ["--family", "llama", "--layout", "tp1", "--keep-dir", str(Path(__file__))],
+        r"--keep-dir .* is a file, not a directory",
+    ),
     "scale_family_on_cpu": (
         lambda t: ["--family", "qwen3_1p7b_shape", "--layout", "tp1", "--backend", "cpu"],
         r"qwen3_1p7b_shape is a scale family \(real widths, .*\): run them on a GPU",
@@ -118,3 +154,13 @@ def test_check_stack_in_process(monkeypatch):
     monkeypatch.setattr(versions, "installed_versions", lambda: {**real, "megatron-bridge": "0.3.9"})
     with pytest.raises(versions.StackError, match=r"0\.3\.9 is too old.*first appears in 0\.4\.0"):
         versions.check_stack()
+
+
+def test_output_defaults_to_results_json_and_bad_input_writes_none(tmp_path):
+    """Without --output the run writes ./results.json; bad input leaves the directory as it was."""
+    from compat.cli import _parser
+
+    assert _parser().parse_args(["run", "--family", "llama", "--layout", "tp1"]).output == Path("results.json")
+    code, error = compat_run(tmp_path, "--family", "lama", "--layout", "tp1", output=False)
+    assert code == 2 and "did you mean 'llama'" in error, error
+    assert not (tmp_path / "results.json").exists()

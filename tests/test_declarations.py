@@ -192,7 +192,7 @@ def test_an_expected_failure_for_another_reason_is_not_met():
 
 
 def test_an_expected_failure_with_one_more_problem_is_not_met():
-    """Before: ``match`` was searched in the joined reason, so the alpha problem rode along ("1 met")."""
+    """Patterns are matched problem by problem: a problem no pattern covers makes the cell unmet, named."""
     expected = Expected("fail", "DoRA magnitudes", (r"use_dora is set but \d+ of \d+ modules",))
     dora = "use_dora is set but 14 of 14 modules carry no lora_magnitude_vector"
     alpha = "adapter_config.json: lora_alpha is 32, expected 16"

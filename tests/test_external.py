@@ -1,8 +1,7 @@
 """Cells under an external launcher (torchrun): records gathered over collectives, a fresh directory per run.
 
-Before: every launch used ``$TMPDIR/compat-<run id>/<cell>`` with torchrun's default run id "none",
-and rank 0 read the ranks' record files from there, so a record left by an earlier run (here: a
-planted ``fail``) was read as this run's.
+Each run's cells get a directory of their own, so a record file left by an earlier run with torchrun's
+default run id "none" (here: a planted ``fail``) is never read as this run's.
 """
 
 from __future__ import annotations

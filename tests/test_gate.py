@@ -55,8 +55,8 @@ def test_compare_without_accepted_uses_expected_only() -> None:
 
 @pytest.mark.parametrize("results", [{"cells": []}, {"complete": False, "cells": [{"id": "a", "status": "pass"}]}])
 def test_a_partial_run_is_no_verdict(results: dict) -> None:
-    """Before: results were written after every cell, so an interrupted run left a file whose unrun cells
-    counted as dropped, and the gate exited 0."""
+    """A results file written while cells still ran (``complete`` false) is refused: its unrun cells are not
+    dropped cells."""
     with pytest.raises(GateError, match="stopped before every cell ran"):
         check_complete(results, "results.json")
     check_complete({**results, "complete": True}, "results.json")
@@ -144,7 +144,8 @@ DORA = {"check": "files", "message": "use_dora is set but 28 of 28 modules carry
     ],
 )
 def test_the_gate_fails_on_what_it_cannot_vouch_for(monkeypatch, tmp_path, now, then, flags, code) -> None:
-    """Before (1ce6479): every row but none exited 0 (only a regression exited 1)."""
+    """Each thing the gate cannot vouch for exits 1 (an unmet cell, a change, other problems, a dropped cell)
+    unless ``--accept`` records it."""
     assert _gate_with(monkeypatch, tmp_path, {"cells": now}, {"cells": then}, *flags) == code
 
 
@@ -168,7 +169,7 @@ def test_measured_values_do_not_make_a_problem_new() -> None:
 
 
 def test_the_terminal_gets_lines_and_the_summary_file_the_markdown(monkeypatch, tmp_path, capsys) -> None:
-    """Before (387c440): the whole Markdown table was printed, each cell again after compat run's rows."""
+    """The terminal gets one line per flagged cell; ``--summary FILE`` gets the Markdown table."""
     cells = [_cell("a", "fail", "fail", True, [ALPHA]), _cell("b")]
     summary = tmp_path / "summary.md"
     assert _gate_with(monkeypatch, tmp_path, {"cells": cells}, {"cells": [cells[0]]}, "--summary", str(summary)) == 0
@@ -181,7 +182,7 @@ def test_the_terminal_gets_lines_and_the_summary_file_the_markdown(monkeypatch, 
 
 def test_a_ci_matrix_that_lost_a_block_fails_naming_its_cells(monkeypatch, tmp_path, capsys) -> None:
     """matrix/ci.toml with its served block deleted, against the accepted bridge-0.6.2 results: every
-    other cell as accepted, and the gate exits 1 naming each of the block's cells (before: exit 0)."""
+    other cell as accepted, and the gate exits 1 naming each of the block's cells."""
     import json
 
     from compat.declare.matrix import load_matrix

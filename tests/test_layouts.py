@@ -53,6 +53,27 @@ def test_data_and_sequence_parallel_ids_and_world_sizes(text, slug, world):
 
 
 @pytest.mark.parametrize(
+    ("text", "slug"),
+    [("tp2-ep2", "tp2-ep2"), ("tp2-sp-ep2", "tp2-sp-ep2"), ("tp1", "tp1"), ("pp2-dp2", "pp2-dp2"),
+     ("tp=2,ep=2", "tp2-ep2"), ("TP2-EP2", "tp2-ep2"), ("tp2,ep2", "tp2-ep2"), ("tp=2,sp", "tp2-sp"),
+     (" tp=2, ep=2 ", "tp2-ep2"), ("ep2-etp2", "ep2-etp2"), ("pp2-vpp2", "pp2-vpp2")],
+)  # fmt: skip
+def test_a_layout_is_read_as_cell_ids_write_it_too(text, slug):
+    """What a row or a results file shows (``tp2-ep2``) can be pasted back into ``--layout``."""
+    assert Layout.parse(text).slug == slug
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("tq=2", r"'tq' is not a layout key \(did you mean 'tp'\?\)"), ("tp2-eq2", r"did you mean 'ep'\?"),
+     ("tp2-ep", r"'ep' has no size"), ("xx=2", r"'xx' is not a layout key; write key=value pairs")],
+)  # fmt: skip
+def test_a_misread_layout_names_the_part_and_the_nearest_key(text, message):
+    with pytest.raises(LayoutError, match=message):
+        Layout.parse(text)
+
+
+@pytest.mark.parametrize(
     ("layout", "world"),
     [("tp1", 1), ("tp=2", 2), ("tp=2,pp=2", 4), ("ep=2", 2), ("tp=2,ep=2", 2), ("ep=2,etp=2", 4), ("tp=2,etp=2", 2),
      ("tp=4,ep=2", 4), ("tp=2,ep=4,pp=2", 8), ("pp=2,vpp=2", 2)],

@@ -18,7 +18,7 @@ def _selected(select: str) -> list[str]:
 
 
 def test_k_takes_cells_whose_id_holds_any_of_its_parts():
-    """Before: one substring, so the cells a GPU call had left over needed a matrix of their own."""
+    """``-k a|b`` selects the cells whose id holds either part: leftover cells need no matrix of their own."""
     assert _selected("per-expert|dora") == [
         "qwen3_moe_serving.tp1.per-expert.te.bf16.vllm",
         "qwen3_serving.tp1.dora.te.bf16.vllm",

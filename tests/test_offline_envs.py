@@ -19,8 +19,8 @@ ENGINE = 'engine = "vllm"\ndevice = "cuda"\ndtypes = ["bf16"]\n[tolerance]\nbf16
 
 
 def test_the_callers_pythonpath_sites_are_shared_below_the_pins(monkeypatch, tmp_path) -> None:
-    """Before: /tmp/site (TE, megatron's dependencies) came only through PYTHONPATH, which every build and
-    run drops: the gate's environment on the GPU image had no Transformer Engine."""
+    """The caller's PYTHONPATH folders (the GPU image's /tmp/site: TE, megatron's dependencies) are shared
+    with a gate environment below its pins, since every build and run drops PYTHONPATH itself."""
     site = tmp_path / "site"
     site.mkdir()
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join((str(REPO), str(site))))
@@ -30,8 +30,8 @@ def test_the_callers_pythonpath_sites_are_shared_below_the_pins(monkeypatch, tmp
 
 
 def test_the_gate_run_does_not_put_the_callers_sites_above_the_pins(monkeypatch, tmp_path) -> None:
-    """Before: the run's PYTHONPATH was the repo then the caller's, so /tmp/site's megatron-core 0.19.2
-    shadowed a pin set's 0.17.1 (caught only after the run, as "saw other versions than pinned")."""
+    """The gate's run has the harness alone on PYTHONPATH, so a site folder's megatron-core (0.19.2) cannot
+    shadow the pin set's own (0.17.1)."""
     import subprocess
 
     from compat.commands import gate

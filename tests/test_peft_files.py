@@ -106,7 +106,7 @@ def test_a_sound_export_has_no_problems(tmp_path):
 
 
 def test_without_target_modules_the_tensors_are_still_checked(tmp_path):
-    """Before: a config without target_modules returned early, skipping every tensor, shape and coverage check."""
+    """A config without target_modules still has every tensor, shape and coverage checked."""
     import json
 
     from compat.checks.peft_files import check_adapter_dir
@@ -136,7 +136,7 @@ def test_unprefixed_keys_are_one_problem_not_one_per_tensor(tmp_path):
 
 
 def test_dora_magnitudes_are_compared_with_what_peft_loaded(tmp_path):
-    """Before: magnitude keys never matched peft's parameter names, so +5.0 on every magnitude went unseen."""
+    """DoRA magnitudes are compared with what peft loaded under its own parameter names: +5.0 on each is seen."""
     path, hf = _attn_adapter(tmp_path, use_dora=True)
     model = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(hf), str(path))
     assert check_loaded_by_peft(model, path) == []
@@ -150,7 +150,7 @@ def test_dora_magnitudes_are_compared_with_what_peft_loaded(tmp_path):
 
 
 def test_a_tensor_peft_takes_but_no_check_can_place_is_named(tmp_path):
-    """Before: a base weight written into the adapter file loads without a warning and was passed over."""
+    """A base weight written into the adapter file, which peft loads without a warning, is named."""
     from safetensors.torch import load_file, save_file
 
     config, path = _tiny_adapter(tmp_path)
@@ -191,7 +191,7 @@ def _moe_adapter(tmp_path: Path, dtype: torch.dtype) -> object:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_per_expert_tensors_are_compared_with_peft_fused_experts(tmp_path, dtype):
-    """Before: peft fuses the file's per-expert pairs into ParamWrappers and no check looked at their values."""
+    """The file's per-expert pairs are compared with the ParamWrappers peft fuses them into, value by value."""
     model = _moe_adapter(tmp_path, dtype)
     path = tmp_path / "ad"
     assert check_loaded_by_peft(model, path) == []

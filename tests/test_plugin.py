@@ -127,8 +127,8 @@ def test_cell(compat_cell, compat_run):
 
 @pytest.mark.cell
 def test_a_worker_killed_mid_cell_and_a_setup_error_leave_error_records(repo):
-    """Before: only ``when == "call"`` reports were kept, so both cells vanished, nothing was written
-    (no results at all) and an old r.json survived; ``complete`` looked only at shouldstop/shouldfail."""
+    """A worker killed mid-cell and a test that errors in setup each leave an ``error`` record; the results file
+    is rewritten (no stale r.json survives) and says ``complete`` false while a cell lacks a result."""
     (repo.path / "r.json").write_text('{"complete": true, "cells": []}')
     repo.makepyfile(test_m=CRASHES)
     result = repo.runpytest("--compat-matrix", "m.toml", "-n", "2", "--compat-results", "r.json", "-p", "xdist")
@@ -174,7 +174,7 @@ def test_an_exporter_passed_as_a_function_runs_by_its_name(repo, monkeypatch):
 
 
 def test_a_pass_expected_unsupported_does_not_pass_assert_met():
-    """Before: ``assert_met`` returned on any pass, though the CLI counts this cell unmet."""
+    """``assert_met`` raises for a pass that was expected ``unsupported``, as the CLI counts it unmet."""
     from compat.declare.cells import Cell
     from compat.declare.expected import Expected
     from compat.declare.layouts import Layout

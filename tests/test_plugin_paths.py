@@ -50,7 +50,7 @@ def test_the_checks_read_where_the_plugins_wrote(monkeypatch, tmp_path, compat_b
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.xdist_group("bridge_loader_corrupts")
 def test_the_bridge_loader_cross_checks_a_plugins_dist_checkpoint(dtype, monkeypatch, tmp_path, compat_backend):
-    """The fault ``bridge_loader_corrupts`` is caught with a user's saver and loader too (it used to be skipped)."""
+    """The fault ``bridge_loader_corrupts`` is caught with a user's saver and loader too: the cross-check runs."""
     fault = by_name("bridge_loader_corrupts")
     plant(monkeypatch, fault.name)
     result = run(compat_backend, tmp_path, dtype=dtype)

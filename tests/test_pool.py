@@ -71,7 +71,7 @@ def test_files_are_kept_only_for_an_outcome_other_than_the_expected_one(warm, tm
 
 
 def test_every_merged_form_is_reported_run_or_skipped_with_the_reason(warm, tmp_path):
-    """Before: a merged form that could not run vanished from the results."""
+    """Every merged form is in the results: run, or ``skipped`` with the reason."""
     r = run_cell(Cell.make("llama", Layout(), adapter="canonical"), "cpu", workdir=tmp_path, ranks=warm)
     assert r.status == "pass", r.reason
     merged = r.metrics["merged"]

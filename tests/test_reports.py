@@ -276,7 +276,7 @@ SKIPS = {
 
 
 def test_a_pass_with_skipped_checks_is_shown_as_such_everywhere() -> None:
-    """Before (1ce6479): ``metrics.skipped_checks`` and skipped merged forms were recorded and shown nowhere."""
+    """A pass with skipped checks (``metrics.skipped_checks``, skipped merged forms) is marked in every view."""
     from compat.report.markdown import markdown
 
     skipping = _cell("llama", metrics=SKIPS)
@@ -296,15 +296,14 @@ def test_the_terminal_row_names_the_skipped_checks() -> None:
     from compat.report.terminal import row, summary
     from compat.results.record import CellResult
 
-    keys = CellResult.__dataclass_fields__
-    r = CellResult(**{k: v for k, v in _cell("llama", metrics=SKIPS, spec="local").items() if k in keys})
+    r = CellResult.from_dict(_cell("llama", metrics=SKIPS, spec="local"))
     line = row(r, 10, {})
     assert "pass (2 skipped)" in line and "2 checks skipped: " in line and "bridge loader (this" in line
     assert "1 with checks skipped" in summary([r], 1.0)[0]
 
 
 def test_compat_diff_exits_1_on_a_status_or_problem_change(tmp_path: Path) -> None:
-    """Before: ``compat diff`` always exited 0."""
+    """``compat diff`` exits 1 when a cell changed status or problems, 0 when nothing did."""
     before, after = tmp_path / "a.json", tmp_path / "b.json"
     problem = {"check": "files", "message": "use_dora is set but 28 of 28 modules carry no lora_magnitude_vector"}
     cell = _cell("llama", "fail", True, problems=[problem])
@@ -333,3 +332,19 @@ def test_coverage_is_shown_on_the_row_and_in_the_page():
     assert "by no oracle: model.layers.0.mlp.router.weight" in note
     page = html_report({"cells": [cell], "versions": {}, "device": "x"}, "results.json")
     assert ">3/4<" in page and "judged 3 of 4" in page
+
+
+def test_a_results_file_of_either_release_reads_its_expected_patterns() -> None:
+    """A record keeps the expectation's patterns as one list, ``expected_matches``; a file written when a record
+    also had a one-pattern ``expected_match`` reads the same, in the summaries and as a ``CellResult``."""
+    from compat.report.markdown import summary
+    from compat.results.record import CellResult, expected_patterns
+
+    new = _cell("llama", status="fail", met=False, reason="other problem", expected_matches=["has no adapter"])
+    old = {k: v for k, v in new.items() if k != "expected_matches"} | {"expected_match": "has no adapter"}
+    older = {k: v for k, v in new.items() if k != "expected_matches"}  # before expectations had patterns
+    assert expected_patterns(new) == expected_patterns(old) == ["has no adapter"] and expected_patterns(older) == []
+    assert CellResult.from_dict(old) == CellResult.from_dict(new)
+    assert "expected_match" not in {f for f in CellResult.__dataclass_fields__}
+    line = "unmet llama.tp1: expected pass matching 'has no adapter', got fail: other problem"
+    assert line in "\n".join(summary({"cells": [old]})) and line in "\n".join(summary({"cells": [new]}))

@@ -153,7 +153,7 @@ def test_hung_rank_times_out_with_its_stack_and_leaves_no_process(monkeypatch, t
 
 
 def test_upstream_code_that_raises_is_an_error_not_unsupported(monkeypatch, tmp_path, compat_backend):
-    """Before: any upstream exception while building (weight conversion included) read as "unsupported"."""
+    """An upstream exception while building (weight conversion included) is an ``error``, not ``unsupported``."""
     fault = by_name("conversion_raises")
     plant(monkeypatch, fault.name)
     result = run(fault, compat_backend, tmp_path)
@@ -163,9 +163,9 @@ def test_upstream_code_that_raises_is_an_error_not_unsupported(monkeypatch, tmp_
 
 @pytest.mark.parametrize("name", ["bridge_module_missing", "te_spec_builder_raises"])
 def test_a_regression_that_looks_like_a_missing_component_is_an_error(name, monkeypatch, tmp_path, compat_backend):
-    """Before: a module missing inside megatron-bridge read "unsupported: needs the package ..."
-    (model_build.py:62-64), and any TypeError of a spec builder "needs transformer_engine"
-    (local_spec.py:47), met for a family expected unsupported (minimax_m2)."""
+    """A module missing inside megatron-bridge, or a spec builder's TypeError unrelated to TE, is an ``error``:
+    ``unsupported`` is only for what is absent here, so neither can meet a family expected unsupported
+    (minimax_m2)."""
     from compat.declare.expected import load_expectations
     from compat.declare.versions import installed_versions
 

@@ -36,8 +36,10 @@ def served(family: str = "llama_serving", layout: str = "tp1", dtype: str = "fp3
 
 def test_served_cell_is_named_by_its_engine():
     assert served().id == "llama_serving.tp1.vllm"
-    with pytest.raises(CellError, match="give each engine once, of vllm"):
+    with pytest.raises(CellError, match="unknown serving engine 'sglang'; known serving engines: vllm"):
         Cell.make("llama_serving", Layout.parse("tp1"), serve=("sglang",))
+    with pytest.raises(CellError, match="give each engine once, of vllm"):
+        Cell.make("llama_serving", Layout.parse("tp1"), serve=("vllm", "vllm"))
 
 
 @pytest.mark.parametrize(

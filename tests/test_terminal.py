@@ -34,8 +34,7 @@ _GATE_KINDS = ("regressions", "unmet", "changed", "problems", "fixes", "new")
 
 
 def _results() -> list[CellResult]:
-    fields = {f.name for f in dataclasses.fields(CellResult)}
-    return [CellResult(**{k: v for k, v in c.items() if k in fields}) for c in json.loads(FULL.read_text())["cells"]]
+    return [CellResult.from_dict(c) for c in json.loads(FULL.read_text())["cells"]]
 
 
 def _printed(results: list[CellResult], verbosity: int = 0) -> str:
@@ -82,7 +81,7 @@ def test_summary_says_what_an_unmet_cell_missed() -> None:
         expected="fail",
         met=False,
         reason="other problem",
-        expected_match="has no adapter",
+        expected_matches=["has no adapter"],
     )
     tail = _printed([by_status, by_reason]).splitlines()[-2:]
     assert tail == [
@@ -92,10 +91,9 @@ def test_summary_says_what_an_unmet_cell_missed() -> None:
 
 
 def test_a_served_cell_is_one_row_with_its_serving_figures() -> None:
-    """Before: each serving check was a second line under the row (and a make matrix of 92 cells over 100 lines)."""
-    fields = {f.name for f in dataclasses.fields(CellResult)}
+    """A served cell is one row, with its serving check's status and figures in it."""
     served = json.loads((Path(__file__).parent / "records" / "served-vllm-cpu.json").read_text())["cells"]
-    lines = _printed([CellResult(**{k: v for k, v in c.items() if k in fields}) for c in served]).splitlines()
+    lines = _printed([CellResult.from_dict(c) for c in served]).splitlines()
     assert len(lines) == 1 + len(served) + 2 + 1  # header, rows, blank, summary, the unmet cell
     assert "serving.vllm pass (max diff 4.8e-07, effect 6.9e-01)  [1/4]" in lines[1]
     assert "serving.vllm fail (max diff -, effect -)  [1] use_dora is set" in lines[3]
@@ -141,9 +139,28 @@ def test_one_spelling_of_unmet_everywhere() -> None:
         "grid": grid_report([data]),
         "diff": diff_markdown(diff(old, data), "a", "b"),
         "gate": _verdict(data["cells"][1], {**{k: [] for k in _GATE_KINDS}, "unmet": [data["cells"][1]]}),
-        "terminal": _printed([CellResult(**{k: c[k] for k in c if k != "serving"}) for c in data["cells"]]),
+        "terminal": _printed([CellResult.from_dict({k: c[k] for k in c if k != "serving"}) for c in data["cells"]]),
     }
     for name, text in views.items():
         assert "unmet" in text, name
         for old_spelling in ("(unexpected)", "**unmet**", "(unmet)", "FAIL", "not a regression", "fail !"):
             assert old_spelling not in text, (name, old_spelling)
+
+
+def test_v_prints_each_problem_on_a_line_of_its_own() -> None:
+    """Reading a failure: the first problem is usually the cause, the others what it did to later checks."""
+    r = dataclasses.replace(
+        _results()[0],
+        status="fail",
+        met=False,
+        reason="adapter_config.json: lora_alpha is 32, expected 16; logits differ",
+        problems=[
+            {"check": "files", "message": "adapter_config.json: lora_alpha is 32, expected 16", "where": ""},
+            {"check": "logits", "message": "Megatron logits differ", "where": "load"},
+        ],
+    )
+    printed = _printed([r], verbosity=1).splitlines()
+    assert printed[2:4] == [
+        "    [files] adapter_config.json: lora_alpha is 32, expected 16",
+        "    [logits, load] Megatron logits differ",
+    ]

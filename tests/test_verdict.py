@@ -51,7 +51,7 @@ def test_unsupported_names_the_reason_and_is_not_an_error():
 
 @pytest.mark.parametrize("cut", ["", "timed out after 60s"])
 def test_unsupported_does_not_excuse_a_dead_rank_or_a_timeout(cut):
-    """Before: rank 0 unsupported and rank 1 killed (or the phase timed out) read ``unsupported``."""
+    """Rank 0 unsupported and rank 1 killed (or the phase timed out) is ``error``: a death is never excused."""
     peer = {"rank": 1, "status": "unsupported", "reason": "x"} if cut else None  # timed out, or died
     outcomes = [RankOutcome(0, 0, {"rank": 0, "status": "unsupported", "reason": "needs transformer_engine"}, ""),
                 RankOutcome(1, -9, peer, "")]  # fmt: skip

@@ -1,7 +1,7 @@
 """Every wait before a cell's own deadline is bounded: the fork server's answers, GPUs to come free.
 
-Before: the launcher read the fork server's lines with a plain ``readline`` and waited for GPUs with
-an untimed ``wait_for``; a server stuck importing, or GPUs held forever, hung the run.
+The launcher reads the fork server's lines and waits for GPUs with a deadline: a server stuck importing,
+or GPUs held forever, end in a bounded error, not a hung run.
 """
 
 from __future__ import annotations

@@ -208,7 +208,8 @@ def _config_problems(config: dict[str, Any], adapter: Any, hf_dir: Path) -> list
 def _modules(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, dict[str, tuple[int, ...]]], list[str]]:
     """module -> {lora_A/lora_B/lora_magnitude_vector: shape}; and the problem with keys peft cannot load."""
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
-    unprefixed, other = [], []
+    unprefixed: list[str] = []
+    other: list[str] = []
     for key, shape in sorted(shapes.items()):
         m = KEY.match(key)
         if m:

@@ -159,7 +159,7 @@ class Search:
             found, rest = group.split(NewFailure)
             if rest is not None:
                 raise
-            return list(found.exceptions) if found else []
+            return [e for e in found.exceptions if isinstance(e, NewFailure)] if found else []
         return []
 
     def _one(self, drawn: Any, expectations: Any, versions: dict[str, str | None]) -> None:

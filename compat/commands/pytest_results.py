@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -58,7 +58,8 @@ class ResultsCollector:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.reported.add(report.nodeid)
-        recorded = [value for key, value in report.user_properties if key == "compat_result"]
+        # what the compat_run fixture attached: a CellResult as a dict (compat.pytest_plugin)
+        recorded = [cast("dict[str, Any]", value) for key, value in report.user_properties if key == "compat_result"]
         for value in recorded if report.when == "call" else []:
             self.results[value["id"]] = value
         cell = next((v for k, v in report.user_properties if k == CELL_PROPERTY), self.cells.get(report.nodeid))
@@ -80,7 +81,8 @@ class ResultsCollector:
 
         s = self._session_of(self.config)
         cell = next(c for c in s.cells if c.id == cell_id)
-        phase = "the pytest worker running it crashed" if report.when == "???" else f"its test failed in {report.when}"
+        when: str | None = report.when  # xdist's report of a crashed worker says "???", outside pytest's Literal
+        phase = "the pytest worker running it crashed" if when == "???" else f"its test failed in {when}"
         text = report.longreprtext or "(no output)"
         problem = Problem("run", f"{phase}: {text.strip().splitlines()[-1][:300] if text.strip() else ''}")
         expected = s.expectations.for_cell(cell.id, installed_versions(), cell.spec)
@@ -95,7 +97,7 @@ class ResultsCollector:
         s = self._session_of(self.config)
         order = {c.id: i for i, c in enumerate(s.cells)}
         results = sorted(
-            (CellResult(**r) for r in self.results.values()), key=lambda r: (order.get(r.id, len(order)), r.id)
+            (CellResult.from_dict(r) for r in self.results.values()), key=lambda r: (order.get(r.id, len(order)), r.id)
         )
         selected = set(self.cells.values())
         missing = sorted((selected - set(self.results)) | self.crashed)

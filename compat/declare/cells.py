@@ -10,6 +10,7 @@ from compat.declare.adapters import get_adapter
 from compat.declare.families import get_family
 from compat.declare.layouts import Layout, check_fits
 from compat.declare.specs import DEFAULT_SPEC, SPECS
+from compat.declare.suggest import unknown_name
 
 __all__ = ["DEFAULT_ADAPTER", "DEFAULT_DTYPE", "DEFAULT_SPEC", "DTYPES", "Cell", "CellError"]
 
@@ -50,9 +51,9 @@ class Cell:
         fam = get_family(family)
         kind = get_adapter(adapter)
         if dtype not in DTYPES:
-            raise CellError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+            raise CellError(unknown_name("dtype", "dtypes", dtype, DTYPES))
         if spec not in SPECS:
-            raise CellError(f"unknown layer spec {spec!r}; known: {', '.join(SPECS)}")
+            raise CellError(unknown_name("layer spec", "layer specs", spec, SPECS))
         if kind.specs and spec not in kind.specs:
             raise CellError(
                 f"adapter {adapter} exists only for the {'/'.join(kind.specs)} spec ({kind.about}), not {spec}"
@@ -61,7 +62,9 @@ class Cell:
             raise CellError(f"adapter {adapter} configures routed experts, which family {family} does not have")
 
         unknown = [e for e in serve if e not in ENGINES]
-        if unknown or len(set(serve)) != len(serve):
+        if unknown:
+            raise CellError(unknown_name("serving engine", "serving engines", unknown[0], ENGINES))
+        if len(set(serve)) != len(serve):
             raise CellError(f"serve {list(serve)}: give each engine once, of {', '.join(ENGINES)}")
         load_layout = load_layout or layout
         check_fits(layout, fam)

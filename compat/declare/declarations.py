@@ -15,6 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from compat.declare.suggest import unknown_name
+
 __all__ = ["Declarations", "files", "use"]
 
 _KINDS: dict[str, Declarations[Any]] = {}
@@ -30,8 +32,10 @@ class Declarations[T]:
         resource: str,
         parse: Callable[[dict[str, Any], str, dict[str, T]], dict[str, T]],
         error: type[ValueError],
+        listed_by: str = "",
     ) -> None:
         self.kind, self.plural, self.resource, self.parse, self.error = kind, plural, resource, parse, error
+        self.listed_by = listed_by  # the command that lists every name, for a refusal with nothing close
         self._files: list[Path] = []
         self._stamps: dict[Path, tuple[int, int]] = {}  # (mtime_ns, size) each file was read at
         self._cache: dict[str, T] | None = None
@@ -64,8 +68,7 @@ class Declarations[T]:
         try:
             return self.all()[name]
         except KeyError:
-            known = ", ".join(sorted(self.all()))
-            raise self.error(f"unknown {self.kind} {name!r}; known {self.plural}: {known}") from None
+            raise self.error(unknown_name(self.kind, self.plural, name, self.all(), self.listed_by)) from None
 
     def add_file(self, path: Path) -> None:
         """Add a user's file; validated now (:attr:`error` if malformed or clashing, and it is not added)."""

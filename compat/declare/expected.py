@@ -31,6 +31,7 @@ from packaging.version import Version
 
 from compat.checks.problems import Problem
 from compat.declare.specs import SPECS
+from compat.declare.suggest import key_hints
 from compat.declare.versions import PACKAGES
 
 __all__ = ["STATUSES", "Expectation", "Expectations", "Expected", "ExpectedError", "load_expectations"]
@@ -141,9 +142,9 @@ class Expectation:
     def matches(self, cell_id: str, versions: dict[str, str | None], spec: str = "local") -> bool:
         if spec not in self.specs or not any(fnmatchcase(cell_id, pattern) for pattern in self.cells):
             return False
-        for package, spec in self.when:
+        for package, specifier in self.when:
             installed = versions.get(package)
-            if installed is None or Version(installed) not in spec:
+            if installed is None or Version(installed) not in specifier:
                 return False
         return True
 
@@ -164,7 +165,8 @@ class Expectations:
 def _parse_entry(raw: dict[str, Any], where: str) -> Expectation:
     unknown = set(raw) - _KEYS
     if unknown:
-        raise ExpectedError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_KEYS)}")
+        hints = key_hints(unknown, _KEYS)
+        raise ExpectedError(f"{where}: unknown keys {sorted(unknown)}{hints}; allowed: {sorted(_KEYS)}")
     cells = raw.get("cells")
     if isinstance(cells, str):
         cells = [cells]

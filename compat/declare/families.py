@@ -171,7 +171,7 @@ def _profiles(profiles: dict[str, Any], declared: dict[str, Family], source: str
     return out
 
 
-_DECLARED = Declarations("family", "families", "families.toml", _parse, FamilyError)
+_DECLARED = Declarations("family", "families", "families.toml", _parse, FamilyError, "python -m compat families")
 
 
 def families() -> dict[str, Family]:

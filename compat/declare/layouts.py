@@ -1,4 +1,4 @@
-"""Parallel layouts: what a cell shards over, written as docs/contract.md spells it (``tp=2,pp=2``).
+"""Parallel layouts: what a cell shards over, written ``tp=2,pp=2`` or as cell ids spell it (``tp2-pp2``).
 
 A layout knows its own world size; whether a *family* can take it is checked by
 :func:`check_fits`, before any process starts, so impossible cells are refused with the
@@ -11,6 +11,8 @@ import math
 import re
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
+
+from compat.declare.suggest import did_you_mean
 
 if TYPE_CHECKING:
     from compat.declare.families import Family
@@ -74,28 +76,22 @@ class Layout:
 
     @classmethod
     def parse(cls, text: str) -> Layout:
-        """Parse ``tp=2,sp=1,dp=2`` (CLI form) or ``tp2-sp-dp2`` (id form); ``tp1`` is one process."""
-        text = text.strip()
+        """Read ``tp=2,ep=2`` (the command-line form) or ``tp2-ep2`` (the form cell ids use; ``tp2-sp-dp2``,
+        ``pp2-vpp2``); ``tp1`` is one process. A part may take either form: ``tp=2,sp`` is ``tp2-sp``."""
+        original = text
+        text = text.strip().lower()
         if text in ("", "tp1", "1"):
             return cls()
-        if "=" not in text:  # the id form, e.g. tp2-pp2
-            parts = [f"{part}=1" if part in _FLAGS else part for part in text.split("-")]
-            text = ",".join(re.sub(r"^([a-z]+?)(\d+)$", r"\1=\2", part) for part in parts)
+        parts = text.split(",") if "=" in text else re.split(r"[,-]", text)
         values: dict[str, int] = {}
-        for part in text.split(","):
-            key, sep, raw = part.partition("=")
-            key = key.strip()
-            if not sep or key not in _KEYS:
-                raise LayoutError(
-                    f"cannot read layout {text!r}: expected comma-separated key=value pairs "
-                    f"with keys from {', '.join(_KEYS)} (e.g. 'tp=2,pp=2' or 'tp=2,sp=1,dp=2')"
-                )
+        for part in (p.strip() for p in parts):
+            key, raw = _read_part(part, original)
             if key in values:
-                raise LayoutError(f"layout {text!r} gives {key!r} twice")
+                raise LayoutError(f"layout {original!r} gives {key!r} twice")
             try:
                 values[key] = int(raw)
             except ValueError:
-                raise LayoutError(f"layout {text!r}: {key}={raw!r} is not an integer") from None
+                raise LayoutError(f"layout {original!r}: {key}={raw!r} is not an integer") from None
         return cls(**values)
 
     @classmethod
@@ -130,6 +126,24 @@ class Layout:
 
     def __str__(self) -> str:
         return self.slug
+
+
+def _read_part(part: str, original: str) -> tuple[str, str]:
+    """One part of a layout: ``tp=2``, ``tp2``, or a flag alone (``sp``); the key and its raw value."""
+    key, sep, raw = part.partition("=")
+    if not sep:
+        match = re.fullmatch(r"([a-z]+?)(\d+)", part)
+        key, raw = (match.group(1), match.group(2)) if match else (part, "1" if part in _FLAGS else "")
+    key, raw = key.strip(), raw.strip()
+    if key not in _KEYS or not raw:
+        what = f"{key!r} has no size" if key in _KEYS else f"{key!r} is not a layout key"
+        hint = "" if key in _KEYS else did_you_mean(key, _KEYS, cutoff=0.5)
+        raise LayoutError(
+            f"cannot read layout {original!r}: {what}{f' ({hint})' if hint else ''}; write key=value pairs of "
+            f"{', '.join(_KEYS)} ('tp=2,ep=2'), or the form cell ids use ('tp2-ep2', 'tp2-sp-ep2', 'pp2-dp2'; "
+            "'tp1' is one process)"
+        )
+    return key, raw
 
 
 def check_fits(layout: Layout, family: Family) -> None:

@@ -31,6 +31,7 @@ from compat.declare.cells import DEFAULT_ADAPTER, DEFAULT_DTYPE, DEFAULT_SPEC, C
 from compat.declare.families import add_families
 from compat.declare.layouts import Layout
 from compat.declare.plugins import ROLES, PluginError, Plugins
+from compat.declare.suggest import key_hints
 
 __all__ = ["Matrix", "MatrixError", "load_matrix", "parse_matrix"]
 
@@ -63,7 +64,8 @@ def parse_matrix(data: dict[str, Any], name: str, base: Path | None = None) -> M
     """Validate a matrix's data; ``base`` is the directory its ``*_file`` keys are relative to."""
     unknown = set(data) - _TOP_KEYS
     if unknown:
-        raise MatrixError(f"{name}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+        hints = key_hints(unknown, _TOP_KEYS)
+        raise MatrixError(f"{name}: unknown top-level keys {sorted(unknown)}{hints}; allowed: {sorted(_TOP_KEYS)}")
     for key, add in (("families_file", add_families), ("adapters_file", add_adapters)):
         if key in data:
             if not isinstance(data[key], str):
@@ -87,7 +89,8 @@ def parse_matrix(data: dict[str, Any], name: str, base: Path | None = None) -> M
         where = f"{name} [[cells]] #{i + 1}"
         unknown = set(block) - _BLOCK_KEYS
         if unknown:
-            raise MatrixError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_BLOCK_KEYS)}")
+            hints = key_hints(unknown, _BLOCK_KEYS)
+            raise MatrixError(f"{where}: unknown keys {sorted(unknown)}{hints}; allowed: {sorted(_BLOCK_KEYS)}")
         try:
             families = _strings(block, "families", where, None)
             layouts = [Layout.parse(s) for s in _strings(block, "layouts", where, None)]

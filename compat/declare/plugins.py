@@ -32,7 +32,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,15 +87,15 @@ class Plugins:
                 spec = importlib.util.find_spec(top)
             except (ImportError, ValueError):
                 continue
-            origin = (spec.submodule_search_locations or [None])[0] if spec else None
-            origin = origin or (spec.origin if spec else None)
+            locations = list(spec.submodule_search_locations or []) if spec else []
+            origin = (locations[0] if locations else None) or (spec.origin if spec else None)
             if origin and origin not in ("built-in", "frozen"):
                 path = str(Path(origin).resolve().parent)
                 if path not in out:
                     out.append(path)
         return out
 
-    def resolve(self, defaults: dict[str, Callable[..., None]], recording: Callable[..., Any]) -> Resolved:
+    def resolve(self, defaults: Mapping[str, Callable[..., Any]], recording: Callable[..., Any]) -> Resolved:
         """The callables, a role not named taking its default (in a rank: imports the user's modules).
 
         The defaults (the bridge's saver, loader, exporter) and what records a user's plugin's calls

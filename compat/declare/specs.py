@@ -28,5 +28,5 @@ def unavailable(spec: str, backend: str) -> str | None:
     if backend != "cuda":
         return "the te spec runs Transformer Engine kernels, which need a CUDA GPU (this cell ran on the CPU backend)"
     if importlib.util.find_spec("transformer_engine") is None:
-        return "the te spec needs Transformer Engine, which is not installed here (docs/gpu.md: scripts/gpu-setup)"
+        return "the te spec needs Transformer Engine, which is not installed here (docs/how-to/run-on-gpus.md)"
     return None

@@ -17,6 +17,7 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from compat.checks.problems import Problem
 from compat.declare import declarations
@@ -63,7 +64,8 @@ def run_here(
         why = unavailable(cell.spec, backend)
         if sizes != {world}:
             why = f"world_size {'/'.join(map(str, sorted(sizes)))} != WORLD_SIZE {world} of this launch"
-        status, reason, metrics = ("unsupported", why, {}) if why else ("pass", "", {})
+        status, reason = ("unsupported", why) if why else ("pass", "")
+        metrics: dict[str, Any] = {}
         problems = [Problem("build", why)] if why else []
         root = run_dir / cell.id
         paths = CellPaths.under(root, tiny_model_dir(get_family(cell.family), backend=backend))

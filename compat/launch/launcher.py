@@ -64,12 +64,14 @@ def run_cell(
     start = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix=f"{cell.id}-", dir=workdir))
     paths = CellPaths.under(root, tiny_model_dir(get_family(cell.family), backend=backend))
-    status, reason, metrics, problems = "pass", "", {}, []
+    status, reason = "pass", ""
+    metrics: dict[str, Any] = {}
+    problems: list[Problem] = []
     why = unavailable(cell.spec, backend)
     if why:
         status, reason, problems = "unsupported", why, [Problem("build", why)]
     for phase, layout in [] if why else cell.phases:
-        task = {
+        task: dict[str, Any] = {
             "cell": cell.to_dict(),
             "phase": phase,
             "root": str(root),

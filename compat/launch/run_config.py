@@ -104,15 +104,25 @@ def _cells(args: argparse.Namespace) -> tuple[list[Cell], float | None, Plugins]
     else:
         raise BadInput("give --matrix FILE, or --family F --layout L for one cell")
     if args.select:
-        cells = [c for c in cells if any(part in c.id for part in args.select.split("|"))]
-        if not cells:
-            raise BadInput(f"-k {args.select!r} selects no cell")
+        chosen = [c for c in cells if any(part in c.id for part in args.select.split("|"))]
+        if not chosen:
+            raise BadInput(f"-k {args.select!r} selects no cell of {len(cells)}{_near(args.select, cells)}")
+        cells = chosen
     if args.shard:
         k, sep, n = args.shard.partition("/")
         if not (sep and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
             raise BadInput(f"--shard {args.shard!r}: expected K/N with 1 <= K <= N, e.g. 1/2")
         cells = cells[int(k) - 1 :: int(n)]
     return cells, timeout, plugins
+
+
+def _near(select: str, cells: list[Cell]) -> str:
+    """``; did you mean 'llama.tp2'?``: the cell ids (or their families) closest to each part of ``-k``."""
+    from compat.declare.suggest import did_you_mean
+
+    names = {c.id for c in cells} | {c.family for c in cells}
+    hints = [hint for part in select.split("|") if (hint := did_you_mean(part, names))]
+    return f"; {' '.join(hints)}" if hints else ""
 
 
 def _servable(cells: list[Cell], backend: str) -> None:

@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
+from types import FrameType, ModuleType
 from typing import Any
 
 from compat.rank.adapter_state import is_adapter
@@ -125,7 +125,7 @@ def _argument(signature: inspect.Signature | None, args: tuple, kwargs: dict, na
 def _plugin_frames() -> list[str]:
     """``module:line function`` of the calling frames outside the machinery, innermost first."""
     out: list[str] = []
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None and len(out) < _FRAMES:
         top = frame.f_globals.get("__name__", "").split(".")[0]
         if top == "compat" and out:  # the harness, calling the plugin: the plugin's frames end here

@@ -68,7 +68,7 @@ def capture_hf_routing(model: torch.nn.Module, store: dict[str, torch.Tensor], i
     for name, mlp in model.named_modules():
         m = re.search(r"layers\.(\d+)\.mlp$", name)
         gate = getattr(mlp, "gate", None)
-        if not m or not isinstance(getattr(gate, "weight", None), torch.Tensor):
+        if not m or gate is None or not isinstance(getattr(gate, "weight", None), torch.Tensor):
             continue
         key, experts = f"layer {m.group(1)}", gate.weight.shape[0]
 
@@ -203,7 +203,8 @@ def find_flips(
     layers = sorted({int(k.split()[1]) for k in both if {k.replace(ROUTER, ROUTED), k.replace(ROUTED, ROUTER)} <= both})
     if not layers:
         return None
-    flips, shape = [], (0, 0)
+    flips: list[Flip] = []
+    shape: tuple[int, ...] = (0, 0)
     for n in layers:
         mm, hm = meg[f"layer {n} {ROUTED}"].cpu() > 0.5, hf[f"layer {n} {ROUTED}"].cpu() > 0.5
         ml, hl = meg[f"layer {n} {ROUTER}"].cpu().double(), hf[f"layer {n} {ROUTER}"].cpu().double()

@@ -20,6 +20,7 @@ from compat.declare.families import Family, families
 from compat.declare.versions import installed_versions
 from compat.report.terminal import duration
 from compat.report.vocabulary import UNMET, grid_report, headline, unmet_line
+from compat.results.record import expected_patterns
 
 __all__ = ["RESULTS_DIR", "print_families"]
 
@@ -59,9 +60,7 @@ def print_families(out: IO[str], results_dir: Path = RESULTS_DIR, verbosity: int
         file=out,
     )
     for c in unmet:
-        print(
-            unmet_line(c["id"], c["expected"], c.get("expected_match", ""), c["status"], c.get("reason", "")), file=out
-        )
+        print(unmet_line(c["id"], c["expected"], expected_patterns(c), c["status"], c.get("reason", "")), file=out)
 
 
 def _stack_cells(run: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,8 @@ from typing import Any
 
 from compat.report.terminal import duration
 from compat.report.vocabulary import UNMET, headline, status_text, unmet_line
+from compat.report.vocabulary import cells as n_cells
+from compat.results.record import expected_patterns
 from compat.results.skips import skip_mark, skip_note
 
 __all__ = ["markdown", "summary"]
@@ -30,7 +32,7 @@ def _serving_table(cells: list[dict[str, Any]], reasons: dict[str, int]) -> list
     rows = [(c["id"], e, s) for c in cells for e, s in c.get("serving", {}).items()]
     if not rows:
         return []
-    lines = ["", "Served (log-probs against Megatron's, docs/serving.md):", ""]
+    lines = ["", "Served (log-probs against Megatron's, docs/how-to/serve-with-vllm.md):", ""]
     lines += ["| cell | engine | status | max diff | effect | seconds | problems |"]
     lines += ["| --- | --- | --- | --- | --- | --- | --- |"]
     for cell, engine, s in rows:
@@ -52,11 +54,11 @@ def summary(data: dict[str, Any], source: str = "") -> list[str]:
     parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     seconds = sum(float(c.get("seconds") or 0) for c in cells)
     lines = [
-        f"{source + ': ' if source else ''}{len(cells)} cells ({duration(seconds)} of cell time): {parts}; "
+        f"{source + ': ' if source else ''}{n_cells(len(cells))} ({duration(seconds)} of cell time): {parts}; "
         f"{len(cells) - len(unmet)} met their expected outcome, {len(unmet)} {UNMET}."
     ]
     unmet_lines = [
-        unmet_line(c["id"], c["expected"], c.get("expected_match", ""), c["status"], c.get("reason", "")) for c in unmet
+        unmet_line(c["id"], c["expected"], expected_patterns(c), c["status"], c.get("reason", "")) for c in unmet
     ]
     return lines + ([""] + [f"- {line}" for line in unmet_lines] if unmet_lines else [])
 

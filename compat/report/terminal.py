@@ -22,11 +22,11 @@ import time
 from types import TracebackType
 from typing import IO, Any
 
-from compat.report.vocabulary import UNMET, headline, status_text, unmet_line
+from compat.report.vocabulary import UNMET, cells, headline, status_text, unmet_line
 from compat.results.record import CellResult
 from compat.results.skips import coverage_mark, coverage_note, skip_mark, skip_note
 
-__all__ = ["RunView", "add_verbosity", "duration", "row", "summary"]
+__all__ = ["RunView", "add_verbosity", "details", "duration", "row", "summary"]
 
 _FIGURES = (("world", 5), ("status", len(f"unsupported {UNMET}")), ("expected", 11))
 _NUMBERS = (("max diff", 8), ("effect", 8), ("judged", 9), ("seconds", 7))
@@ -85,6 +85,21 @@ def row(r: CellResult, id_width: int, problems: dict[str, int], count: str = "")
     return f"{line}  {count}".rstrip()
 
 
+def details(r: CellResult) -> list[str]:
+    """What ``-v`` prints under a row: each problem on a line of its own, ``[check, where] message`` (the
+    first is usually the cause, the rest what it did to later checks), an error's whole reason with its
+    traceback, the skipped checks, and which oracles judged how many adapted weights."""
+    out: list[str] = []
+    if r.status != "pass":
+        for p in r.problems:
+            where = ", ".join(x for x in (p.get("check", ""), p.get("where", "")) if x)
+            out.append(f"[{where}] {p.get('message', '')}")
+        if r.reason and (r.status == "error" or not r.problems):
+            out.append(r.reason)
+    cell = {"metrics": r.metrics}
+    return [t for t in [*out, skip_note(cell), coverage_note(cell)] if t]
+
+
 def summary(results: list[CellResult], wall: float, jobs: int = 1, title: str = "") -> list[str]:
     """The last lines: counts and wall time, then each unmet cell with what it was expected to be;
     ``title`` names the run where a command makes several (``compat bench``: one per mode)."""
@@ -94,11 +109,11 @@ def summary(results: list[CellResult], wall: float, jobs: int = 1, title: str = 
     unmet = [r for r in results if not r.met]
     parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     lines = [
-        f"{title + ': ' if title else ''}{len(results)} cells in {duration(wall)} ({jobs} at a time): {parts}; "
+        f"{title + ': ' if title else ''}{cells(len(results))} in {duration(wall)} ({jobs} at a time): {parts}; "
         f"{len(results) - len(unmet)} met, {len(unmet)} {UNMET}; "
         f"{sum(bool(skip_note({'metrics': r.metrics})) for r in results)} with checks skipped"
     ]
-    lines += [unmet_line(r.id, r.expected, r.expected_match, r.status, r.reason, PROBLEM_WIDTH) for r in unmet]
+    lines += [unmet_line(r.id, r.expected, r.expected_matches, r.status, r.reason, PROBLEM_WIDTH) for r in unmet]
     return lines
 
 
@@ -165,11 +180,8 @@ class RunView:
         if self.verbosity < 0 and r.met:
             return
         self._print(text)
-        cell = {"metrics": r.metrics}
-        whole = ([r.reason] if r.reason and r.status != "pass" else []) + [skip_note(cell), coverage_note(cell)]
-        for text in whole if self.verbosity > 0 else ():
-            if text:
-                self._print("    " + text.strip().replace("\n", "\n    "))
+        for text in details(r) if self.verbosity > 0 else ():
+            self._print("    " + text.strip().replace("\n", "\n    "))
 
     def close(self, results: list[CellResult]) -> float:
         """Print the summary; returns the wall time."""

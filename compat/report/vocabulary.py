@@ -8,6 +8,7 @@ label, outcome class, a reason's headline) are shared with the heatmap and the r
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from math import lcm
 from typing import Any
 
@@ -16,6 +17,7 @@ from compat.results.skips import skip_mark
 __all__ = [
     "LAYOUT_KEYS",
     "UNMET",
+    "cells",
     "column_label",
     "family_grid",
     "grid_from_results",
@@ -108,6 +110,11 @@ def short_status(cell: dict[str, Any]) -> str:
     return status_text(_SHORT.get(status, status).rstrip("*"), False) + skip_mark(cell)
 
 
+def cells(n: int) -> str:
+    """``1 cell``, ``92 cells``: a count of cells as every summary writes it."""
+    return f"{n} cell" if n == 1 else f"{n} cells"
+
+
 def status_text(status: str, met: bool) -> str:
     """A cell's status as every view writes it: ``fail``, or ``fail unmet`` when not the expected outcome."""
     return status if met else f"{status} {UNMET}"
@@ -121,9 +128,11 @@ def headline(reason: str, limit: int = 300) -> str:
     return lines[0][:limit] + ("…" if len(lines[0]) > limit else "")
 
 
-def unmet_line(cell_id: str, expected: str, expected_match: str, status: str, reason: str, limit: int = 300) -> str:
-    """``unmet ID: expected fail matching 'x', got pass``: a cell that missed, as every summary lists it."""
-    wanted = expected + (f" matching {expected_match!r}" if expected_match else "")
+def unmet_line(cell_id: str, expected: str, patterns: Sequence[str], status: str, reason: str, limit: int = 300) -> str:
+    """``unmet ID: expected fail matching 'x', got pass``: a cell that missed, as every summary lists it
+    (``patterns``: the expectation's ``match``; the first is shown, and how many more there are)."""
+    more = f" (and {len(patterns) - 1} more)" if len(patterns) > 1 else ""
+    wanted = expected + (f" matching {patterns[0]!r}{more}" if patterns else "")
     got = status + (f": {headline(reason, limit)}" if reason else "")
     return f"{UNMET} {cell_id}: expected {wanted}, got {got}"
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 import os
 import platform
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from compat.checks.problems import Problem
 from compat.checks.upstream import relative_paths
-from compat.declare.cells import Cell
+from compat.declare.cells import DEFAULT_SPEC, Cell
 from compat.declare.expected import Expected
 
-__all__ = ["CellResult", "device_name", "read_results", "write_results"]
+__all__ = ["CellResult", "device_name", "expected_patterns", "read_results", "write_results"]
 
 
 @dataclass
@@ -36,12 +36,11 @@ class CellResult:
     seconds: float
     reason: str
     expected_reason: str = ""
-    expected_match: str = ""  # the expectation's one pattern ("" for none or several: expected_matches)
     metrics: dict[str, Any] = field(default_factory=dict)
     serving: dict[str, Any] = field(default_factory=dict)  # per engine: status, max diff, effect, problems
     files: str | None = None  # where the cell's files were kept (an outcome other than expected)
     problems: list[dict[str, Any]] = field(default_factory=list)  # {check, message, where[, tensors]}: the reason
-    expected_matches: list[str] = field(default_factory=list)  # every pattern of the expectation
+    expected_matches: list[str] = field(default_factory=list)  # the expectation's patterns (its ``match``)
     unmet: list[str] = field(default_factory=list)  # why not met: a status, a problem not expected, a pattern not seen
 
     @classmethod
@@ -76,13 +75,30 @@ class CellResult:
             seconds=round(seconds, 2),
             reason=reason,
             expected_reason=expected.reason,
-            expected_match=expected.match[0] if len(expected.match) == 1 else "",
             metrics={k: v for k, v in metrics.items() if k not in ("max_abs_diff", "adapter_effect", "serving")},
             problems=[p.as_dict() for p in problems],
             expected_matches=list(expected.match),
             unmet=unmet,
             serving=metrics.get("serving", {}),
         )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CellResult:
+        """A record read back from results.json, of this release or an older one: keys it does not know are
+        dropped, an older file's one ``expected_match`` pattern becomes ``expected_matches``, and a record from
+        before layer specs is ``local``."""
+        known = {f.name for f in fields(cls)}
+        given = {k: v for k, v in data.items() if k in known}
+        return cls(**{"spec": DEFAULT_SPEC, **given, "expected_matches": expected_patterns(data)})
+
+
+def expected_patterns(cell: dict[str, Any]) -> list[str]:
+    """The patterns a cell's record says its problems had to match: ``expected_matches``, or in a file written
+    before that list existed, its one ``expected_match`` ("" for none)."""
+    if "expected_matches" in cell:
+        return list(cell["expected_matches"])
+    old = cell.get("expected_match", "")
+    return [old] if old else []
 
 
 def _check_reasons(serving: dict[str, Any]) -> dict[str, str]:

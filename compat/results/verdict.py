@@ -74,17 +74,22 @@ def verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, str
     """
     where = f"[{phase}] " if phase != "roundtrip" else ""
 
+    def rec(o: RankOutcome) -> dict[str, Any]:
+        """The record of a rank that left one (every group below is of those; the dead are ``dead``)."""
+        assert o.record is not None, f"rank {o.rank} left no record"
+        return o.record
+
     def first(group: list[RankOutcome]) -> RankOutcome:
-        return min(group, key=lambda o: (o.record.get("at", float("inf")), o.rank))
+        return min(group, key=lambda o: (rec(o).get("at", float("inf")), o.rank))
 
     def then(group: list[RankOutcome]) -> str:
-        return "".join(f"\nthen rank {o.rank} raised {o.record['reason'][:200]}" for o in group)
+        return "".join(f"\nthen rank {o.rank} raised {rec(o)['reason'][:200]}" for o in group)
 
     def placed(o: RankOutcome) -> list[Problem]:
         """The rank's problems, with the phase and (for an error) the rank in ``where``."""
-        rank = f"rank {o.rank}" if o.record["status"] == "error" else ""
+        rank = f"rank {o.rank}" if rec(o)["status"] == "error" else ""
         out = []
-        for p in problems_of(o.record.get("problems")) or [Problem("run", o.record["reason"])]:
+        for p in problems_of(rec(o).get("problems")) or [Problem("run", rec(o)["reason"])]:
             out.append(replace(p, where=at(rank, p.where)))
         return out
 
@@ -108,21 +113,21 @@ def verdict(outcomes: list[RankOutcome], cut: str, phase: str) -> tuple[str, str
     fails = [o for o in outcomes if o.record and o.record["status"] == "fail"]
     dead = [o for o in outcomes if o.record is None]
     failed_first = bool(fails) and (
-        not errors or first(fails).record.get("at", float("inf")) < first(errors).record.get("at", float("inf"))
+        not errors or rec(first(fails)).get("at", float("inf")) < rec(first(errors)).get("at", float("inf"))
     )
     if errors and not failed_first:
         # The first rank to break is the cause; peers then fail in a collective ("connection closed").
         o = first(errors)
         rest = [e for e in errors if e is not o]
-        reason = f"{where}rank {o.rank} raised {o.record['reason']}\n{o.record['traceback']}{then(rest)}"
+        reason = f"{where}rank {o.rank} raised {rec(o)['reason']}\n{rec(o)['traceback']}{then(rest)}"
         return "error", reason, {}, everyone(o)
     unsupported = [o for o in outcomes if o.record and o.record["status"] == "unsupported"]
     if unsupported and not errors and not dead and not cut:
-        return "unsupported", where + unsupported[0].record["reason"], {}, everyone(unsupported[0])
+        return "unsupported", where + rec(unsupported[0])["reason"], {}, everyone(unsupported[0])
     if fails:
         # A check failed first; peers left in a collective by it may then break there.
         o = first(fails)
-        return "fail", where + o.record["reason"] + then(errors), o.record.get("metrics") or {}, everyone(o)
+        return "fail", where + rec(o)["reason"] + then(errors), rec(o).get("metrics") or {}, everyone(o)
     if dead or cut:
         detail = "\n".join(o.describe_death() for o in dead)
         problems = [Problem("run", cut or "a rank died", phase if where else "")]

@@ -493,7 +493,7 @@ FAULTS: tuple[Fault, ...] = (
     ),
     Fault(
         "bridge_module_missing",
-        "a module inside megatron-bridge fails to import while the model is built (before: 'unsupported: "
+        "a module inside megatron-bridge fails to import while the model is built (an error, not 'unsupported: "
         "needs the package megatron.bridge.models...')",
         "llama",
         "tp1",
@@ -514,8 +514,8 @@ FAULTS: tuple[Fault, ...] = (
     ),
     Fault(
         "te_spec_builder_raises",
-        "the TE layer spec a family's spec builds on raises a TypeError unrelated to TE being absent (before: "
-        "'unsupported: needs transformer_engine', met for minimax_m2)",
+        "the TE layer spec a family's spec builds on raises a TypeError unrelated to TE being absent (an error, "
+        "not 'unsupported: needs transformer_engine')",
         "minimax_m2",
         "tp1",
         ((GPT_SPECS, "get_gpt_layer_with_transformer_engine_spec", disrupt.raising(disrupt.spec_regression)),),

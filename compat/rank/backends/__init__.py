@@ -18,7 +18,7 @@ BACKENDS = ("cpu", "cuda")
 # - NVIDIA_TF32_OVERRIDE=0: fp32 means fp32. Transformer Engine runs every pure-fp32 GEMM with
 #   CUBLAS_COMPUTE_32F_FAST_TF32 (transformer_engine/common/gemm/cublaslt_gemm.cu, 2.20), which
 #   puts TE cells 3e-4 off the HF side in fp32; cuBLAS reads this variable when it starts, and it
-#   overrides that compute type. bf16 GEMMs are unaffected. docs/gpu.md has the measurement.
+#   overrides that compute type. bf16 GEMMs are unaffected. docs/explanation/gpus-and-te.md has the measurement.
 CUDA_RANK_ENV = {
     "NCCL_NVLS_ENABLE": "0",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",

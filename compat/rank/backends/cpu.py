@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -23,7 +25,7 @@ class CpuBackend:
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def configure(self, provider: object) -> None:
+    def configure(self, provider: Any) -> None:
         if getattr(provider, "num_moe_experts", None):
             # The alltoall dispatcher creates a CUDA stream; allgather runs over gloo.
             provider.moe_token_dispatcher_type = "allgather"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -31,7 +33,7 @@ class CudaBackend:
     def device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device())
 
-    def configure(self, provider: object) -> None:
+    def configure(self, provider: Any) -> None:
         if getattr(provider, "num_moe_experts", None):
             provider.moe_token_dispatcher_type = "alltoall"
 
@@ -41,7 +43,7 @@ class CudaBackend:
 
         mask, pos = causal_mask(input_ids), position_ids(input_ids)
 
-        def step(data_iterator, chunk):
+        def step(data_iterator: object, chunk: Any) -> tuple[torch.Tensor, Callable[..., Any]]:
             out = chunk(input_ids=input_ids, position_ids=pos, attention_mask=mask)
             return out, lambda output, **_: (torch.zeros((), device=output.device), {"logits": output})
 

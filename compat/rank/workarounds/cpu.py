@@ -90,7 +90,7 @@ def apply() -> None:
     from megatron.core.tensor_parallel import random as mpu_random
 
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
-    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None
 
     class CpuRNGStatesTracker(mpu_random.CudaRNGStatesTracker):
         """The model-parallel RNG tracker, on CPU generator states."""

@@ -30,4 +30,4 @@ def apply() -> None:
         if v_channels is not None:
             self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
 
-    DotProductAttention.__init__ = __init__  # type: ignore[method-assign]
+    DotProductAttention.__init__ = __init__

@@ -34,4 +34,4 @@ def apply() -> None:
             p.sequence_parallel = True
         return norm
 
-    WrappedTorchNorm.__new__ = new  # type: ignore[method-assign]
+    WrappedTorchNorm.__new__ = new

@@ -62,8 +62,8 @@ def _stand_in() -> dict[str, types.ModuleType]:
 
     for name in ("Linear", "LayerNormLinear"):
         setattr(te_pytorch, name, type(name, (_Absent,), {}))
-    te_pytorch.ops = types.SimpleNamespace(Sequential=type("Sequential", (_Absent,), {}))
-    te.pytorch = te_pytorch
+    vars(te_pytorch)["ops"] = types.SimpleNamespace(Sequential=type("Sequential", (_Absent,), {}))
+    vars(te)["pytorch"] = te_pytorch
     return {"transformer_engine": te, "transformer_engine.pytorch": te_pytorch}
 
 

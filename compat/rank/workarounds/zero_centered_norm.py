@@ -52,4 +52,4 @@ def apply() -> None:
             norm.weight.zero_()  # identity at initialisation, as TENorm with zero_centered_gamma
         return norm
 
-    WrappedTorchNorm.__new__ = new  # type: ignore[method-assign]
+    WrappedTorchNorm.__new__ = new
