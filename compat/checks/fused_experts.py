@@ -19,8 +19,10 @@ from compat.checks.problems import Listed
 __all__ = ["fused_expert_problems"]
 
 _PREFIX = "base_model.model."
-# The checkpoint projections fused into a transformers experts parameter, in their order along its rows.
-_SOURCES = {"gate_up_proj": ("gate_proj", "up_proj")}
+# The checkpoint projections fused into a transformers experts parameter, in their order along its rows: the
+# Qwen/DeepSeek names, or Mixtral's and MiniMax's w1 (gate), w3 (up) and w2 (down) (transformers'
+# conversion_mapping.py fuses w1 and w3 into gate_up_proj in that order). The file's own names say which.
+_SOURCES = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}
 # Both sides are the same stored values multiplied in float64: only the summation order differs.
 _RTOL = 1e-9
 
@@ -36,13 +38,7 @@ def fused_expert_problems(
             continue
         parent = re.sub(r"(\.base_layer)+$", "", name).removeprefix(_PREFIX)
         param, n = f"{parent}.{module.parameter_name}", module.num_experts
-        sources = _SOURCES.get(module.parameter_name, (module.parameter_name,))
-        keys = {
-            (e, s, kind): f"{_PREFIX}{parent}.{e}.{s}.{kind}.weight"
-            for e in range(n)
-            for s in sources
-            for kind in ("lora_A", "lora_B")
-        }
+        keys, sources = _file_keys(saved, parent, module.parameter_name, n)
         present = {k for k in keys.values() if k in saved}
         if not present:
             continue  # the file names this parameter itself (ParamWrapper form): compared by name
@@ -69,6 +65,25 @@ def fused_expert_problems(
                 )
             )
     return problems, seen
+
+
+def _file_keys(
+    saved: dict[str, Any], parent: str, parameter: str, n: int
+) -> tuple[dict[tuple[int, str, str], str], tuple[str, ...]]:
+    """The file keys of a fused parameter's experts, under whichever of its source names the file uses."""
+    candidates = _SOURCES.get(parameter, ((parameter,),))
+    best: tuple[dict[tuple[int, str, str], str], tuple[str, ...]] = ({}, candidates[0])
+    for sources in candidates:
+        keys = {
+            (e, src, kind): f"{_PREFIX}{parent}.{e}.{src}.{kind}.weight"
+            for e in range(n)
+            for src in sources
+            for kind in ("lora_A", "lora_B")
+        }
+        if any(k in saved for k in keys.values()):
+            return keys, sources
+        best = best if best[0] else (keys, sources)
+    return best
 
 
 def _differing_experts(

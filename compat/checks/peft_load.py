@@ -69,7 +69,10 @@ def check_loaded_by_peft(peft_model: Any, path: Path) -> list[str]:
             if not torch.equal(params[name].detach().cpu().to(value.dtype), value):
                 differ[key] = f"{key} (parameter {name})"
         elif key not in seen and not any(f"{_module_of(key)}.".startswith(f"{d}.") for d in dropped):  # named above
-            unseen[key] = f"{key} ({f'no parameter {name}' if m else 'not a LoRA tensor name'}, in no fused experts)"
+            if not _held_elsewhere(value, params):  # a module renamed on load (checkpoint -> model names)
+                unseen[key] = (
+                    f"{key} ({f'no parameter {name}' if m else 'not a LoRA tensor name'}, in no fused experts)"
+                )
     if differ:
         problems.append(
             Listed(
@@ -90,6 +93,20 @@ def check_loaded_by_peft(peft_model: Any, path: Path) -> list[str]:
 
 
 _CHECK = "compat_check"
+
+
+def _held_elsewhere(value: Any, params: dict[str, Any]) -> bool:
+    """Whether a LoRA parameter of the loaded adapter holds exactly the file tensor's values under another name:
+    transformers renames checkpoint modules on load (HY-V3's mlp.shared_mlp is mlp.shared_experts in the model)
+    and peft follows, so a tensor found nowhere by name can still be in place. The harness's adapter values are
+    seeded per tensor, row and expert, so equal values are the same tensor."""
+    import torch
+
+    return any(
+        p.shape == value.shape and torch.equal(p.detach().cpu().to(value.dtype), value)
+        for n, p in params.items()
+        if ".default." in n and (".lora_A." in n or ".lora_B." in n or "lora_magnitude_vector" in n)
+    )
 
 
 def _module_of(key: str) -> str:

@@ -78,6 +78,15 @@ class PeftRecorder:
         out = []
         for module in sorted(set(files.factors) | set(self.layers)):
             entry: dict[str, Any] = {"name": f"{module}.weight", "hf": [f"{module}.weight"], "where": _layer(module)}
+            source = module if module in files.factors else _renamed(self.layers.get(module), files)
+            if source and source != module:  # loaded from the file's pair under its checkpoint name
+                entry["where"] = f"{entry['where']}, the file's {source}".lstrip(", ")
+                call = self.calls.get(module, {})
+                if not all(k in call for k in "xby"):
+                    out.append({**entry, "judged": True, "ok": False, "finding": "peft's LoRA layer did not run"})
+                else:
+                    out.append({**entry, **_judge(self.layers[module], call, files, source, dtype)})
+                continue
             if module in self.layers and module not in files.factors:  # the files say: adds nothing
                 call = self.calls.get(module, {})
                 if all(k in call for k in "by"):
@@ -108,6 +117,20 @@ class PeftRecorder:
                 continue
             out.append({**entry, **_judge(self.layers[module], call, files, module, dtype)})
         return out
+
+
+def _renamed(layer: Any, files: FileAdapter) -> str:
+    """The file's module whose pair peft loaded into ``layer`` under another name (transformers renames
+    checkpoint modules on load: HY-V3's mlp.shared_mlp is mlp.shared_experts), found by value: the
+    harness's adapter values are seeded per tensor, so equal factor pairs are the same pair. "" if none."""
+    if layer is None or "default" not in getattr(layer, "lora_A", {}):
+        return ""
+    a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    for module, f in files.factors.items():  # both factors: gate and up of one fused fc1 share their A
+        if f.a.shape == a.shape and f.b.shape == b.shape and torch.equal(f.a.to(a.device, a.dtype), a):
+            if torch.equal(f.b.to(b.device, b.dtype), b):
+                return module
+    return ""
 
 
 def _layer(module: str) -> str:
