@@ -62,6 +62,10 @@ CASES = {
         lambda t: ["--matrix", _matrix(t, '[[cells]]\nfamilies = ["gpt9"]\nlayouts = ["tp1"]\n')],
         r"unknown family 'gpt9'; known families: .*llama",
     ),
+    "matrix_unknown_sync": (
+        lambda t: ["--matrix", _matrix(t, '[[cells]]\nfamilies = ["llama"]\nlayouts = ["tp1"]\nsync = ["ipc"]\n')],
+        r"unknown sync 'ipc'; known: file, memory",
+    ),
     "unknown_family": (lambda t: ["--family", "gpt9", "--layout", "tp1"], r"unknown family 'gpt9'"),
     "impossible_layout": (
         lambda t: ["--family", "llama", "--layout", "tp=3"],
