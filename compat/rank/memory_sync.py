@@ -37,6 +37,7 @@ from compat.checks.problems import Problem
 from compat.declare.adapters import Adapter, get_adapter
 from compat.declare.cells import Cell
 from compat.declare.families import get_family
+from compat.rank import bridge_api
 from compat.rank.activations import megatron_forward
 from compat.rank.backends import Backend
 from compat.rank.collective import Collective
@@ -47,10 +48,6 @@ from compat.rank.paths import CellPaths, write_json_atomic
 __all__ = ["run", "verl_lora"]
 
 STREAM, VERL, BRIDGE = "memory sync", "memory sync (verl)", "memory sync (bridge)"
-BRIDGE_FUNCTIONS = (
-    "megatron/bridge/models/conversion/peft_bridge.py: convert_adapter_weights_to_peft_state, "
-    "infer_rank_pattern_from_adapter_weights, infer_target_modules_from_adapter_weights, build_adapter_config_dict"
-)
 
 
 def verl_lora(adapter: Adapter) -> dict[str, Any]:
@@ -73,7 +70,7 @@ def run(cell: Cell, built: Built, paths: CellPaths, backend: Backend, comm: Coll
     import torch
 
     # verl's call (verl/workers/engine/megatron/transformer_impl.py, get_per_tensor_param): defaults, every rank
-    stream = [(w.param_name, w.weight.detach().clone()) for w in built.bridge.export_adapter_weights(built.model)]
+    stream = [(name, tensor.detach().clone()) for name, tensor in built.bridge.export_adapter_weights(built.model)]
     digests = comm.gather(digest(stream))
     if hasattr(built.peft, "disable_adapter_layers") and hasattr(built.peft, "enable_adapter_layers"):
         built.peft.disable_adapter_layers(built.model)  # Megatron's base model: the bound's measured drift
@@ -95,20 +92,29 @@ def _judge(cell: Cell, built: Built, paths: CellPaths, stream: dict[str, Any], d
 
     from compat.serving.frameworks import framework_config
 
+    bridge_state, bridge_config, functions = bridge_api.adapter_in_memory(
+        built.peft, list(stream.items()), str(paths.hf)
+    )
     adapter_dir = paths.where(paths.adapter)
-    file_state = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    file_config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    bridge_state, bridge_config = _bridge_in_memory(built, list(stream.items()), str(paths.hf))
-    problems = [
-        Problem(BRIDGE, p) for p in compare_tensors(bridge_state, file_state, "the stream as the bridge renames it")
-    ]
-    problems += [
-        Problem(BRIDGE, p) for p in compare_configs(bridge_config, file_config, "the bridge's config in memory")
-    ]
+    try:
+        file_state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+        file_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except Exception as exc:  # the file checks say what is wrong with the files; verl is judged against the bridge
+        why = f"the file export cannot be read to compare the stream with ({type(exc).__name__}): "
+        problems = [Problem(STREAM, why + "verl's config is compared with the bridge's in-memory config")]
+        file_config = bridge_config
+    else:
+        problems = [
+            Problem(BRIDGE, p) for p in compare_tensors(bridge_state, file_state, "the stream as the bridge renames it")
+        ]
+        problems += [
+            Problem(BRIDGE, p) for p in compare_configs(bridge_config, file_config, "the bridge's config in memory")
+        ]
 
     lora = verl_lora(get_adapter(cell.adapter))
     verl = framework_config("verl", lora)
-    where = f"{verl['function']} carries no rank_pattern, alpha_pattern, use_dora, use_rslora or target_parameters"
+    lacks = [f for f in ("rank_pattern", "alpha_pattern", "use_dora", "use_rslora") if f not in verl["peft_config"]]
+    where = f"{verl['function']} builds no {', '.join(lacks)}" if lacks else verl["function"]
     modules = stream_modules(list(stream))
     diverged, inert = config_divergence(verl["peft_config"], file_config, modules, "verl", where)
     problems += [Problem(VERL, msg, tensors=names) for msg, names in diverged]
@@ -120,7 +126,7 @@ def _judge(cell: Cell, built: Built, paths: CellPaths, stream: dict[str, Any], d
     metrics: dict[str, Any] = {
         "stream": {"tensors": len(stream), "call": "AutoBridge.export_adapter_weights(model), on every rank"},
         "verl": {"model.lora": lora, **verl, "differs_without_effect": inert},
-        "bridge": {"functions": BRIDGE_FUNCTIONS},
+        "bridge": {"functions": functions},
     }
     tol = bound(cell, paths, device, metrics)
     metrics["adapter_allowed"] = str(tol)
@@ -134,27 +140,3 @@ def _judge(cell: Cell, built: Built, paths: CellPaths, stream: dict[str, Any], d
         metrics["verl" if check == VERL else "bridge"].update(measured)
     write_json_atomic(paths.memory_sync, metrics)
     return problems
-
-
-def _bridge_in_memory(built: Built, stream: list[tuple[str, Any]], base: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The stream renamed and configured by the bridge's own functions, as ``save_hf_adapter`` calls them
-    (megatron/bridge/models/conversion/auto_bridge.py), with no file written."""
-    from megatron.bridge.models.conversion.model_bridge import HFWeightTuple
-    from megatron.bridge.models.conversion.peft_bridge import (
-        build_adapter_config_dict,
-        convert_adapter_weights_to_peft_state,
-        infer_rank_pattern_from_adapter_weights,
-        infer_target_modules_from_adapter_weights,
-    )
-
-    raw = [HFWeightTuple(name, tensor) for name, tensor in stream]
-    state, keys, target_parameters = convert_adapter_weights_to_peft_state(raw)
-    rank_pattern = infer_rank_pattern_from_adapter_weights(raw, default_rank=getattr(built.peft, "dim", 32))
-    config = build_adapter_config_dict(
-        built.peft,
-        target_modules=infer_target_modules_from_adapter_weights(keys),
-        target_parameters=target_parameters,
-        base_model_name_or_path=base,
-        rank_pattern=rank_pattern,
-    )
-    return state, config

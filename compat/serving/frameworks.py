@@ -5,14 +5,15 @@ own code hands the rollout engine for an adapter (``matrix/frameworks/NAME.toml`
 about = "what this set is"
 framework = "verl"
 script = "compat/serving/verl_sync.py"   # run by the environment's python: lora mapping in, JSON out
-[no-deps]                                 # exact versions, over the calling environment's site-packages
+[no-deps]                                 # exact versions, over the building interpreter's site-packages
 verl = "0.9.1"
 ```
 The environment is the version gate's kind (``compat.declare.pin_sets.build_env``): the pins ``--no-deps``
-over this interpreter's packages, so the framework calls the very peft and bridge the ranks run. The
-framework's config for one adapter is a pure function of the pins and the adapter's settings; the
-answer is kept under ``.gate/NAME/configs/`` keyed by both (and the script), as importing verl costs
-about 10 s, once per set of pins rather than once per cell.
+over the site-packages of the interpreter that built it (peft, torch), keyed by the pins alone, so a
+gate's run of another bridge reuses the set instead of rebuilding it (verl's config depends on verl and
+peft's enums only). That config is a pure function of the pins and the adapter's settings; the answer is
+kept under ``.gate/NAME/configs/`` keyed by both (and the script): importing verl costs about 10 s, paid
+once per set of pins rather than once per cell.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def framework_pins(framework: str) -> FrameworkPins:
             Version(v)
         except InvalidVersion:
             raise GateError(f"{path}: {name} = {v!r} is not an exact version") from None
-    keyed = raw + sys.version.encode() + "\n".join(shared_paths()).encode()
+    keyed = raw + sys.version.encode()  # not the caller's packages: a gate's run reuses the set main built
     return FrameworkPins(path.stem, framework, script, packages, hashlib.sha256(keyed).hexdigest()[:16])
 
 
@@ -75,7 +76,8 @@ def ensure_framework_env(pins: FrameworkPins, root: Path = GATE) -> tuple[Path, 
     root.mkdir(parents=True, exist_ok=True)
     with (root / f"{pins.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return build_env(pins.name, pins.digest, root / pins.name / "venv", steps, pins.packages, shared=shared_paths())
+        shared = shared_paths(caller=False)  # this interpreter's site-packages, never a PYTHONPATH (a planted fault's)
+        return build_env(pins.name, pins.digest, root / pins.name / "venv", steps, pins.packages, shared=shared)
 
 
 def framework_config(framework: str, lora: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
