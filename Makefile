@@ -11,7 +11,7 @@ venv:
 # verl's, whose config the memory cells take (matrix/frameworks/verl.toml).
 serving-env: venv
 	$(PY) -m compat.serving vllm cpu
-	$(PY) -m compat.serving.frameworks verl
+	$(PY) -m compat.serving.frameworks verl --answers
 
 matrix: venv serving-env
 	$(PY) -m compat run --matrix matrix/ci.toml --jobs $(JOBS) --output results.json

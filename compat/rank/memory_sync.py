@@ -34,7 +34,7 @@ from compat.checks.memory_sync import (
     stream_modules,
 )
 from compat.checks.problems import Problem
-from compat.declare.adapters import Adapter, get_adapter
+from compat.declare.adapters import get_adapter
 from compat.declare.cells import Cell
 from compat.declare.families import get_family
 from compat.rank import bridge_api
@@ -45,23 +45,9 @@ from compat.rank.memory_peft import Consumer, bound, judge_consumer
 from compat.rank.model_build import Built
 from compat.rank.paths import CellPaths, write_json_atomic
 
-__all__ = ["run", "verl_lora"]
+__all__ = ["run"]
 
 STREAM, VERL, BRIDGE = "memory sync", "memory sync (verl)", "memory sync (bridge)"
-
-
-def verl_lora(adapter: Adapter) -> dict[str, Any]:
-    """verl's ``model.lora`` for the cell's adapter (verl/trainer/config/model/hf_model.yaml): the mapping
-    its Megatron engine gives ``megatron.bridge.peft.utils.create_peft`` and ``build_peft_config_for_vllm``."""
-    return {
-        "type": adapter.peft,
-        "merge": False,
-        "rank": adapter.rank,
-        "alpha": adapter.alpha,
-        "dropout": adapter.dropout,
-        "target_modules": list(adapter.targets),
-        **dict(adapter.options),
-    }
 
 
 def run(cell: Cell, built: Built, paths: CellPaths, backend: Backend, comm: Collective) -> list[Problem]:
@@ -90,7 +76,7 @@ def _judge(cell: Cell, built: Built, paths: CellPaths, stream: dict[str, Any], d
     """Rank 0: the stream against the file export, through the bridge's and verl's code, then as peft."""
     from safetensors.torch import load_file, save_file
 
-    from compat.serving.frameworks import framework_config
+    from compat.serving.frameworks import framework_config, verl_lora
 
     bridge_state, bridge_config, functions = bridge_api.adapter_in_memory(
         built.peft, list(stream.items()), str(paths.hf)

@@ -1,7 +1,7 @@
 """verl's side of the memory sync, run by verl's pinned environment (``matrix/frameworks/verl.toml``):
-``python compat/serving/verl_sync.py`` with verl's ``model.lora`` mapping as JSON on stdin.
+``python compat/serving/verl_sync.py`` with a JSON list of verl's ``model.lora`` mappings on stdin.
 
-It writes, as JSON on stdout, what verl's Megatron engine hands its rollout engine when LoRA is synced
+It writes, as a JSON list on stdout, what verl's Megatron engine hands its rollout engine when LoRA is synced
 unmerged (``lora.merge=False``): the config of verl's own ``build_peft_config_for_vllm``, called as
 ``MegatronEngine.get_per_tensor_param`` calls it, and where in verl's installed source each step of that
 sync is (file:line), found in the files rather than written down, so a verl upgrade moves them. verl
@@ -52,15 +52,16 @@ def main() -> int:
 
     from verl.utils.megatron_peft_utils import build_peft_config_for_vllm
 
-    lora = json.loads(sys.stdin.read())
-    config = build_peft_config_for_vllm(lora)
     lines, first = inspect.getsourcelines(build_peft_config_for_vllm)
-    out = {
+    where = {
         "verl": version("verl"),
-        "peft_config": {k: _plain(v) for k, v in config.items()},
         "function": f"verl/utils/megatron_peft_utils.py:{first}-{first + len(lines) - 1} (build_peft_config_for_vllm)",
         "steps": {what: _where(module, text) for module, text, what in STEPS},
     }
+    out = [
+        {"peft_config": {k: _plain(v) for k, v in build_peft_config_for_vllm(lora).items()}, **where}
+        for lora in json.loads(sys.stdin.read())
+    ]
     sys.stdout.write(json.dumps(out))
     return 0
 
