@@ -132,6 +132,7 @@ def _steps(
     if cell.sync == "memory":  # the adapter as an RL rollout takes it, before anything edits the model
         found += memory_sync.run(cell, built, paths, backend, comm)
         lap("memory sync")
+    lap.step = "delta oracle"  # what a failure below is charged to, memory cell or not
     delta_oracle.run_oracle(built.bridge, built.model, paths, comm.rank, backend.device)
     comm.barrier()
     lap("delta oracle")
