@@ -13,6 +13,7 @@ with its adapters off, run by the memory step), routing flips masked as there (`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +42,14 @@ _WHERE = ("sequence", "position", "token")
 _PREFIX = "base_model.model."
 
 
+@dataclass(frozen=True)
 class Consumer:
     """One way the stream reaches peft: its tensors (by name), its config, and how peft takes them."""
 
-    def __init__(self, who: str, tensors: dict[str, torch.Tensor], config: dict[str, Any], wrapped: bool) -> None:
-        self.who, self.tensors, self.config = who, tensors, config
-        self.wrapped = wrapped  # get_peft_model (names under base_model.model.), else inject_adapter_in_model
+    who: str
+    tensors: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    wrapped: bool  # get_peft_model (names under base_model.model.), else inject_adapter_in_model
 
 
 def bound(cell: Cell, paths: CellPaths, device: Any, metrics: dict[str, Any]) -> Tolerance:
