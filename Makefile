@@ -7,9 +7,11 @@ JOBS ?= 2
 venv:
 	@scripts/setup-venv
 
-# The pinned environment of each serving engine the CPU cells use (matrix/serving/, .gate/; cached).
+# The pinned environment of each serving engine the CPU cells use (matrix/serving/, .gate/; cached), and
+# verl's, whose config the memory cells take (matrix/frameworks/verl.toml).
 serving-env: venv
 	$(PY) -m compat.serving vllm cpu
+	$(PY) -m compat.serving.frameworks verl --answers
 
 matrix: venv serving-env
 	$(PY) -m compat run --matrix matrix/ci.toml --jobs $(JOBS) --output results.json

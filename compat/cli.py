@@ -13,7 +13,7 @@ import tempfile
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from compat.declare.cells import DTYPES, Cell
+from compat.declare.cells import DEFAULT_SYNC, DTYPES, SYNCS, Cell
 from compat.declare.plugins import ROLES
 from compat.declare.specs import SPECS
 from compat.launch import launcher as launch
@@ -79,6 +79,13 @@ def _run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--spec", default="local", help=f"one cell: layer spec, {' or '.join(SPECS)} (default: local)")
     run.add_argument(
         "--serve", action="append", default=[], help="one cell: a serving engine that loads the export too (vllm)"
+    )
+    run.add_argument(
+        "--sync",
+        default=DEFAULT_SYNC,
+        choices=SYNCS,
+        help="one cell: the adapter as files (save_hf_adapter), or also in memory as verl's rollout sync takes it "
+        "(default: file)",
     )
     run.add_argument("--expected", type=Path, help="expected outcomes (default: expected.toml beside the matrix)")
     run.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda"))

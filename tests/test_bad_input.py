@@ -70,6 +70,10 @@ CASES = {
         lambda t: ["--matrix", _matrix(t, '[[cells]]\nfamilies = ["llama"]\nlayout = ["tp1"]\n')],
         r"unknown keys \['layout'\] \('layout': did you mean 'layouts'",
     ),
+    "matrix_unknown_sync": (
+        lambda t: ["--matrix", _matrix(t, '[[cells]]\nfamilies = ["llama"]\nlayouts = ["tp1"]\nsync = ["ipc"]\n')],
+        r"unknown sync 'ipc'; known syncs: file, memory",
+    ),
     "unknown_family": (lambda t: ["--family", "gpt9", "--layout", "tp1"], r"unknown family 'gpt9'"),
     "misspelt_family": (
         lambda t: ["--family", "lama", "--layout", "tp1"],

@@ -92,11 +92,17 @@ def test_cell_ids_follow_the_contract():
     assert Cell.make("llama", Layout(tp=2), adapter="canonical", dtype="bf16", spec="te").id == (
         "llama.tp2.canonical.te.bf16"
     )
+    assert Cell.make("llama", Layout(tp=2), sync="memory").id == "llama.tp2.memory"
+    assert Cell.make("llama", Layout(tp=2), Layout(), dtype="bf16", sync="memory").id == "llama.tp2.to.tp1.bf16.memory"
+    assert Cell.make("llama_serving", Layout(), serve=("vllm",), sync="memory").id == "llama_serving.tp1.memory.vllm"
+    assert Cell.make("llama", Layout(tp=2), sync="file") == Cell.make("llama", Layout(tp=2))  # file: today's cell
 
 
 def test_cells_round_trip_through_tasks():
     cell = Cell.make("qwen3_moe", Layout(ep=2), Layout(), "experts", "bf16", "te")
     assert Cell.from_dict(cell.to_dict()) == cell
+    memory = Cell.make("llama", Layout(tp=2), sync="memory")
+    assert Cell.from_dict(memory.to_dict()) == memory
 
 
 @pytest.mark.parametrize(
@@ -107,6 +113,10 @@ def test_cells_round_trip_through_tasks():
         (("llama", Layout(), None, "per-expert", "fp32", "te"), "configures routed experts"),
         (("qwen3_moe", Layout(), None, "per-expert", "fp32", "local"), "exists only for the te spec"),
         (("llama", Layout(tp=2), None, "r5"), "rank 5, which tp=2 does not divide"),
+        (
+            ("llama", Layout(), None, "lora", "fp32", "local", (), "ipc"),
+            "unknown sync 'ipc'; known syncs: file, memory",
+        ),
     ],
 )
 def test_impossible_cells_are_refused_with_the_reason(args, message):
@@ -126,6 +136,8 @@ def test_impossible_cells_are_refused_with_the_reason(args, message):
         ("[[cells]]\nfamilies = ['llama']\nlayouts = ['tp1', 'tp=1']", "listed twice"),
         ("[[cells]]\nfamilies = ['llama']\nlayouts = ['tp1']\nlayout = ['tp=2']", "unknown keys \\['layout'\\]"),
         ("timeout = -1\n[[cells]]\nfamilies = ['llama']\nlayouts = ['tp1']", "timeout must be"),
+        ("[[cells]]\nfamilies = ['llama']\nlayouts = ['tp1']\nsync = ['disk']", "unknown sync 'disk'"),
+        ("[[cells]]\nfamilies = ['llama']\nlayouts = ['tp1']\nsync = 'memory'", "'sync' must be a non-empty list"),
     ],
 )
 def test_malformed_matrices_are_refused_with_the_reason(text, message):

@@ -45,7 +45,8 @@ def cell_of(fault: Fault, dtype: str = "fp32", adapter: str = "lora"):
     from compat.declare.layouts import Layout
 
     save, _, load = fault.layout.partition(":")
-    return Cell.make(fault.family, Layout.parse(save), Layout.parse(load) if load else None, adapter, dtype)
+    load_layout = Layout.parse(load) if load else None
+    return Cell.make(fault.family, Layout.parse(save), load_layout, adapter, dtype, sync=fault.sync)
 
 
 def run(fault: Fault, backend: str, workdir: Path, dtype: str = "fp32", **kwargs):

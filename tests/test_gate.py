@@ -196,7 +196,8 @@ def test_a_ci_matrix_that_lost_a_block_fails_naming_its_cells(monkeypatch, tmp_p
     accepted = json.loads((PINS / "accepted" / "bridge-0.6.2.json").read_text())
     kept = {c.id for c in load_matrix(lost).cells}
     gone = sorted({c.id for c in load_matrix(ci).cells} - kept)
-    assert len(gone) == 6 and {c["id"] for c in accepted["cells"]} == kept | set(gone)
+    # the accepted results hold the block and nothing the matrix lacks (cells added since, new to the gate, aside)
+    assert len(gone) == 6 and set(gone) <= {c["id"] for c in accepted["cells"]} <= kept | set(gone)
     ran = [c for c in accepted["cells"] if c["id"] in kept]
     summary = tmp_path / "summary.md"
     assert (

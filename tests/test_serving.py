@@ -121,6 +121,7 @@ def _serve_dir(tmp_path: Path, served_tensors: dict, record: dict) -> Path:
     import torch
     from safetensors.torch import save_file
 
+    tmp_path.mkdir(exist_ok=True)
     g = torch.Generator().manual_seed(0)
     base = torch.log_softmax(torch.randn(2, 15, 256, generator=g), -1)
     adapter = torch.log_softmax(base + torch.randn(2, 15, 256, generator=g), -1)
@@ -166,6 +167,46 @@ def test_compare_reports_a_refused_export(tmp_path):
     record = _check(where)
     assert record["status"] == "fail"
     assert record["problems"] == ["vllm refused the export: ValueError: bias (vllm/lora/peft_helper.py:70)"]
+
+
+MEMORY = r"vllm log-probs with the adapter from memory \(the stream, verl's config\) differ from Megatron's: mismatched"
+
+
+def test_compare_judges_the_adapter_from_memory_like_the_file(tmp_path):
+    where = _serve_dir(tmp_path / "same", {"base": "base", "adapter": "adapter", "memory": "adapter"}, {})
+    record = _check(where)
+    assert record["status"] == "pass" and record["memory_max_abs_diff"] == 0.0, record
+    where = _serve_dir(tmp_path / "lost", {"base": "base", "adapter": "adapter", "memory": "base"}, {})
+    record = _check(where)
+    assert record["status"] == "fail" and re.search(MEMORY, record["problems"][0]), record
+    refused = {"refused": {"memory": "KeyError: x (vllm/lora/lora_model.py:160)"}}
+    record = _check(_serve_dir(tmp_path / "refused", {"base": "base", "adapter": "adapter"}, refused))
+    assert record["problems"] == [
+        "vllm refused the adapter from memory (the stream, verl's config): KeyError: x (vllm/lora/lora_model.py:160)"
+    ]
+
+
+@pytest.mark.cell
+@pytest.mark.xdist_group("serving-vllm")
+def test_a_wrong_stream_is_caught_by_vllm_from_memory(monkeypatch, tmp_path, compat_backend):
+    """Rank 0's stream with q and k rows swapped (tests/faults/stream.py, ``stream_differs_on_rank0``): vLLM
+    loading the export matches Megatron; vLLM loading rank 0's stream as verl hands it does not. (A stream
+    that lost its last tensor, a lora_B, vLLM refuses: TypeError at vllm/lora/lora_weights.py:41.)"""
+    from dataclasses import replace
+
+    from test_faults import plant
+
+    from compat.launch.launcher import run_cell
+
+    if compat_backend != "cpu":
+        pytest.skip("the CPU engine's pins; the GPU's are matrix/serving/vllm-cuda.toml")
+    plant(monkeypatch, "stream_differs_on_rank0")
+    cell = replace(served(layout="tp=2"), sync="memory")
+    result = run_cell(cell, compat_backend, workdir=tmp_path, timeout=600)
+    record = result.serving["vllm"]
+    assert record["status"] == "fail" and record["max_abs_diff"] < 1e-5, record
+    assert re.search(MEMORY, "; ".join(record["problems"])), record["problems"]
+    assert record["memory_max_abs_diff"] > 1e-4  # vs 1e-5 allowed (fp32)
 
 
 @pytest.mark.cell

@@ -1,5 +1,5 @@
-"""A cell: family x layout x load layout x adapter x layer spec x dtype (x serving engines), with the
-readable id of the contract."""
+"""A cell: family x layout x load layout x adapter x layer spec x dtype x sync (x serving engines), with
+the readable id of the contract."""
 
 from __future__ import annotations
 
@@ -12,11 +12,16 @@ from compat.declare.layouts import Layout, check_fits
 from compat.declare.specs import DEFAULT_SPEC, SPECS
 from compat.declare.suggest import unknown_name
 
-__all__ = ["DEFAULT_ADAPTER", "DEFAULT_DTYPE", "DEFAULT_SPEC", "DTYPES", "Cell", "CellError"]
+__all__ = ["DEFAULT_ADAPTER", "DEFAULT_DTYPE", "DEFAULT_SPEC", "DEFAULT_SYNC", "DTYPES", "SYNCS", "Cell", "CellError"]
 
 DTYPES = ("fp32", "bf16")
 DEFAULT_ADAPTER = "lora"
 DEFAULT_DTYPE = "fp32"
+# How the adapter reaches its consumers: the HF PEFT files (save_hf_adapter), or in memory as an RL
+# framework's rollout sync streams it (export_adapter_weights on every rank, the framework's own
+# config: compat.rank.memory_sync). A memory cell checks the file export as well, and the two against each other.
+SYNCS = ("file", "memory")
+DEFAULT_SYNC = "file"
 
 
 class CellError(ValueError):
@@ -35,6 +40,7 @@ class Cell:
     dtype: str = DEFAULT_DTYPE
     spec: str = DEFAULT_SPEC
     serve: tuple[str, ...] = ()  # serving engines that load the export too (compat.serving)
+    sync: str = DEFAULT_SYNC
 
     @classmethod
     def make(
@@ -46,6 +52,7 @@ class Cell:
         dtype: str = DEFAULT_DTYPE,
         spec: str = DEFAULT_SPEC,
         serve: tuple[str, ...] = (),
+        sync: str = DEFAULT_SYNC,
     ) -> Cell:
         """Build and validate: every reason a cell cannot run is raised here, before any launch."""
         fam = get_family(family)
@@ -54,6 +61,8 @@ class Cell:
             raise CellError(unknown_name("dtype", "dtypes", dtype, DTYPES))
         if spec not in SPECS:
             raise CellError(unknown_name("layer spec", "layer specs", spec, SPECS))
+        if sync not in SYNCS:
+            raise CellError(unknown_name("sync", "syncs", sync, SYNCS))
         if kind.specs and spec not in kind.specs:
             raise CellError(
                 f"adapter {adapter} exists only for the {'/'.join(kind.specs)} spec ({kind.about}), not {spec}"
@@ -77,11 +86,11 @@ class Cell:
                         "shards LoRA A's rank over tensor parallelism (megatron/bridge/peft/utils.py:1019, "
                         "ColumnParallelLinear(in_features, dim))"
                     )
-        return cls(family, layout, load_layout, adapter, dtype, spec, tuple(serve))
+        return cls(family, layout, load_layout, adapter, dtype, spec, tuple(serve), sync)
 
     @property
     def id(self) -> str:
-        """``family.layout[.to.layout][.adapter][.spec][.dtype][.engine]``, naming only axes off their default."""
+        """``family.layout[.to.layout][.adapter][.spec][.dtype][.sync][.engine]``: only axes off their default."""
         parts = [self.family, self.layout.slug]
         if self.reshards:
             parts += ["to", self.load_layout.slug]
@@ -91,6 +100,8 @@ class Cell:
             parts.append(self.spec)
         if self.dtype != DEFAULT_DTYPE:
             parts.append(self.dtype)
+        if self.sync != DEFAULT_SYNC:
+            parts.append(self.sync)
         return ".".join(parts + list(self.serve))
 
     @property
@@ -119,6 +130,7 @@ class Cell:
             "dtype": self.dtype,
             "spec": self.spec,
             "serve": list(self.serve),
+            "sync": self.sync,
         }
 
     @classmethod
@@ -131,6 +143,7 @@ class Cell:
             dtype=data["dtype"],
             spec=data.get("spec", DEFAULT_SPEC),
             serve=tuple(data.get("serve", ())),
+            sync=data.get("sync", DEFAULT_SYNC),
         )
 
     def __str__(self) -> str:

@@ -1,4 +1,4 @@
-"""Matrix files: products of families x layouts x adapters x specs x dtypes, declared in TOML.
+"""Matrix files: products of families x layouts x adapters x specs x dtypes x syncs, declared in TOML.
 
 ```toml
 timeout = 300                     # seconds per cell launch (optional)
@@ -13,6 +13,7 @@ adapters = ["lora"]              # optional
 specs = ["local"]                # optional: "local" and/or "te"
 dtypes = ["fp32"]                # optional
 serve = ["vllm"]                 # optional: serving engines that load each export too (compat.serving)
+sync = ["file", "memory"]        # optional: how the adapter reaches them (default file; compat.rank.memory_sync)
 ```
 Every cell is validated on load (unknown names, layouts a family cannot take, duplicate ids)
 so a bad matrix is refused before anything runs.
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from compat.declare.adapters import add_adapters
-from compat.declare.cells import DEFAULT_ADAPTER, DEFAULT_DTYPE, DEFAULT_SPEC, Cell
+from compat.declare.cells import DEFAULT_ADAPTER, DEFAULT_DTYPE, DEFAULT_SPEC, DEFAULT_SYNC, Cell
 from compat.declare.families import add_families
 from compat.declare.layouts import Layout
 from compat.declare.plugins import ROLES, PluginError, Plugins
@@ -36,7 +37,7 @@ from compat.declare.suggest import key_hints
 __all__ = ["Matrix", "MatrixError", "load_matrix", "parse_matrix"]
 
 _TOP_KEYS = {"timeout", "cells", "about", "families_file", "adapters_file", *ROLES}
-_BLOCK_KEYS = {"families", "layouts", "load_layouts", "adapters", "specs", "dtypes", "serve"}
+_BLOCK_KEYS = {"families", "layouts", "load_layouts", "adapters", "specs", "dtypes", "serve", "sync"}
 
 
 class MatrixError(ValueError):
@@ -100,11 +101,12 @@ def parse_matrix(data: dict[str, Any], name: str, base: Path | None = None) -> M
             specs = _strings(block, "specs", where, [DEFAULT_SPEC])
             dtypes = _strings(block, "dtypes", where, [DEFAULT_DTYPE])
             serve = tuple(_strings(block, "serve", where, [])) if "serve" in block else ()
-            product = itertools.product(families, layouts, load_layouts, adapters, specs, dtypes)
-            for fam, lay, load, ad, spec, dt in product:
+            syncs = _strings(block, "sync", where, [DEFAULT_SYNC])
+            product = itertools.product(families, layouts, load_layouts, adapters, specs, dtypes, syncs)
+            for fam, lay, load, ad, spec, dt, sync in product:
                 if load == lay:
                     continue  # the diagonal of a resharding product is the plain cell
-                cell = Cell.make(fam, lay, load, ad, dt, spec, serve)
+                cell = Cell.make(fam, lay, load, ad, dt, spec, serve, sync)
                 if cell.id in cells:
                     raise MatrixError(f"cell {cell.id} is listed twice")
                 cells[cell.id] = cell

@@ -99,7 +99,9 @@ def _cells(args: argparse.Namespace) -> tuple[list[Cell], float | None, Plugins]
     elif args.family and args.layout:
         load = Layout.parse(args.load_layout) if args.load_layout else None
         serve = tuple(args.serve or ())
-        cell = Cell.make(args.family, Layout.parse(args.layout), load, args.adapter, args.dtype, args.spec, serve)
+        cell = Cell.make(
+            args.family, Layout.parse(args.layout), load, args.adapter, args.dtype, args.spec, serve, args.sync
+        )
         cells, timeout, plugins = [cell], None, Plugins()
     else:
         raise BadInput("give --matrix FILE, or --family F --layout L for one cell")

@@ -6,6 +6,9 @@ in is named), never scattered through the round trip:
 - ``megatron.bridge.peft.utils.load_peft_adapter_checkpoint``: first in 0.5.
 - ``megatron.bridge.peft.utils.create_peft_hook`` (applies PEFT and records the params to save):
   used where present, otherwise the same two calls it makes.
+- ``save_hf_adapter``'s renaming and config, made in memory (``adapter_in_memory``): from 0.5
+  ``convert_adapter_weights_to_peft_state`` and an inferred ``rank_pattern``; 0.4.x prefixes the names and
+  casts to fp32 itself, and ``build_adapter_config_dict`` takes no ``target_parameters`` or ``rank_pattern``.
 - ``LoRALinear.weight`` (the effective merged weight): absent in 0.4.x/0.5.x, where the same merge
   is ``megatron.bridge.peft.lora.LoRAMerge().merge(base, out, in, alpha, dim)`` (``peft.lora_merge`` from 0.6,
   also for TE grouped experts, whose merge the harness makes per expert: 0.5.1 has no ``lora_merge``): 0.4.x takes the
@@ -23,6 +26,7 @@ from typing import Any
 __all__ = [
     "MergeFailed",
     "adapter_filter",
+    "adapter_in_memory",
     "export_base_weights",
     "has_load_peft_adapter_checkpoint",
     "load_peft_adapter_checkpoint",
@@ -68,6 +72,34 @@ def save_hf_adapter(bridge: Any, model: list, path: Path, peft: Any, base: Path)
     if "show_progress" in inspect.signature(bridge.save_hf_adapter).parameters:
         kwargs["show_progress"] = False
     bridge.save_hf_adapter(model, str(path), **kwargs)
+
+
+def adapter_in_memory(
+    peft: Any, stream: list[tuple[str, Any]], base: str
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(state, config, the functions used): ``export_adapter_weights``' stream renamed and configured by the
+    bridge's own functions as the installed ``save_hf_adapter`` calls them, with no file written."""
+    from megatron.bridge.models.conversion import peft_bridge
+
+    where = "megatron/bridge/models/conversion/peft_bridge.py: "
+    if not hasattr(peft_bridge, "convert_adapter_weights_to_peft_state"):  # 0.4.x: auto_bridge.py's own loop
+        state = {f"base_model.model.{name}": tensor.clone().float() for name, tensor in stream}
+        targets = peft_bridge.infer_target_modules_from_adapter_weights(state.keys())
+        config = peft_bridge.build_adapter_config_dict(peft, target_modules=targets, base_model_name_or_path=base)
+        return state, config, where + "infer_target_modules_from_adapter_weights, build_adapter_config_dict"
+    from megatron.bridge.models.conversion.model_bridge import HFWeightTuple
+
+    raw = [HFWeightTuple(name, tensor) for name, tensor in stream]
+    state, keys, target_parameters = peft_bridge.convert_adapter_weights_to_peft_state(raw)
+    config = peft_bridge.build_adapter_config_dict(
+        peft,
+        target_modules=peft_bridge.infer_target_modules_from_adapter_weights(keys),
+        target_parameters=target_parameters,
+        base_model_name_or_path=base,
+        rank_pattern=peft_bridge.infer_rank_pattern_from_adapter_weights(raw, default_rank=getattr(peft, "dim", 32)),
+    )
+    used = "convert_adapter_weights_to_peft_state, infer_rank_pattern_from_adapter_weights, "
+    return state, config, where + used + "infer_target_modules_from_adapter_weights, build_adapter_config_dict"
 
 
 def export_base_weights(bridge: Any, model: list, keep: Any, cpu: bool = True) -> Any:

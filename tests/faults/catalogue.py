@@ -23,6 +23,7 @@ from typing import Any
 
 from faults import disrupt, parallel, tamper
 from faults.fault import Fault
+from faults.stream import STREAM_FAULTS
 from faults.tamper import Wrap
 
 __all__ = ["FAULTS", "WITHOUT_MERGED_EXPORT", "Fault", "by_name"]  # Fault re-exported from faults.fault
@@ -574,6 +575,10 @@ FAULTS += (
         kind="shape",
     ),
 )
+
+
+# Faults of the adapter stream a rollout takes in memory, which the files do not show (faults/stream.py).
+FAULTS += STREAM_FAULTS
 
 
 def by_name(name: str) -> Fault:

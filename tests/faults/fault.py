@@ -29,6 +29,7 @@ class Fault:
     timeout: float | None = None
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     notes: dict[str, Any] = field(default_factory=dict)
+    sync: str = "file"  # memory: a fault of the adapter stream a rollout takes (faults/stream.py)
 
     @property
     def id(self) -> str:
