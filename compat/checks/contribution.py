@@ -86,7 +86,10 @@ def noise_model(
     ]
     if extra is not None:
         terms.append(extra)
-    return sum(t.double() ** 2 for t in terms).sqrt()
+    total = terms[0].double() ** 2
+    for t in terms[1:]:
+        total = total + t.double() ** 2
+    return total.sqrt()
 
 
 def judge(d: torch.Tensor, ref: torch.Tensor, noise: torch.Tensor, dtype: str) -> Judgement:

@@ -15,7 +15,8 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-from compat.checks.peft_files import _pattern_matches, _summarise
+from compat.checks.adapter_names import summarise as _summarise
+from compat.checks.peft_files import _pattern_matches
 
 if TYPE_CHECKING:
     import torch

@@ -216,7 +216,7 @@ def _modules(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, dict[str, tu
             modules.setdefault(m["module"], {})[m["kind"] or m["magnitude"]] = shape
         else:
             (other if key.startswith(PREFIX) else unprefixed).append(key)
-    problems = []
+    problems: list[str] = []
     if unprefixed:
         problems.append(
             Listed(
@@ -234,7 +234,8 @@ def _modules(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, dict[str, tu
 def _shape_problems(
     modules: dict[str, dict[str, tuple[int, ...]]], base: dict[str, tuple[int, ...]], config: dict[str, Any], r0: int
 ) -> list[str]:
-    problems, unknown = [], sorted(m for m in modules if m not in base)
+    problems: list[str] = []
+    unknown = sorted(m for m in modules if m not in base)
     if unknown:
         problems.append(
             Listed(
@@ -271,7 +272,7 @@ def _shape_problems(
 
 
 def _pattern_problems(config: dict[str, Any], modules: dict[str, Any], adapter: Any) -> list[str]:
-    problems = []
+    problems: list[str] = []
     for pattern, rank in (config.get("rank_pattern") or {}).items():
         # the harness trains one rank for every module, or rank // top-k for experts (normalize_moe_lora)
         if rank != adapter.rank and not dict(adapter.options).get("normalize_moe_lora"):
@@ -291,7 +292,7 @@ def _pattern_problems(config: dict[str, Any], modules: dict[str, Any], adapter: 
 
 def _target_problems(config: dict[str, Any], modules: dict[str, Any]) -> list[str]:
     targets = config.get("target_modules") or []
-    problems = []
+    problems: list[str] = []
     untargeted = sorted(m for m in modules if not _peft_targets(targets, m))
     if untargeted:
         problems.append(
@@ -313,7 +314,7 @@ def compare_exports(got: Path, reference: Path) -> list[str]:
     from safetensors.torch import load_file
 
     a, b = load_file(got / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
-    problems = []
+    problems: list[str] = []
     missing, extra = sorted(set(b) - set(a)), sorted(set(a) - set(b))
     if missing or extra:
         problems.append(

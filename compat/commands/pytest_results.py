@@ -41,14 +41,15 @@ class ResultsCollector:
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         """Store each compat_cell test's cell id on its item (in xdist's workers too): its reports carry it."""
         for item in items:
-            cell = getattr(item, "callspec", None) and item.callspec.params.get("compat_cell")
+            spec = getattr(item, "callspec", None)
+            cell = spec.params.get("compat_cell") if spec is not None else None
             if cell is not None:
                 item.user_properties.append((CELL_PROPERTY, cell.id))
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         """Without xdist: the items left after -k, -m and deselection."""
         self.collected |= {i.nodeid for i in session.items}
-        self.cells |= {i.nodeid: v for i in session.items for k, v in i.user_properties if k == CELL_PROPERTY}
+        self.cells |= {i.nodeid: str(v) for i in session.items for k, v in i.user_properties if k == CELL_PROPERTY}
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
@@ -62,13 +63,13 @@ class ResultsCollector:
         recorded = [cast("dict[str, Any]", value) for key, value in report.user_properties if key == "compat_result"]
         for value in recorded if report.when == "call" else []:
             self.results[value["id"]] = value
-        cell = next((v for k, v in report.user_properties if k == CELL_PROPERTY), self.cells.get(report.nodeid))
+        cell = next((str(v) for k, v in report.user_properties if k == CELL_PROPERTY), self.cells.get(report.nodeid))
         if cell is not None:
             self.cells[report.nodeid] = cell
         if report.failed and not recorded and cell and cell not in self.results:
             self.results[cell] = self._crashed(cell, report)
             self.crashed.add(cell)
-        elif report.failed and cell is None and report.when == "???":
+        elif report.failed and cell is None and str(report.when) == "???":  # xdist's report of a crashed worker
             self.unknown.add(report.nodeid)
 
     def _crashed(self, cell_id: str, report: pytest.TestReport) -> dict[str, Any]:

@@ -111,6 +111,7 @@ def adapted_weights(bridge: Any, model: list) -> list[AdaptedWeight]:
         if _unknown(m):
             continue
         base = m.to_wrap
+        locals_: list[tuple[int | None, torch.Tensor]]
         if hasattr(base, "weight"):
             locals_ = [(None, base.weight)]
         else:  # TE grouped experts: weight0..weightN-1

@@ -14,6 +14,7 @@ check ends every rank together, with one reason, instead of leaving peers blocke
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from compat.checks.findings import CheckFailed
@@ -53,14 +54,14 @@ class Collective:
         dist.broadcast_object_list(box, src=src, group=self.group)
         return box[0]
 
-    def agree(self, problems: list[str | Problem], check: str) -> None:
+    def agree(self, problems: Sequence[str | Problem], check: str) -> None:
         """Exchange ``check``'s problems between all ranks; raise the same :class:`CheckFailed` on every
         rank: for a problem that leaves later checks nothing to check."""
         merged = self.collect(problems, check)
         if merged:
             raise CheckFailed(merged)
 
-    def collect(self, problems: list[str | Problem], check: str) -> list[Problem]:
+    def collect(self, problems: Sequence[str | Problem], check: str) -> list[Problem]:
         """Every rank's problems of ``check``, the same list on every rank, for the cell to go on.
 
         A problem is a message, or a :class:`Problem` carrying its tensors (its own check kept). A

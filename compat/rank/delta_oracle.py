@@ -101,6 +101,7 @@ def run_oracle(bridge: Any, weights: list[AdaptedWeight], paths: CellPaths, comm
         if comm.rank == 0:
             write_json_atomic(paths.delta_oracle, {"status": "skipped", "reason": next(w for w in whys if w)})
         return
+    assert files is not None  # every rank read them (whys are all empty)
     state = LazyDeltas(files, _base_weights(paths.hf), device)
     model_bridge = bridge._model_bridge
     entries = []

@@ -240,4 +240,5 @@ def _dora_ratio(w: AdaptedWeight) -> torch.Tensor:
     sq = (merged * merged).sum(dim=1)
     if w.row_parallel:
         sq = _summed(sq, w.group)
+    assert w.magnitude is not None  # a DoRA weight carries its magnitude (adapted_weights)
     return (w.magnitude.double().to(sq.device) / sq.sqrt()).reshape(1, -1)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from compat.checks.adapter_names import summarise as _summarise
 from compat.checks.compare import (
     ADAPTER_GROWTH,
     Tolerance,
@@ -28,7 +29,6 @@ from compat.checks.compare import (
     forward_noise,
     torch_dtype,
 )
-from compat.checks.peft_files import _summarise
 from compat.checks.upstream import first_line, upstream_frame
 from compat.declare.cells import Cell
 from compat.declare.families import get_family

@@ -67,7 +67,8 @@ def run_phase(
     A failed check is recorded and the phase goes on (``found``); only a check that leaves the
     later ones nothing to check raises, and the reason then names the steps that did not run.
     """
-    lap, found = _Laps(), []
+    lap = _Laps()
+    found: list[Problem] = []
     try:
         metrics = _steps(cell, phase, paths, backend, comm, plugins, lap, found)
     except CheckFailed as exc:

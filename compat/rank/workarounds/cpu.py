@@ -74,15 +74,15 @@ def _exchange_on_cpu() -> Iterator[None]:
             return torch.empty_like(tensor, device=cpu(device), **kwargs)  # type: ignore[arg-type]
 
     init_data, to_cuda = ShardedTensor.init_data, torch.Tensor.cuda
-    ShardedTensor.init_data = lambda self, device, *a, **k: init_data(self, cpu(device), *a, **k)  # type: ignore[method-assign]
+    ShardedTensor.init_data = lambda self, device, *a, **k: init_data(self, cpu(device), *a, **k)
     torch.Tensor.cuda = lambda t, *a, **k: t  # type: ignore[method-assign]
-    exchange_utils.torch = TorchOnCpu()  # type: ignore[assignment]
+    exchange_utils.torch = TorchOnCpu()
     try:
         yield
     finally:
         exchange_utils.torch = torch
         torch.Tensor.cuda = to_cuda  # type: ignore[method-assign]
-        ShardedTensor.init_data = init_data  # type: ignore[method-assign]
+        ShardedTensor.init_data = init_data
 
 
 def apply() -> None:
