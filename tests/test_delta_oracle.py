@@ -36,7 +36,7 @@ def adapter_dir(tmp_path):
 
 def test_file_deltas_scale_as_peft_does(adapter_dir):
     path, t = adapter_dir
-    files = FileAdapter(path)
+    files = FileAdapter.read(path)
     q = 8 / 4 * (t[f"base_model.model.{Q}.lora_B.weight"] @ t[f"base_model.model.{Q}.lora_A.weight"])
     o = 6 / 2 * (t[f"base_model.model.{OPROJ}.lora_B.weight"] @ t[f"base_model.model.{OPROJ}.lora_A.weight"])
     assert torch.equal(files.delta(Q), q) and torch.equal(files.delta(OPROJ), o)

@@ -34,16 +34,16 @@ class Factors:
 
 
 class FileAdapter:
-    """The factors of every well-formed LoRA pair in an adapter directory (``peft_files`` reports the rest)."""
+    """The factors of every well-formed LoRA pair of an adapter (``peft_files`` reports the rest): an exported
+    directory (:meth:`read`), or tensors and a config as an RL framework hands them over in memory, their
+    names with or without peft's ``base_model.model.`` prefix."""
 
-    def __init__(self, directory: Path, device: Any = "cpu") -> None:
-        from safetensors.torch import load_file
-
-        self.config = json.loads((directory / "adapter_config.json").read_text())
-        tensors = load_file(str(directory / "adapter_model.safetensors"), device=str(device))
+    def __init__(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.config = config
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         self.magnitudes: dict[str, torch.Tensor] = {}
-        for key, t in tensors.items():
+        for raw, t in tensors.items():
+            key = raw if raw.startswith("base_model.model.") else f"base_model.model.{raw}"
             if m := _KEY.match(key):
                 pairs.setdefault(m["module"], {})[m["ab"]] = t
             elif m := _MAGNITUDE.match(key):
@@ -54,6 +54,14 @@ class FileAdapter:
             if a is None or b is None or a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
                 continue
             self.factors[module] = Factors(a, b, self.scaling(module))
+
+    @classmethod
+    def read(cls, directory: Path, device: Any = "cpu") -> FileAdapter:
+        """From an exported directory: ``adapter_config.json`` and ``adapter_model.safetensors``."""
+        from safetensors.torch import load_file
+
+        config = json.loads((directory / "adapter_config.json").read_text())
+        return cls(config, load_file(str(directory / "adapter_model.safetensors"), device=str(device)))
 
     def scaling(self, module: str) -> float:
         config = self.config

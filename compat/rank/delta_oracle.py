@@ -92,7 +92,7 @@ def run_oracle(bridge: Any, weights: list[AdaptedWeight], paths: CellPaths, comm
     """Collective over the cell's ranks: each rank judges its shards; rank 0 writes every rank's entries."""
     adapter_dir = paths.where(paths.adapter)
     try:
-        files = FileAdapter(adapter_dir, device)
+        files = FileAdapter.read(adapter_dir, device)
         why = ""
     except Exception as exc:  # unreadable files: peft_files names what is wrong with them
         files, why = None, f"the exported files could not be read ({type(exc).__name__}: {str(exc)[:200]})"

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from compat.checks.adapter_files import FileAdapter
 from compat.checks.adapter_names import summarise as _summarise
 from compat.checks.compare import (
     ADAPTER_GROWTH,
@@ -27,13 +28,16 @@ from compat.checks.compare import (
     base_tolerance,
     compare,
     forward_noise,
+    positions_problem,
     torch_dtype,
 )
+from compat.checks.oracles import flight_problems
 from compat.checks.upstream import first_line, upstream_frame
 from compat.declare.cells import Cell
 from compat.declare.families import get_family
 from compat.rank.activations import capture_hf, first_divergence, input_ids, load_megatron
 from compat.rank.paths import CellPaths
+from compat.rank.peft_oracle import PeftRecorder
 from compat.rank.routing import capture_hf_routing, find_flips
 
 __all__ = ["Consumer", "bound", "judge_consumer"]
@@ -68,7 +72,7 @@ def bound(cell: Cell, paths: CellPaths, device: Any, metrics: dict[str, Any]) ->
     drift = compare(meg["logits"], base["logits"], tol, keep).max_abs_diff
     metrics["base_drift"] = drift
     modelled = forward_noise(cell.dtype, family.num_layers, family.hidden_size, base["logits"])
-    return adapter_tolerance(cell.dtype, drift, modelled)
+    return adapter_tolerance(cell.dtype, drift, modelled, base_allowed=tol.atol)
 
 
 def judge_consumer(
@@ -85,10 +89,13 @@ def judge_consumer(
     ids = input_ids(get_family(cell.family).dims.vocab_size, device)
     acts: dict[str, torch.Tensor] = {}
     hooks = capture_hf(model, acts) + capture_hf_routing(model, acts, ids)
-    with torch.no_grad():
+    with torch.no_grad(), PeftRecorder(model) as in_flight:
         acts["logits"] = model(ids).logits
     for h in hooks:
         h.remove()
+    # the forward oracle on the consumer's side: each LoRA layer against the streamed factors and this config
+    flight = in_flight.judge(FileAdapter(consumer.config, consumer.tensors), cell.dtype)
+    problems += [f"{what}: {p.message}" for p in flight_problems(flight, "in flight")]
     meg = load_megatron(paths, "adapter")
     dims = get_family(cell.family).dims
     flips = find_flips(meg, acts, cell.dtype, dims.hidden_size, ADAPTER_GROWTH)
@@ -103,7 +110,11 @@ def judge_consumer(
             + routed
         )
     problems += [f"{what}: {p}" for p in (flips.problems() if flips is not None else [])]
-    return problems, {"status": "pass" if not problems else "fail", "max_abs_diff": c.max_abs_diff}
+    few = positions_problem(keep, what)
+    problems += [few] if few else []
+    judged = sum(1 for e in flight if e.get("judged"))
+    return problems, {"status": "pass" if not problems else "fail", "max_abs_diff": c.max_abs_diff,
+                      "in_flight_judged": judged}  # fmt: skip
 
 
 def _build(cell: Cell, paths: CellPaths, consumer: Consumer, device: Any) -> tuple[Any, Any]:

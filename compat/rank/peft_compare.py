@@ -150,7 +150,7 @@ def _peft_entries(recorder: PeftRecorder, paths: CellPaths, dtype: str, device: 
     from compat.checks.adapter_files import FileAdapter
 
     try:
-        files = FileAdapter(paths.where(paths.adapter), device)
+        files = FileAdapter.read(paths.where(paths.adapter), device)
     except Exception:  # an unreadable export is the files check's finding
         return None
     return recorder.judge(files, dtype)
