@@ -147,7 +147,7 @@ def _weight(m: Any, w: torch.Tensor, i: int | None, task: Any) -> AdaptedWeight:
     group = _base_group(m)
     size = _size(group)
     out.group = group
-    out.row_parallel = size > 1 and getattr(w, "partition_dim", 0) == 1 and getattr(w, "tensor_model_parallel", False)
+    out.row_parallel = size > 1 and _row_parallel(m.to_wrap, w)
     out.reduced = (
         out.row_parallel
         and not getattr(m.to_wrap, "explicit_expert_comm", False)
@@ -169,6 +169,19 @@ def _weight(m: Any, w: torch.Tensor, i: int | None, task: Any) -> AdaptedWeight:
             out.kind = "dora"
             out.magnitude = m.adapter.get_weight_magnitude().detach().float()
     return out
+
+
+def _row_parallel(base: Any, w: torch.Tensor) -> bool:
+    """Whether the base linear splits its input over its group, as megatron-core builds it: TE's parallel mode,
+    else the class (local and TE linears are named Row/ColumnParallel...), else the weight's own marks
+    (``partition_dim``, which megatron-core 0.17 leaves at -1 on weights the bridge 0.4 re-wraps)."""
+    mode = getattr(base, "parallel_mode", None)
+    if mode in ("row", "column"):
+        return bool(mode == "row")
+    name = type(base).__name__
+    if "RowParallel" in name or "ColumnParallel" in name:
+        return "RowParallel" in name
+    return getattr(w, "partition_dim", 0) == 1 and bool(getattr(w, "tensor_model_parallel", False))
 
 
 def _qkv_rows(config: Any, tp: int, rows: int) -> dict[str, torch.Tensor]:
