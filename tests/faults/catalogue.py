@@ -1,108 +1,45 @@
 """The fault catalogue: each fault the harness must catch, planted where it would really happen.
 
-A fault is data: the smallest cell that shows it, the upstream functions it wraps (patched in
-every rank right after their module is imported, see ``hook.py``; the wrappers: ``tamper.py``), and
-the patterns the cell's ``reason`` must contain, in every dtype it runs in (``expect``) and in fp32
-alone (``fp32``: where the fp32 tolerance locates the first divergence). ``COMPAT_FAULT=<name>`` with
-``tests/faults/plant`` on PYTHONPATH plants it. Nothing here imports torch or megatron at module
+A fault is data: the smallest cell that shows it, the upstream functions it wraps (patched in every rank
+right after their module is imported, ``hook.py``; the wrappers: ``tamper.py``, ``checkpoints.py``, ...),
+and the patterns its ``reason`` must contain in every dtype (``expect``) and in fp32 alone (``fp32``).
+``COMPAT_FAULT=<name>`` with ``tests/faults/plant`` on PYTHONPATH plants it. Nothing here imports torch or megatron at module
 level: the test process reads the catalogue to parametrize, and only the ranks run the wrappers.
 
-Check faults (``kind="check"``) must end the cell ``fail``, in fp32 and in bf16; run faults
-(``kind="run"``) break the run itself (a rank raises or hangs, upstream code raises where it used
-to be taken for a missing component) and are driven by tests/test_run_faults.py; shape faults
-(``kind="shape"``) leave the declared family's cell passing and must be found, and shrunk, by
-``compat fuzz`` (tests/test_fuzz.py); unmet faults (``kind="unmet"``) add a problem to a cell expected
-to fail and must leave it unmet (tests/test_faults.py).
+Check faults (``kind="check"``) must end the cell ``fail``, in fp32 and in bf16; run faults (``runs.py``)
+break the run itself (tests/test_run_faults.py); shape faults must be found and shrunk by ``compat fuzz``
+(tests/test_fuzz.py); unmet faults add a problem to a cell expected to fail and must leave it unmet.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from faults import disrupt, parallel, tamper
+from faults import checkpoints, parallel, tamper
 from faults.fault import Fault
+from faults.oracles import ORACLE_FAULTS
+from faults.runs import RUN_FAULTS
 from faults.stream import STREAM_FAULTS
 from faults.tamper import Wrap
+from faults.targets import (
+    AUTO_BRIDGE,
+    CKPT_FILTER,
+    DELTAS,
+    DIST_CKPT,
+    FULLY_PARALLEL,
+    LORA_MERGE,
+    MODEL_BRIDGE,
+    PARAM_MAPPING,
+    PEFT_BRIDGE,
+    PEFT_UTILS,
+    WITHOUT_MERGED_EXPORT,
+    _export,
+    _saved,
+    mismatch_at,
+)
 
 __all__ = ["FAULTS", "WITHOUT_MERGED_EXPORT", "Fault", "by_name"]  # Fault re-exported from faults.fault
-
-AUTO_BRIDGE = "megatron.bridge.models.conversion.auto_bridge"
-PEFT_BRIDGE = "megatron.bridge.models.conversion.peft_bridge"
-PARAM_MAPPING = "megatron.bridge.models.conversion.param_mapping"
-PEFT_UTILS = "megatron.bridge.peft.utils"
-DIST_CKPT = "megatron.core.dist_checkpointing"
-FULLY_PARALLEL = "megatron.core.dist_checkpointing.strategies.fully_parallel"
-CKPT_FILTER = "megatron.bridge.training.checkpointing"
-MODEL_BRIDGE = "megatron.bridge.models.conversion.model_bridge"
-LORA_MERGE = "megatron.bridge.peft.lora_merge"
-GPT_SPECS = "megatron.core.models.gpt.gpt_layer_specs"
-
-# What a logits mismatch says (compat/checks/compare.py), with the measured difference and tolerance.
-LOGITS = r"Megatron logits differ from peft\.PeftModel logits: mismatched elements: \d+ / \d+"
-DIFF = (
-    r"greatest absolute difference: \d\.\d+e[-+]\d+ at sequence \d+, position \d+, token \d+ "
-    r"\(up to [\d.e-]+ allowed\)"
-)
-# What the at-rest oracle (compat/rank/delta_oracle.py) says, naming the HF weights of .format(modules) (a regex).
-DELTAS = (
-    r"the exported delta, mapped into Megatron's layout by the bridge's import conversion, differs from "
-    r"Megatron's stored delta in \d+ of \d+ weights .*\.layers\.{}\.weight[^(]* \(layer \d+(?: expert \d+)?, rows "
-)
-
-
-def in_flight(side: str, megatron: str, gain: str) -> str:
-    """What the forward oracle says of one side (``Megatron``, ``peft``): a weight named by ``megatron``
-    (a regex) whose forward adds ``gain`` x its stored adapter's product, with its layer (and expert)."""
-    return (
-        rf"in flight, {side}: \d+ of \d+ adapted weights add another contribution in the forward pass than their "
-        rf"stored adapter's scale \* x A\^T B\^T: .*{megatron}[^(]* \(layer \d+(?: expert \d+)?, gain {gain}"
-    )
-
-
-EXPERTS = r"decoder\.layers\.\d\.mlp\.experts\.\S+\.weight\d* = model\.layers\.\d\.mlp\.experts\.\d+\."
-ATTENTION = r"decoder\.layers\.\d\.self_attention\.linear_(?:qkv|proj)\.weight"
-FP32_DIFF = r"greatest absolute difference: \d\.\d+e[-+]\d+ at .* \(up to 1e-05 allowed\)"
-
-
-def diverges_at(layer: int, part: str) -> str:
-    return rf"first divergence: layer {layer} {part} \(max \|diff\| \d\.\d+e[-+]\d+, up to 1e-05 allowed\)"
-
-
-def weights_differ(modules: str) -> str:
-    """peft's merged weights differ from the bridge's merged export in the tensors ``modules`` (a regex) names."""
-    return (
-        r"peft merge_and_unload's weights differ from the bridge's merged HF export in \d+ of \d+ tensors, "
-        rf"e\.g\. model\.layers\.{modules}\.weight \(max \|diff\| \d\.\d+e[-+]\d+, up to atol="
-    )
-
-
-def mismatch_at(layer: int, part: str, modules: str = "") -> dict[str, tuple[str, ...]]:
-    """In fp32: a logits mismatch located at ``layer`` ``part`` against 1e-05. In every dtype: the merged
-    weights and deltas differ in ``modules`` (where the fault is in the adapter export alone), or the logits do."""
-    common = (weights_differ(modules), DELTAS.format(modules)) if modules else (LOGITS, DIFF)
-    return {"expect": common, "fp32": (LOGITS, FP32_DIFF, diverges_at(layer, part))}
-
-
-def _export(fn: Callable[[dict[str, Any]], dict[str, Any]]) -> tuple[str, str, Wrap]:
-    return (AUTO_BRIDGE, "AutoBridge.export_adapter_weights", tamper.transform_export(fn))
-
-
-def _saved(fn: Callable[[Path], None]) -> tuple[str, str, Wrap]:
-    return (AUTO_BRIDGE, "AutoBridge.save_hf_adapter", tamper.after_adapter_saved(fn))
-
-
-WITHOUT_MERGED_EXPORT = (AUTO_BRIDGE, "AutoBridge.save_hf_weights", tamper.without_merged_export)
-ADAPTER_FORWARDS = ("ParallelLinearAdapter.forward", "GroupedExpertLinearAdapter.forward",
-                    "SharedOuterGroupedExpertAdapter.forward")  # fmt: skip
-
-
-def _scaled(factor: float, experts: bool) -> tuple[tuple[str, str, Wrap], ...]:
-    """Every adapter class's forward scaled (which one a cell uses depends on its spec and mode), the
-    merged export hidden: the per-module oracles alone must catch it."""
-    wrap = tamper.scale_adapter_forward(factor, experts)
-    return (*((PEFT_UTILS, f, wrap) for f in ADAPTER_FORWARDS), WITHOUT_MERGED_EXPORT)
 
 
 def _config(fn: Callable[[dict[str, Any]], None]) -> tuple[str, str, Wrap]:
@@ -283,7 +220,7 @@ FAULTS: tuple[Fault, ...] = (
         "a dist checkpoint shard overwritten in the middle after saving (same size)",
         "llama",
         "tp1",
-        ((DIST_CKPT, "save", tamper.after_checkpoint_saved(tamper.corrupt)),),
+        ((DIST_CKPT, "save", tamper.after_checkpoint_saved(checkpoints.corrupt)),),
         (r"rank 0: cannot load the adapter checkpoint", r"checkpoint/__0_0\.distcp bytes \d+-\d+ \(\S+\) do not load"),
     ),
     Fault(
@@ -299,7 +236,7 @@ FAULTS: tuple[Fault, ...] = (
         "the checkpoint load hands back one adapter tensor off by 1e-3",
         "llama",
         "tp1",
-        ((DIST_CKPT, "load", tamper.perturb_loaded),),
+        ((DIST_CKPT, "load", checkpoints.perturb_loaded),),
         (r"rank 0: adapter not restored: \S+adapter\S+ \(chunk 0\): max \|diff\| \d\.\d+e-03, expected bit-exact",),
     ),
     Fault(
@@ -318,7 +255,7 @@ FAULTS: tuple[Fault, ...] = (
         "the checkpoint load hands back one adapter tensor off by 1e-3 on rank 1 only",
         "llama",
         "tp=2",
-        ((DIST_CKPT, "load", tamper.perturb_loaded_on_rank1),),
+        ((DIST_CKPT, "load", checkpoints.perturb_loaded_on_rank1),),
         (r"rank 1: adapter not restored: \S+adapter\S+ \(chunk 0\): max \|diff\| \d\.\d+e-03, expected bit-exact",),
     ),
     Fault(
@@ -326,7 +263,7 @@ FAULTS: tuple[Fault, ...] = (
         "the PEFT filter lets a base-model tensor into the adapter checkpoint",
         "llama",
         "tp=2",
-        ((CKPT_FILTER, "apply_peft_adapter_filter_to_state_dict", tamper.filter_keeps_a_base_tensor),),
+        ((CKPT_FILTER, "apply_peft_adapter_filter_to_state_dict", checkpoints.filter_keeps_a_base_tensor),),
         (r"rank 0: checkpoint holds \d+ base-model tensors, e\.g\. \['\S+'",),
     ),
     Fault(
@@ -334,7 +271,7 @@ FAULTS: tuple[Fault, ...] = (
         "the PEFT filter drops the MLP fc1 LoRA-A of every layer from the checkpoint",
         "llama",
         "tp1",
-        ((CKPT_FILTER, "apply_peft_adapter_filter_to_state_dict", tamper.filter_drops_fc1_lora_a),),
+        ((CKPT_FILTER, "apply_peft_adapter_filter_to_state_dict", checkpoints.filter_drops_fc1_lora_a),),
         (
             r"rank 0: checkpoint lacks 4 of \d+ adapter shards, e\.g\. "
             r"\['decoder\.layers\.mlp\.linear_fc1\.adapter\.linear_in\.weight at offset \(0, 0, 0\)'",
@@ -345,7 +282,7 @@ FAULTS: tuple[Fault, ...] = (
         "the bridge's own loader (load_peft_adapter_checkpoint) restores one value wrongly",
         "llama",
         "tp1",
-        ((PEFT_UTILS, "load_peft_adapter_checkpoint", tamper.bridge_loader_corrupts),),
+        ((PEFT_UTILS, "load_peft_adapter_checkpoint", checkpoints.bridge_loader_corrupts),),
         (r"load_peft_adapter_checkpoint: \S+adapter\S+ \(chunk 0\): max \|diff\| \d\.\d+e-03, expected bit-exact",),
     ),
     Fault(
@@ -421,133 +358,6 @@ FAULTS: tuple[Fault, ...] = (
         ((PEFT_UTILS, "gather_from_sequence_parallel_region", parallel.sp_gather_drops_last_chunk),),
         **mismatch_at(0, "self_attn"),
     ),
-    # -- faults only the per-module oracles see (the merged export hidden, as before merge_adapter_weights) --
-    Fault(
-        "expert_forward_scaled",
-        "every expert adapter adds 1.3x its delta in Megatron's forward pass only (stored values, export right)",
-        "qwen3_moe",
-        "tp1",
-        _scaled(1.3, experts=True),
-        (in_flight("Megatron", EXPERTS, r"1\.(?:29|30)"),),
-    ),
-    Fault(
-        "expert_forward_scaled_2pct",
-        "every expert adapter adds 1.02x its delta in Megatron's forward pass only",
-        "qwen3_moe",
-        "tp1",
-        _scaled(1.02, experts=True),
-        (in_flight("Megatron", EXPERTS, r"1\.0[12]"),),
-    ),
-    Fault(
-        "attention_forward_scaled_2pct",
-        "every attention adapter adds 1.02x its delta in Megatron's forward pass only",
-        "llama",
-        "tp1",
-        _scaled(1.02, experts=False),
-        (in_flight("Megatron", ATTENTION, r"1\.0[12]"),),
-    ),
-    Fault(
-        "qkv_export_split_swaps_key_groups",
-        "the Megatron -> HF QKV split swaps key groups 0 and 1 (adapter and base exports alike; import right)",
-        "llama",
-        "tp1",
-        (
-            (PARAM_MAPPING, "split_qkv_weights", tamper.swap_key_groups),
-            (PEFT_BRIDGE, "split_qkv_weights", tamper.swap_key_groups),
-            WITHOUT_MERGED_EXPORT,
-        ),
-        (DELTAS.format(r"\d\.self_attn\.k_proj"),),
-    ),
-    Fault(
-        "module_delta_2pct",
-        "layer 2's o_proj delta exported 2% too large",
-        "llama",
-        "tp1",
-        (_export(tamper.delta_two_percent_off), WITHOUT_MERGED_EXPORT),
-        (DELTAS.format(r"2\.self_attn\.o_proj"),),
-    ),
-    Fault(
-        "peft_logits_nan",
-        "peft's forward returns one NaN logit",
-        "llama",
-        "tp1",
-        (
-            ("peft.peft_model", "PeftModel.forward", tamper.nan_in_peft_logits),
-            ("peft.peft_model", "PeftModelForCausalLM.forward", tamper.nan_in_peft_logits),
-        ),
-        (
-            LOGITS
-            + r" \(\d+\.\d%\) \(1 not finite\); greatest absolute difference: inf at sequence 0, position 3, token 5",
-        ),
-    ),
-    # -- run faults: tests/test_run_faults.py ------------------------------------------------------
-    Fault(
-        "conversion_raises",
-        "HF -> Megatron weight conversion raises an AttributeError (a regression, not a missing component)",
-        "llama",
-        "tp1",
-        ((MODEL_BRIDGE, "MegatronModelBridge.load_weights_hf_to_megatron", disrupt.conversion_raises),),
-        (r"^rank 0 raised AttributeError: planted fault", r"in load_weights_hf_to_megatron"),
-        kind="run",
-        status="error",
-        dtypes=("fp32",),
-    ),
-    Fault(
-        "bridge_module_missing",
-        "a module inside megatron-bridge fails to import while the model is built (an error, not 'unsupported: "
-        "needs the package megatron.bridge.models...')",
-        "llama",
-        "tp1",
-        (
-            (
-                MODEL_BRIDGE,
-                "MegatronModelBridge.load_weights_hf_to_megatron",
-                disrupt.raising(disrupt.internal_module_missing),
-            ),
-        ),
-        (
-            r"^rank 0 raised ModuleNotFoundError: planted fault: "
-            r"No module named 'megatron\.bridge\.models\.planted_missing'",
-        ),
-        kind="run",
-        status="error",
-        dtypes=("fp32",),
-    ),
-    Fault(
-        "te_spec_builder_raises",
-        "the TE layer spec a family's spec builds on raises a TypeError unrelated to TE being absent (an error, "
-        "not 'unsupported: needs transformer_engine')",
-        "minimax_m2",
-        "tp1",
-        ((GPT_SPECS, "get_gpt_layer_with_transformer_engine_spec", disrupt.raising(disrupt.spec_regression)),),
-        (r"^rank 0 raised TypeError: planted fault: get_gpt_layer_with_transformer_engine_spec\(\)",),
-        kind="run",
-        status="error",
-        dtypes=("fp32",),
-    ),
-    Fault(
-        "rank1_raises",
-        "rank 1 raises in save_hf_adapter",
-        "llama",
-        "tp=2",
-        ((AUTO_BRIDGE, "AutoBridge.save_hf_adapter", disrupt.only_rank(1, disrupt.planted_raise)),),
-        (r"rank 1 raised RuntimeError: planted fault", r"Traceback", r"in planted_raise"),
-        kind="run",
-        status="error",
-        dtypes=("fp32",),
-    ),
-    Fault(
-        "rank1_hangs",
-        "rank 1 sleeps forever while importing megatron.core (early, so a short timeout still finds it)",
-        "llama",
-        "tp=2",
-        (("megatron.core", "", disrupt.on_import_in_rank(1, disrupt.planted_hang_forever)),),
-        (r"timed out after \d+s", r"rank 1 was killed by signal SIGKILL", r"in planted_hang_forever"),
-        kind="run",
-        status="error",
-        timeout=60,
-        dtypes=("fp32",),
-    ),
 )
 
 
@@ -578,7 +388,7 @@ FAULTS += (
 
 
 # Faults of the adapter stream a rollout takes in memory, which the files do not show (faults/stream.py).
-FAULTS += STREAM_FAULTS
+FAULTS += ORACLE_FAULTS + RUN_FAULTS + STREAM_FAULTS
 
 
 def by_name(name: str) -> Fault:
