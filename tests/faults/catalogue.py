@@ -3,8 +3,8 @@
 A fault is data: the smallest cell that shows it, the upstream functions it wraps (patched in every rank
 right after their module is imported, ``hook.py``; the wrappers: ``tamper.py``, ``checkpoints.py``, ...),
 and the patterns its ``reason`` must contain in every dtype (``expect``) and in fp32 alone (``fp32``).
-``COMPAT_FAULT=<name>`` with ``tests/faults/plant`` on PYTHONPATH plants it. Nothing here imports torch or megatron at module
-level: the test process reads the catalogue to parametrize, and only the ranks run the wrappers.
+``COMPAT_FAULT=<name>`` with ``tests/faults/plant`` on PYTHONPATH plants it. Nothing here imports torch
+or megatron at module level: the test process reads the catalogue, only the ranks run the wrappers.
 
 Check faults (``kind="check"``) must end the cell ``fail``, in fp32 and in bf16; run faults (``runs.py``)
 break the run itself (tests/test_run_faults.py); shape faults must be found and shrunk by ``compat fuzz``
