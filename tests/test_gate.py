@@ -121,8 +121,8 @@ DORA = {"check": "files", "message": "use_dora is set but 28 of 28 modules carry
             [_cell("a", "timeout", "error", False)],
             [_cell("a", "error", "error")],
             ("--accept",),
-            1,
-            id="unmet-even-when-accepting",
+            2,  # refused: an unmet cell is never accepted (the file is left as it was)
+            id="unmet-refuses-accepting",
         ),
         pytest.param(
             [_cell("a", "fail", "fail", True, [ALPHA])],
@@ -314,6 +314,7 @@ def test_accept_with_a_subset_matrix_is_refused_and_the_file_is_unchanged(monkey
         ({"selection": {"k": "", "shard": "1/2"}}, ("--accept",), "the run was narrowed"),
         ({}, ("--accept", "--forget", "zz", "--why", "w"), "not in the accepted results"),
         ({}, ("--forget", "a"), "give it with --accept and --why"),
+        ({"cells": [_cell("a", "fail", "pass", False)]}, ("--accept",), "1 cells missed their expected outcome (a)"),
     ],
 )
 def test_accept_refuses_what_would_not_be_the_same_baseline(monkeypatch, tmp_path, capsys, results, flags, needle):

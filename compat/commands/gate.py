@@ -254,12 +254,19 @@ def _check_matrix(accepted: dict[str, Any], matrix: str, path: Path) -> None:
 
 
 def _check_acceptable(results: dict[str, Any], accepted: dict[str, Any] | None, forget: set[str], path: Path) -> None:
-    """A run the accepted results may be replaced with: the whole matrix, not narrowed, on the same kind
-    of device, holding every accepted cell that is not being forgotten. GateError otherwise."""
+    """A run the accepted results may be replaced with: the whole matrix, not narrowed, every cell met, on the
+    same kind of device, holding every accepted cell that is not being forgotten. GateError otherwise."""
     selection = results.get("selection") or {}
     narrowed = {k: selection[k] for k in ("k", "shard") if selection.get(k)}
     if narrowed:
         raise GateError(f"the run was narrowed ({narrowed}): --accept takes a run of the whole matrix")
+    unmet = sorted(c["id"] for c in results.get("cells", []) if not c.get("met", True))
+    if unmet:  # a baseline holds outcomes someone vouched for: an unmet cell's expectation is to be fixed first
+        shown = ", ".join(unmet[:10]) + (f" (+{len(unmet) - 10} more)" if len(unmet) > 10 else "")
+        raise GateError(
+            f"{len(unmet)} cells missed their expected outcome ({shown}): give each its expectation in "
+            "matrix/expected.toml (the cause's text, the upstream line), then accept"
+        )
     if accepted is None:
         return
     then, now = device_kind(accepted.get("device")), device_kind(results.get("device"))
