@@ -113,3 +113,19 @@ def test_noise_bounds_keep_the_toy_table_and_grow_with_size():
     # a measured maximum below the model does not shrink the bound (matrix/noise/ seed 2: 0.0625 against 0.104)
     assert adapter_tolerance("bf16", 0.0625, 0.104).atol == 4 * 0.104
     assert adapter_tolerance("bf16", 0.11, 0.104).atol == 0.44
+
+
+def test_the_bounds_derive_from_the_bases_once_for_every_path():
+    """Both paths that compare adapted logits (the file export's peft, the in-memory consumers) take their
+    bound from bounds_from_bases: the measured base drift, the model, capped at the base bound."""
+    from compat.checks.compare import base_tolerance, bounds_from_bases, forward_noise
+
+    torch.manual_seed(0)
+    hf = torch.randn(2, 16, 256)
+    close = bounds_from_bases("bf16", 4, 64, hf + 0.01, hf)
+    assert close.drift.max_abs_diff == pytest.approx(0.01, rel=1e-3) and close.drift.ok
+    assert close.modelled == forward_noise("bf16", 4, 64, hf)
+    assert close.adapted == adapter_tolerance("bf16", close.drift.max_abs_diff, close.modelled)
+    broken = bounds_from_bases("bf16", 4, 64, hf + 3.0, hf)  # a conversion fault: the bound stops at the base's
+    assert not broken.drift.ok
+    assert broken.adapted.atol == pytest.approx(ADAPTER_GROWTH * base_tolerance("bf16", 4, 64, hf).atol)

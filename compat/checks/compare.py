@@ -25,10 +25,12 @@ __all__ = [
     "NOISE_SAFETY",
     "TOLERANCES",
     "WEIGHT_TOLERANCES",
+    "Bounds",
     "Comparison",
     "Tolerance",
     "adapter_tolerance",
     "base_tolerance",
+    "bounds_from_bases",
     "compare",
     "effect_problem",
     "forward_noise",
@@ -86,6 +88,28 @@ def base_tolerance(dtype: str, layers: int, hidden: int, reference: torch.Tensor
     """What the base models may drift apart at this size and dtype: NOISE_SAFETY x the modelled drift."""
     t = TOLERANCES[dtype]
     return Tolerance(atol=max(t.atol, NOISE_SAFETY * forward_noise(dtype, layers, hidden, reference)), rtol=t.rtol)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The two base models compared, and the bounds that follow from them (written once, for every path
+    that compares adapted logits: the file export's peft, the in-memory consumers)."""
+
+    base: Tolerance  # what the base models may drift apart: NOISE_SAFETY x the modelled drift
+    drift: Comparison  # the base models' comparison under it (its max_abs_diff is the measured drift)
+    modelled: float  # forward_noise at this size and dtype
+    adapted: Tolerance  # the adapted logits' bound (adapter_tolerance, capped at the base bound)
+
+
+def bounds_from_bases(
+    dtype: str, layers: int, hidden: int, megatron: torch.Tensor, hf: torch.Tensor, keep: torch.Tensor | None = None
+) -> Bounds:
+    """Compare the base models' logits (``keep``: the positions before routing flips) and derive the bounds."""
+    base = base_tolerance(dtype, layers, hidden, hf)
+    drift = compare(megatron, hf, base, keep)
+    modelled = forward_noise(dtype, layers, hidden, hf)
+    adapted = adapter_tolerance(dtype, drift.max_abs_diff, modelled, base_allowed=base.atol)
+    return Bounds(base, drift, modelled, adapted)
 
 
 def adapter_tolerance(

@@ -25,9 +25,8 @@ from compat.checks.compare import (
     ADAPTER_GROWTH,
     Tolerance,
     adapter_tolerance,
-    base_tolerance,
+    bounds_from_bases,
     compare,
-    forward_noise,
     positions_problem,
     torch_dtype,
 )
@@ -68,11 +67,9 @@ def bound(cell: Cell, paths: CellPaths, device: Any, metrics: dict[str, Any]) ->
         return adapter_tolerance(cell.dtype, None)
     flips = find_flips(meg, base, cell.dtype, family.hidden_size)
     keep = flips.keep() if flips is not None and flips.flips else None
-    tol = base_tolerance(cell.dtype, family.num_layers, family.hidden_size, base["logits"])
-    drift = compare(meg["logits"], base["logits"], tol, keep).max_abs_diff
-    metrics["base_drift"] = drift
-    modelled = forward_noise(cell.dtype, family.num_layers, family.hidden_size, base["logits"])
-    return adapter_tolerance(cell.dtype, drift, modelled, base_allowed=tol.atol)
+    bounds = bounds_from_bases(cell.dtype, family.num_layers, family.hidden_size, meg["logits"], base["logits"], keep)
+    metrics["base_drift"] = bounds.drift.max_abs_diff
+    return bounds.adapted
 
 
 def judge_consumer(

@@ -16,12 +16,12 @@ import torch
 from compat.checks.compare import (
     ADAPTER_GROWTH,
     WEIGHT_TOLERANCES,
+    Bounds,
     Tolerance,
     adapter_tolerance,
-    base_tolerance,
+    bounds_from_bases,
     compare,
     effect_problem,
-    forward_noise,
     merged_tolerance,
     positions_problem,
     token_agreement,
@@ -82,11 +82,9 @@ def compare_with_peft(
         base = _forward(hf, ids)
     base_logits = base["logits"]
     metrics: dict[str, Any] = {}
-    problems += _base_problems(cell, paths, base_logits, base, metrics)
-    drift = metrics["tolerance"]
-    tol = adapter_tolerance(
-        cell.dtype, drift.get("base_drift"), drift.get("base_drift_modelled", 0.0), base_allowed=drift.get("base_atol")
-    )
+    found, bounds = _base_problems(cell, paths, base_logits, base, metrics)
+    problems += found
+    tol = bounds.adapted if bounds else adapter_tolerance(cell.dtype, None)
     metrics["tolerance"]["adapter_allowed"] = str(tol)
     try:
         peft_model = PeftModel.from_pretrained(hf, str(paths.where(paths.adapter))).eval()
@@ -184,7 +182,7 @@ def _routing(
 
 def _base_problems(
     cell: Cell, paths: CellPaths, base_logits: torch.Tensor, routing: dict[str, torch.Tensor], metrics: dict[str, Any]
-) -> list[Problem]:
+) -> tuple[list[Problem], Bounds | None]:
     """Megatron with its adapters switched off must compute the HF base model: else a mismatch
     below is the bridge's model conversion, not the adapter's export. Records the drift measured
     and allowed in ``metrics["tolerance"]`` (``compat.checks.compare``: the adapted logits' bound derives from it)."""
@@ -193,18 +191,18 @@ def _base_problems(
             "this megatron-bridge's PEFT has no enable/disable_adapter_layers: Megatron's base model was not run"
         )
         metrics["tolerance"] = {"base_drift": None, "derivation": "no base-model forward: the table"}
-        return []
+        return [], None
     dims = get_family(cell.family).dims
-    tol = base_tolerance(cell.dtype, dims.num_layers, dims.hidden_size, base_logits)
     meg, problems = load_megatron(paths, "base"), []
     keep, flipped, rerouted = _routing(cell, meg, routing, "base", metrics)
-    c = compare(meg["logits"], base_logits, tol, keep)
+    bounds = bounds_from_bases(cell.dtype, dims.num_layers, dims.hidden_size, meg["logits"], base_logits, keep)
+    c = bounds.drift
     metrics["tolerance"] = {
         "base_drift": c.max_abs_diff,
-        "base_allowed": str(tol),
-        "base_atol": tol.atol,
+        "base_allowed": str(bounds.base),
         "base_rms": float(base_logits.double().pow(2).mean().sqrt()),
-        "base_drift_modelled": forward_noise(cell.dtype, dims.num_layers, dims.hidden_size, base_logits),
+        "base_drift_modelled": bounds.modelled,
+        "adapter_allowed": str(bounds.adapted),
         "derivation": "base: max(table, NOISE_SAFETY x sqrt(L) x u x rms x sqrt(2 ln N)); "
         "adapter: max(table, ADAPTER_GROWTH x max(min(base drift, base bound), modelled)) (compat/checks/compare.py)",
     }
@@ -214,7 +212,7 @@ def _base_problems(
         )
     else:
         problems += [Problem("routing", r) for r in rerouted]
-    return problems
+    return problems, bounds
 
 
 def _hf_model(directory: Path, dtype: torch.dtype, device: Any) -> Any:
