@@ -297,9 +297,7 @@ def _merged_weights(merged_model: Any, paths: CellPaths, dtype: torch.dtype, dev
     wrong split (q/k, gate/up) shows in bf16 as clearly as in fp32, named by tensor.
     """
     k = WEIGHT_TOLERANCES[{torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]]
-    # In checkpoint naming, as the bridge writes it (transformers fuses MoE experts only in memory).
-    merged_model.save_pretrained(paths.peft_merged)
-    exported, ours = _safetensors(paths.merged), _safetensors(paths.peft_merged)
+    ours, exported = _checkpoint_state(merged_model, paths), _Lazy(paths.merged)
     problems, worst = [], 0.0
     missing, extra = sorted(set(exported) - set(ours)), sorted(set(ours) - set(exported))
     if missing or extra:
@@ -307,11 +305,13 @@ def _merged_weights(merged_model: Any, paths: CellPaths, dtype: torch.dtype, dev
             f"the merged exports hold other tensors: {len(missing)} only in the bridge's (e.g. {missing[:2]}), "
             f"{len(extra)} only in peft's (e.g. {extra[:2]})"
         )
-    differ, base = [], _Base(paths.hf)
+    differ, base = [], _Lazy(paths.hf)
     for name in sorted(set(exported) & set(ours)):
-        if exported[name].dtype == ours[name].dtype and torch.equal(exported[name], ours[name]):
-            continue  # 0 apart, within any tolerance (most tensors: no adapter touches them); read on the host
-        got, want = exported[name].to(device).double(), ours[name].to(device).double()  # on the cell's device
+        want = ours[name]
+        got = exported[name].to(want.device)
+        if got.dtype == want.dtype and torch.equal(got, want):
+            continue  # 0 apart, within any tolerance (most tensors: no adapter touches them)
+        got, want = got.to(device).double(), want.to(device).double()  # on the cell's device
         delta = float((want - base[name].to(device).double()).abs().max()) if name in base else 0.0
         tol = Tolerance(atol=max(k * delta, 1e-8), rtol=k)  # an ulp of the value and of the merged delta
         c = compare(got, want, tol)
@@ -330,13 +330,29 @@ def _merged_weights(merged_model: Any, paths: CellPaths, dtype: torch.dtype, dev
     return {"status": status, "max_abs_diff": worst, "reason": "; ".join(problems)}
 
 
-class _Base:
-    """The HF base checkpoint's tensors, read one at a time when asked (only tensors that differ need one)."""
+def _checkpoint_state(model: Any, paths: CellPaths) -> dict[str, torch.Tensor]:
+    """peft's merged model in checkpoint naming, as ``save_pretrained`` would write it (transformers fuses
+    MoE experts only in memory), without writing it: ``save_pretrained``'s own two steps
+    (transformers 5.12 ``modeling_utils.py:3507-3511``: tied weights removed, the load-time conversion
+    reverted) on the in-memory state dict. A 1.7B-shaped fp32 model is 7 GB not written and read back.
+    Where a transformers release lacks them, ``save_pretrained`` to ``paths.peft_merged`` and read that."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    except ImportError:
+        model.save_pretrained(paths.peft_merged)
+        return _Lazy(paths.peft_merged).all()
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    return revert_weight_conversion(model, state)
+
+
+class _Lazy:
+    """An HF checkpoint's tensors, each read from its safetensors file when asked (most are compared once)."""
 
     def __init__(self, directory: Path) -> None:
         from safetensors import safe_open
 
-        self._files = {}
+        self._files: dict[str, Path] = {}
         for f in sorted(directory.glob("*.safetensors")):
             with safe_open(str(f), framework="pt") as h:
                 self._files.update(dict.fromkeys(h.keys(), f))
@@ -344,17 +360,14 @@ class _Base:
     def __contains__(self, name: str) -> bool:
         return name in self._files
 
+    def __iter__(self) -> Any:
+        return iter(self._files)
+
     def __getitem__(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
         with safe_open(str(self._files[name]), framework="pt") as h:
             return h.get_tensor(name)
 
-
-def _safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
+    def all(self) -> dict[str, torch.Tensor]:
+        return {name: self[name] for name in self._files}
