@@ -229,10 +229,13 @@ def test_an_aggregated_problem_carries_every_tensor_it_counts(tmp_path):
     assert len(unprefixed[0].tensors) == 8 and all(t.startswith("model.layers.") for t in unprefixed[0].tensors)
 
 
-def test_mixtral_named_expert_pairs_are_found_in_peft_fused_experts(tmp_path):
+@pytest.mark.parametrize("block", ["mlp", "block_sparse_moe"])
+def test_mixtral_named_expert_pairs_are_found_in_peft_fused_experts(tmp_path, block):
     """Mixtral's and MiniMax's experts name their projections w1 (gate), w3 (up), w2 (down): transformers fuses
     them as gate_up_proj and down_proj, and the check finds the file's pairs there (a MiniMax-M2 te cell
-    whose logits agreed to 3e-7 read "96 tensors of the file have no place a check can find")."""
+    whose logits agreed to 3e-7 read "96 tensors of the file have no place a check can find"). The bridge
+    writes the checkpoint's block name, block_sparse_moe, which the model calls mlp (one H100, 2026-12-07:
+    the same sentence until the file's own block name was looked up)."""
     import json
 
     from safetensors.torch import save_file
@@ -245,7 +248,7 @@ def test_mixtral_named_expert_pairs_are_found_in_peft_fused_experts(tmp_path):
     transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "hf")
     shapes = {"w1": (8, 16), "w3": (8, 16), "w2": (16, 8)}
     tensors = {
-        f"base_model.model.model.layers.0.mlp.experts.{e}.{proj}.lora_{ab}.weight": torch.randn(*shape)
+        f"base_model.model.model.layers.0.{block}.experts.{e}.{proj}.lora_{ab}.weight": torch.randn(*shape)
         for e in range(2)
         for proj, (out_f, in_f) in shapes.items()
         for ab, shape in (("A", (2, in_f)), ("B", (out_f, 2)))

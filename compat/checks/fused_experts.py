@@ -73,17 +73,30 @@ def _file_keys(
     """The file keys of a fused parameter's experts, under whichever of its source names the file uses."""
     candidates = _SOURCES.get(parameter, ((parameter,),))
     best: tuple[dict[tuple[int, str, str], str], tuple[str, ...]] = ({}, candidates[0])
-    for sources in candidates:
-        keys = {
-            (e, src, kind): f"{_PREFIX}{parent}.{e}.{src}.{kind}.weight"
-            for e in range(n)
-            for src in sources
-            for kind in ("lora_A", "lora_B")
-        }
-        if any(k in saved for k in keys.values()):
-            return keys, sources
-        best = best if best[0] else (keys, sources)
+    for owner in _file_parents(saved, parent):
+        for sources in candidates:
+            keys = {
+                (e, src, kind): f"{_PREFIX}{owner}.{e}.{src}.{kind}.weight"
+                for e in range(n)
+                for src in sources
+                for kind in ("lora_A", "lora_B")
+            }
+            if any(k in saved for k in keys.values()):
+                return keys, sources
+            best = best if best[0] else (keys, sources)
     return best
+
+
+def _file_parents(saved: dict[str, Any], parent: str) -> list[str]:
+    """The experts module as the file may name it: the model's name, then the file's experts module of the same
+    layer where transformers renamed the block on load (Mixtral's and MiniMax's checkpoint ``block_sparse_moe``
+    is the model's ``mlp``: transformers 5.12 ``conversion_mapping.py:797``); a layer holds one experts module."""
+    m = re.fullmatch(r"(.*\.layers\.\d+)\.[^.]+\.experts", parent)
+    if not m:
+        return [parent]
+    block = re.compile(rf"{re.escape(_PREFIX + m[1])}\.([^.]+)\.experts\.\d+\.")
+    named = sorted({b[1] for k in saved if (b := block.match(k))})
+    return [parent, *(f"{m[1]}.{b}.experts" for b in named if f"{m[1]}.{b}.experts" != parent)]
 
 
 def _differing_experts(
