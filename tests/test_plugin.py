@@ -130,14 +130,8 @@ def test_a_worker_killed_mid_cell_and_a_setup_error_leave_error_records(repo):
     """A worker killed mid-cell and a test that errors in setup each leave an ``error`` record; the results file
     is rewritten (no stale r.json survives) and says ``complete`` false while a cell lacks a result."""
     (repo.path / "r.json").write_text('{"complete": true, "cells": []}')
-    repo.makepyfile(test_m=CRASHES)
-    result = repo.runpytest("--compat-matrix", "m.toml", "-n", "2", "--compat-results", "r.json", "-p", "xdist")
-    result.assert_outcomes(errors=1, failed=1)
-    data = json.loads((repo.path / "r.json").read_text())
-    cells = {c["id"]: c for c in data["cells"]}
-    assert data["complete"] is False and data["selection"]["cells"] == 2
+    data, cells = _run_with_a_crash(repo, CRASHES, errors=1, failed=1)
     assert sorted(data["selection"]["without_result"]) == ["llama.tp1", "llama.tp2"]
-    assert cells["llama.tp2"]["status"] == "error" and "crashed" in cells["llama.tp2"]["reason"]
     assert cells["llama.tp1"]["status"] == "error" and "planted: setup breaks" in cells["llama.tp1"]["reason"]
     assert not cells["llama.tp1"]["met"] and cells["llama.tp1"]["problems"][0]["check"] == "run"
 
@@ -224,12 +218,19 @@ def test_cell(compat_cell, compat_run, variant):
 def test_a_second_parametrization_still_tracks_a_crashed_cell(repo):
     """Node ids read ``test_cell[llama.tp2-plain]``: before, the collector parsed the cell id from them, found no
     cell, lost the crashed one and wrote ``complete: true``."""
-    repo.makepyfile(test_m=SECOND_PARAMETRIZATION)
+    data, cells = _run_with_a_crash(repo, SECOND_PARAMETRIZATION, passed=1, failed=1)
+    assert data["selection"]["without_result"] == ["llama.tp2"]
+    assert cells["llama.tp1"]["status"] == "pass"
+
+
+def _run_with_a_crash(repo, source: str, **outcomes: int) -> tuple[dict, dict[str, dict]]:
+    """``source`` run over two cells under xdist, its worker killed in llama.tp2: the outcomes, then the results
+    file incomplete with an ``error`` record for the crashed cell. Returns the file and its cells by id."""
+    repo.makepyfile(test_m=source)
     result = repo.runpytest("--compat-matrix", "m.toml", "-n", "2", "--compat-results", "r.json", "-p", "xdist")
-    result.assert_outcomes(passed=1, failed=1)
+    result.assert_outcomes(**outcomes)
     data = json.loads((repo.path / "r.json").read_text())
     cells = {c["id"]: c for c in data["cells"]}
     assert data["complete"] is False and data["selection"]["cells"] == 2
-    assert data["selection"]["without_result"] == ["llama.tp2"]
     assert cells["llama.tp2"]["status"] == "error" and "crashed" in cells["llama.tp2"]["reason"]
-    assert cells["llama.tp1"]["status"] == "pass"
+    return data, cells

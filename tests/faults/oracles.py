@@ -94,30 +94,37 @@ def _scaled(factor: float, experts: bool) -> tuple[tuple[str, str, Wrap], ...]:
     return (*((PEFT_UTILS, f, wrap) for f in ADAPTER_FORWARDS), WITHOUT_MERGED_EXPORT)
 
 
+def _forward_scaled(name: str, what: str, family: str, factor: float, experts: bool, gain: str) -> Fault:
+    """Megatron's adapters (experts, or attention) add ``factor`` x their delta in the forward pass only:
+    the in-flight oracle names them with that gain."""
+    weights = EXPERTS if experts else ATTENTION
+    return Fault(name, what, family, "tp1", _scaled(factor, experts), (in_flight("Megatron", weights, gain),))
+
+
 ORACLE_FAULTS: tuple[Fault, ...] = (
-    Fault(
+    _forward_scaled(
         "expert_forward_scaled",
         "every expert adapter adds 1.3x its delta in Megatron's forward pass only (stored values, export right)",
         "qwen3_moe",
-        "tp1",
-        _scaled(1.3, experts=True),
-        (in_flight("Megatron", EXPERTS, r"1\.(?:29|30)"),),
+        1.3,
+        True,
+        r"1\.(?:29|30)",
     ),
-    Fault(
+    _forward_scaled(
         "expert_forward_scaled_2pct",
         "every expert adapter adds 1.02x its delta in Megatron's forward pass only",
         "qwen3_moe",
-        "tp1",
-        _scaled(1.02, experts=True),
-        (in_flight("Megatron", EXPERTS, r"1\.0[12]"),),
+        1.02,
+        True,
+        r"1\.0[12]",
     ),
-    Fault(
+    _forward_scaled(
         "attention_forward_scaled_2pct",
         "every attention adapter adds 1.02x its delta in Megatron's forward pass only",
         "llama",
-        "tp1",
-        _scaled(1.02, experts=False),
-        (in_flight("Megatron", ATTENTION, r"1\.0[12]"),),
+        1.02,
+        False,
+        r"1\.0[12]",
     ),
     Fault(
         "qkv_export_split_swaps_key_groups",
