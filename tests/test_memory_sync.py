@@ -12,12 +12,12 @@ from dataclasses import replace
 import pytest
 import torch
 
+from compat.checks.adapter_names import module_scaling
 from compat.checks.memory_sync import (
     compare_configs,
     compare_tensors,
     config_divergence,
     digest,
-    module_scaling,
     ranks_agree,
     stream_modules,
 )

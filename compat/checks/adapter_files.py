@@ -9,7 +9,6 @@ peft's loaded model (which the in-flight oracle judges) or the bridge's export c
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from compat.checks.peft_files import _pattern_matches
+from compat.checks.adapter_names import module_scaling
 
 __all__ = ["Factors", "FileAdapter", "LazyDeltas"]
 
@@ -64,22 +63,12 @@ class FileAdapter:
         return cls(config, load_file(str(directory / "adapter_model.safetensors"), device=str(device)))
 
     def scaling(self, module: str) -> float:
-        config = self.config
-        r = _pattern_value(config, "rank_pattern", module, config["r"])
-        alpha = _pattern_value(config, "alpha_pattern", module, config["lora_alpha"])
-        return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        return module_scaling(self.config, module)[2]
 
     def delta(self, module: str) -> torch.Tensor:
         """fp32 ``scaling * B @ A`` of one module."""
         f = self.factors[module]
         return f.scaling * (f.b.float() @ f.a.float())
-
-
-def _pattern_value(config: dict[str, Any], field: str, module: str, default: float) -> float:
-    for pattern, value in (config.get(field) or {}).items():
-        if _pattern_matches(pattern, module):
-            return value
-    return default
 
 
 class LazyDeltas(Mapping[str, torch.Tensor]):

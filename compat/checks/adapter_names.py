@@ -5,14 +5,41 @@ Shared by the checks on the files (``peft_files``) and on what ``peft`` made of 
 
 from __future__ import annotations
 
+import math
 import re
+from typing import Any
 
-__all__ = ["KEY", "PREFIX", "summarise"]
+__all__ = ["KEY", "PREFIX", "module_scaling", "pattern_matches", "pattern_value", "summarise"]
 
 KEY = re.compile(
     r"^base_model\.model\.(?P<module>.+)\.(?:(?P<kind>lora_A|lora_B)\.weight|(?P<magnitude>lora_magnitude_vector)(?:\.weight)?)$"
 )
 PREFIX = "base_model.model."
+
+
+def pattern_matches(pattern: str, module: str) -> bool:
+    """peft's rule for rank_pattern/alpha_pattern keys (``peft.utils.other.get_pattern_key``)."""
+    try:
+        return re.match(rf"(.*\.)?({pattern})$", module) is not None
+    except re.error:
+        return False
+
+
+def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
+    """The value of the first of ``patterns`` that names ``module``, else ``default``."""
+    for pattern, value in (patterns or {}).items():
+        if pattern_matches(pattern, module):
+            return value
+    return default
+
+
+def module_scaling(config: dict[str, Any], module: str) -> tuple[int, float, float]:
+    """(r, lora_alpha, scaling) a consumer applies to ``module`` under ``config``: peft's and vLLM's rule,
+    ``rank_pattern``/``alpha_pattern`` keys matched as peft matches them, rsLoRA's square root, peft's
+    defaults (r = lora_alpha = 8) where the config has none."""
+    r = pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
+    alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
+    return r, alpha, alpha / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
 def summarise(modules: list[str]) -> str:

@@ -15,8 +15,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-from compat.checks.adapter_names import summarise as _summarise
-from compat.checks.peft_files import _pattern_matches
+from compat.checks.adapter_names import module_scaling, summarise
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +26,6 @@ __all__ = [
     "compare_tensors",
     "config_divergence",
     "digest",
-    "module_scaling",
     "ranks_agree",
     "stream_modules",
 ]
@@ -119,14 +117,6 @@ def stream_modules(names: list[str]) -> list[str]:
     return list(out)
 
 
-def module_scaling(config: dict[str, Any], module: str) -> tuple[int, float, float]:
-    """(r, lora_alpha, scaling) a consumer applies to ``module`` under ``config``: peft's and vLLM's rule,
-    ``rank_pattern``/``alpha_pattern`` keys matched as peft matches them, rsLoRA's square root."""
-    r = _pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
-    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
-    return r, alpha, alpha / (math.sqrt(r) if config.get("use_rslora") else r)
-
-
 def config_divergence(
     framework: dict[str, Any], file: dict[str, Any], modules: list[str], who: str, where: str
 ) -> tuple[list[tuple[str, tuple[str, ...]]], dict[str, str]]:
@@ -143,7 +133,7 @@ def config_divergence(
             (
                 f"{who}'s config scales {len(names)} of the {len(modules)} streamed modules by {ours[2]:g} "
                 f"(r={ours[0]}, lora_alpha={ours[1]:g}), the file export by {theirs[2]:g} (r={theirs[0]}, "
-                f"lora_alpha={theirs[1]:g}{_patterned(file)}), e.g. {_summarise(names)}: {where}",
+                f"lora_alpha={theirs[1]:g}{_patterned(file)}), e.g. {summarise(names)}: {where}",
                 tuple(names),
             )
         )
@@ -162,13 +152,6 @@ def config_divergence(
         if key not in EFFECTIVE_FIELDS and _plain(framework.get(key)) != _plain(file.get(key))
     }
     return problems, inert
-
-
-def _pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
-    for pattern, value in (patterns or {}).items():
-        if _pattern_matches(pattern, module):
-            return value
-    return default
 
 
 def _patterned(config: dict[str, Any]) -> str:

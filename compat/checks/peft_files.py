@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compat.checks.adapter_names import KEY, PREFIX, summarise
+from compat.checks.adapter_names import KEY, PREFIX, pattern_matches, pattern_value, summarise
 from compat.checks.peft_load import check_loaded_by_peft
 from compat.checks.problems import Listed
 
@@ -71,21 +71,6 @@ def _peft_targets(target_modules: Any, module: str) -> bool:
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, module) is not None
     return any(module == t or module.endswith("." + t) for t in target_modules)
-
-
-def _pattern_matches(pattern: str, module: str) -> bool:
-    """peft's rule for rank_pattern/alpha_pattern keys (``peft.utils.other.get_pattern_key``)."""
-    try:
-        return re.match(rf"(.*\.)?({pattern})$", module) is not None
-    except re.error:
-        return False
-
-
-def _rank_for(config: dict[str, Any], module: str, default: int) -> int:
-    for pattern, rank in (config.get("rank_pattern") or {}).items():
-        if _pattern_matches(pattern, module):
-            return rank
-    return config.get("r") or default
 
 
 def check_adapter_dir(
@@ -255,7 +240,7 @@ def _shape_problems(
             )
             continue
         out_f, in_f = base[module]
-        r = _rank_for(config, module, r0)
+        r = pattern_value(config.get("rank_pattern"), module, config.get("r") or r0)
         if "lora_magnitude_vector" in parts and parts["lora_magnitude_vector"] != (out_f,):
             problems.append(
                 f"{module}: lora_magnitude_vector has shape {parts['lora_magnitude_vector']}, expected ({out_f},)"
@@ -281,7 +266,7 @@ def _pattern_problems(config: dict[str, Any], modules: dict[str, Any], adapter: 
             )
     for key in ("rank_pattern", "alpha_pattern"):
         # peft applies a key to the modules it matches and ignores one that matches none, silently
-        orphans = [p for p in config.get(key) or {} if not any(_pattern_matches(p, m) for m in modules)]
+        orphans = [p for p in config.get(key) or {} if not any(pattern_matches(p, m) for m in modules)]
         for pattern in orphans:
             problems.append(
                 f"adapter_config.json: {key} key {pattern!r} matches no module with adapter tensors "
