@@ -8,13 +8,12 @@ in memory: ``get_peft_model``); both loaded by ``set_peft_model_state_dict``, pe
 ``from_pretrained``. A tensor peft finds no place for, a streamed module it leaves without a value, or
 logits out of the file path's bound are problems. The bound is the file path's derivation
 (``compat.checks.compare.adapter_tolerance``): the base models' drift measured in this cell (Megatron
-with its adapters off, run by the memory step), routing flips masked as there (``compat.rank.routing``).
+with its adapters off, run in the cell's forward step), routing flips masked as there (``compat.rank.routing``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +35,7 @@ from compat.declare.cells import Cell
 from compat.declare.families import get_family
 from compat.rank.activations import capture_hf, first_divergence, input_ids, load_megatron
 from compat.rank.paths import CellPaths
+from compat.rank.peft_compare import hf_forward, hf_model
 from compat.rank.peft_oracle import PeftRecorder
 from compat.rank.routing import capture_hf_routing, find_flips
 
@@ -59,8 +59,8 @@ def bound(cell: Cell, paths: CellPaths, device: Any, metrics: dict[str, Any]) ->
     """The adapted logits' bound, derived as the file path derives it from the base drift measured here
     (``metrics["base_drift"]``)."""
     family = get_family(cell.family).dims
-    hf = _hf_model(paths.hf, torch_dtype(cell.dtype), device)
-    base = _forward(hf, input_ids(family.vocab_size, device))
+    hf = hf_model(paths.hf, torch_dtype(cell.dtype), device)
+    base = hf_forward(hf, input_ids(family.vocab_size, device))
     meg = load_megatron(paths, "base")
     if "logits" not in meg:
         metrics["base_drift"] = None
@@ -120,7 +120,7 @@ def _build(cell: Cell, paths: CellPaths, consumer: Consumer, device: Any) -> tup
     from peft.config import PeftConfig
 
     config = PeftConfig.from_peft_type(**consumer.config)
-    hf = _hf_model(paths.hf, torch_dtype(cell.dtype), device)
+    hf = hf_model(paths.hf, torch_dtype(cell.dtype), device)
     model = get_peft_model(hf, config) if consumer.wrapped else inject_adapter_in_model(config, hf)
     result = set_peft_model_state_dict(model, consumer.tensors)
     return model.eval(), result
@@ -156,23 +156,3 @@ def _module(key: str) -> tuple[str, str]:
 
     m = re.match(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector)(\.default)?(\.weight)?$", key)
     return (m["module"], m["kind"]) if m else (key, "")
-
-
-def _hf_model(directory: Path, dtype: torch.dtype, device: Any) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    on = torch.device(device)
-    placed = {"device_map": str(on)} if on.type != "cpu" else {}
-    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, **placed).eval()
-
-
-def _forward(model: Any, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    acts: dict[str, torch.Tensor] = {}
-    hooks = capture_hf_routing(model, acts, ids)
-    try:
-        with torch.no_grad():
-            acts["logits"] = model(ids).logits
-    finally:
-        for h in hooks:
-            h.remove()
-    return acts

@@ -36,9 +36,7 @@ from compat.checks.memory_sync import (
 from compat.checks.problems import Problem
 from compat.declare.adapters import get_adapter
 from compat.declare.cells import Cell
-from compat.declare.families import get_family
 from compat.rank import bridge_api
-from compat.rank.activations import megatron_forward
 from compat.rank.backends import Backend
 from compat.rank.collective import Collective
 from compat.rank.memory_peft import Consumer, bound, judge_consumer
@@ -58,11 +56,6 @@ def run(cell: Cell, built: Built, paths: CellPaths, backend: Backend, comm: Coll
     # verl's call (verl/workers/engine/megatron/transformer_impl.py, get_per_tensor_param): defaults, every rank
     stream = [(name, tensor.detach().clone()) for name, tensor in built.bridge.export_adapter_weights(built.model)]
     digests = comm.gather(digest(stream))
-    if hasattr(built.peft, "disable_adapter_layers") and hasattr(built.peft, "enable_adapter_layers"):
-        built.peft.disable_adapter_layers(built.model)  # Megatron's base model: the bound's measured drift
-        vocab = get_family(cell.family).dims.vocab_size
-        megatron_forward(built.model, backend, built.hidden_size, vocab, paths, "base")
-        built.peft.enable_adapter_layers(built.model)
     comm.barrier()
     problems: list[Problem] = []
     if comm.rank == 0:

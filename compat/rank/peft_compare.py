@@ -41,7 +41,7 @@ from compat.rank.paths import CellPaths
 from compat.rank.peft_oracle import PeftRecorder
 from compat.rank.routing import capture_hf_routing, find_flips
 
-__all__ = ["adapter_problems", "compare_with_peft"]
+__all__ = ["adapter_problems", "compare_with_peft", "hf_forward", "hf_model"]
 
 _WHERE = ("sequence", "position", "token")
 
@@ -76,10 +76,10 @@ def compare_with_peft(
 
     problems = adapter_problems(cell, paths, reference)
     dtype = torch_dtype(cell.dtype)
-    hf = _hf_model(paths.hf, dtype, device)
+    hf = hf_model(paths.hf, dtype, device)
     ids = input_ids(get_family(cell.family).dims.vocab_size, device)
     with torch.no_grad():
-        base = _forward(hf, ids)
+        base = hf_forward(hf, ids)
     base_logits = base["logits"]
     metrics: dict[str, Any] = {}
     found, bounds = _base_problems(cell, paths, base_logits, base, metrics)
@@ -215,7 +215,7 @@ def _base_problems(
     return problems, bounds
 
 
-def _hf_model(directory: Path, dtype: torch.dtype, device: Any) -> Any:
+def hf_model(directory: Path, dtype: torch.dtype, device: Any) -> Any:
     """An HF checkpoint as a model in ``dtype``, its weights read straight onto ``device``: loaded on
     the host and then moved, a 1.7B-shaped fp32 model costs two full copies (issue 19)."""
     from transformers import AutoModelForCausalLM
@@ -250,11 +250,11 @@ def _merged_forms(
     forms: dict[str, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
         if MERGED_EXPORT not in skipped:
-            forms[MERGED_EXPORT] = _forward(_hf_model(paths.merged, dtype, device), ids)
+            forms[MERGED_EXPORT] = hf_forward(hf_model(paths.merged, dtype, device), ids)
         if MEGATRON_MERGED not in skipped:
             forms[MEGATRON_MERGED] = load_megatron(paths, "merged")
         merged_model = peft_model.merge_and_unload()  # last: it edits the model
-        forms[PEFT_MERGED] = _forward(merged_model, ids)
+        forms[PEFT_MERGED] = hf_forward(merged_model, ids)
     out: dict[str, dict[str, Any]] = {
         name: {"status": "skipped", "max_abs_diff": None, "reason": why} for name, why in skipped.items()
     }
@@ -277,7 +277,7 @@ def _merged_forms(
     return out
 
 
-def _forward(model: Any, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+def hf_forward(model: Any, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """An HF model's logits and, for MoE layers, its routing (``compat.rank.routing``)."""
     acts: dict[str, torch.Tensor] = {}
     hooks = capture_hf_routing(model, acts, ids)

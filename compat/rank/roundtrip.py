@@ -130,6 +130,7 @@ def _steps(
     with forward_oracle.recording(weights) as recorder:
         megatron_forward(built.model, backend, built.hidden_size, vocab, paths, "adapter")
     _judge_flight(cell, built, weights, recorder, paths, comm)
+    _base_forward(built, paths, backend, comm, vocab)  # the base check's, and the memory sync's bound
     lap("forward")
     _export(built, paths, comm, plugins, reference=False)
     lap("export")
@@ -140,7 +141,6 @@ def _steps(
     delta_oracle.run_oracle(built.bridge, weights, paths, comm, backend.device)
     comm.barrier()
     lap("delta oracle")
-    _base_forward(built, paths, backend, comm, vocab)
     merged_skipped = _merged(cell, built, paths, backend, comm, vocab, reference=phase == "load")
     lap("merged forms")
     if comm.rank != 0:
