@@ -167,7 +167,7 @@ def _gate_diff() -> tuple[dict, dict]:
 def test_gate_prints_one_line_per_flagged_cell_then_its_verdict() -> None:
     """The gate prints one line per flagged cell, then its verdict: no table, no cell twice."""
     results, diff = _gate_diff()
-    fails = failing(diff, accept=False, narrowed=False)
+    fails = failing(diff, accept=False)
     first, second = results["cells"][0]["id"], results["cells"][1]["id"]
     lines = terminal("bridge-x", results, diff, fails, "environment reused in 0 s, matrix ran in 2 min 00 s")
     assert lines == [

@@ -109,6 +109,8 @@ DORA = {"check": "files", "message": "use_dora is set but 28 of 28 modules carry
     [
         pytest.param([_cell("a")], [_cell("a"), _cell("b")], (), 1, id="an-accepted-cell-did-not-run"),
         pytest.param([_cell("a")], [_cell("a"), _cell("b")], ("-k", "a"), 0, id="narrowed-by-k"),
+        # -k selects "ab" too, and it did not run: the matrix lost it, narrowed or not
+        pytest.param([_cell("a")], [_cell("a"), _cell("ab")], ("-k", "a"), 1, id="narrowed-selected-cell-not-run"),
         pytest.param(
             [_cell("a", "fail", "fail", False, [DORA, ALPHA])],
             [_cell("a", "fail", "fail")],
@@ -325,3 +327,18 @@ def test_accept_refuses_what_would_not_be_the_same_baseline(monkeypatch, tmp_pat
     assert _gate_with(monkeypatch, tmp_path, run, accepted, *flags) == 2
     assert needle in capsys.readouterr().err
     assert json.loads(_accepted_file(tmp_path).read_text()) == accepted
+
+
+def test_a_narrowed_gate_counts_the_accepted_cells_it_left_out() -> None:
+    """``-k`` leaves accepted cells out: one count on the verdict line, not a DROPPED line for each (83 lines for
+    17 cells on the CPU pin sets, before), and not a failure; a left-out cell is no dropped one."""
+    from compat.commands.gate_compare import failing, terminal
+
+    results = {"cells": [{"id": "llama.tp1", "status": "pass", "expected": "pass"}]}
+    accepted = {"cells": [{"id": i, "status": "pass"} for i in ("llama.tp1", "qwen2.tp1", "qwen3.tp2")]}
+    diff = compare(results, accepted, select="llama")
+    assert not diff["dropped"] and [r["id"] for r in diff["unselected"]] == ["qwen2.tp1", "qwen3.tp2"]
+    assert failing(diff, accept=False) == []
+    lines = terminal("bridge-x", results, diff, [], "1 s")
+    assert not any(line.startswith("DROPPED") for line in lines), lines
+    assert lines[-1] == "gate bridge-x passes; 1 cells; 2 accepted cells not selected by -k; 1 s"

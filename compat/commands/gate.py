@@ -31,8 +31,8 @@ problems are not the expected ones), and, unless ``--accept`` records them, a re
 expected to pass, or that passed in the accepted results ``matrix/pins/accepted/NAME.json``, does
 not pass now), another status change, other problems (or tensors) than accepted, checks skipped
 otherwise, other oracle coverage, another kind of device, or an accepted cell that did not run
-(unless ``-k`` narrowed the run). 2: bad input, or the environment could not be built (the message
-says why).
+(one ``-k`` selects: those it leaves out are counted). 2: bad input, or the environment could not be
+built (the message says why).
 
 ``--accept`` writes the accepted results (``compat.results.baseline``) only from a complete run of the
 whole matrix they were accepted from, on the same kind of device, holding every accepted cell: a
@@ -203,8 +203,8 @@ def _gate(args: argparse.Namespace) -> int:
     if off:
         raise GateError(f"the run saw other versions than pinned: {off} (pins {want})")
 
-    diff = compare(results, accepted, frozenset(args.forget))
-    fails = failing(diff, args.accept, bool(args.select))
+    diff = compare(results, accepted, frozenset(args.forget), args.select)
+    fails = failing(diff, args.accept)
     if args.accept:  # before anything is printed as accepted: a refused run leaves the file as it was
         _check_acceptable(results, accepted, set(args.forget), accepted_path)
     timing = (

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from compat.checks.problems import keyed_tensors
+from compat.declare.cells import selects
 from compat.declare.pin_sets import GateError
 from compat.report.vocabulary import UNMET, headline
 from compat.results.baseline import coverage_of, device_kind, skips_of
@@ -22,7 +23,7 @@ __all__ = ["GateError", "check_complete", "compare", "failing", "markdown", "ter
 _WORDS = {"regressions": "REGRESSION", "unmet": UNMET, "changed": "CHANGED", "problems": "PROBLEMS CHANGED",
           "skips": "SKIPS CHANGED", "coverage": "COVERAGE CHANGED", "device": "DEVICE CHANGED",
           "fixes": "fixed", "new": "new", "dropped": "DROPPED"}  # fmt: skip
-# What fails the gate unless ``--accept`` records it (unmet cells fail it always; dropped ones unless -k).
+# What fails the gate unless ``--accept`` records it (unmet and dropped cells fail it always).
 _ACCEPTABLE = ("regressions", "changed", "problems", "skips", "coverage", "device")
 
 
@@ -33,14 +34,18 @@ def check_complete(results: dict[str, Any], where: str) -> None:
 
 
 def compare(
-    results: dict[str, Any], accepted: dict[str, Any] | None, forgetting: frozenset[str] = frozenset()
+    results: dict[str, Any],
+    accepted: dict[str, Any] | None,
+    forgetting: frozenset[str] = frozenset(),
+    select: str | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Sort cells into regressions, fixes, new, changed (other status changes), unmet (by status or
     problems, against the expectations), problems (other problems or tensors than accepted), skips
     (checks skipped otherwise than accepted: a cell without accepted results has none accepted),
     coverage (other than accepted, numbers masked; compared where the accepted cell has it), device
     (the run's kind of device is not the accepted one's) and dropped (accepted, not run, neither forgotten
-    nor being forgotten: ``forgetting``)."""
+    nor being forgotten: ``forgetting``, though ``-k`` (``select``) selects it); ``unselected``: the accepted
+    cells ``-k`` left out, counted, not flagged."""
     before = {c["id"]: c for c in (accepted or {}).get("cells", [])}
     out: dict[str, list[dict[str, Any]]] = {k: [] for k in _WORDS}
     seen = set()
@@ -76,7 +81,9 @@ def compare(
         if then is not None and "coverage" in then and coverage_of(then) != coverage_of(c):
             out["coverage"].append({**row, "gone": [f"{coverage_of(then)}"], "new": [f"{coverage_of(c)}"]})
     accounted = seen | set((accepted or {}).get("forgotten") or {}) | forgetting
-    out["dropped"] = [{"id": i, "accepted": c["status"]} for i, c in before.items() if i not in accounted]
+    missing = [i for i in before if i not in accounted]
+    out["dropped"] = [{"id": i, "accepted": before[i]["status"]} for i in missing if selects(select, i)]
+    out["unselected"] = [{"id": i} for i in missing if not selects(select, i)]
     if accepted is not None and device_kind(accepted.get("device")) != device_kind(results.get("device")):
         then, now = device_kind(accepted.get("device")), device_kind(results.get("device"))
         out["device"].append({"id": "(every cell)", "reason": "", "unmet": [],
@@ -124,11 +131,11 @@ def _skip_change(before: dict[str, str | None], now: dict[str, str | None]) -> t
     return gone, new
 
 
-def failing(diff: dict[str, list[dict[str, Any]]], accept: bool, narrowed: bool) -> list[str]:
-    """What the gate cannot vouch for, by kind: unmet cells always; regressions, status changes, changed
-    problems, skips, coverage and device unless they are being accepted; dropped cells unless ``-k``
-    narrowed the run (``--accept`` refuses a run that drops one: ``compat.commands.gate``)."""
-    kinds = ["unmet"] + ([] if accept else list(_ACCEPTABLE)) + ([] if narrowed else ["dropped"])
+def failing(diff: dict[str, list[dict[str, Any]]], accept: bool) -> list[str]:
+    """What the gate cannot vouch for, by kind: unmet and dropped cells always (``--accept`` refuses a run
+    that drops one: ``compat.commands.gate``); regressions, status changes, changed problems, skips,
+    coverage and device unless they are being accepted."""
+    kinds = ["unmet", "dropped"] + ([] if accept else list(_ACCEPTABLE))
     return [k for k in kinds if diff[k]]
 
 
@@ -158,7 +165,7 @@ def markdown(
         "",
         ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; {results.get('device', '')}",
         "",
-        timing,
+        timing + (f"; {len(diff['unselected'])} accepted cells not selected by -k" if diff.get("unselected") else ""),
         "",
         "| cell | status | expected | accepted | verdict | max diff | checks skipped |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -231,4 +238,5 @@ def terminal(
     counts = ", ".join(f"{len(diff[k])} {k}" for k in _WORDS if diff[k])
     verdict = f"fails: {', '.join(fails)}" if fails else "passes"
     cells = len(results.get("cells", []))
-    return [*lines, f"gate {name} {verdict}; {cells} cells" + (f" ({counts})" if counts else "") + f"; {timing}"]
+    left = f"; {len(diff['unselected'])} accepted cells not selected by -k" if diff.get("unselected") else ""
+    return [*lines, f"gate {name} {verdict}; {cells} cells" + (f" ({counts})" if counts else "") + f"{left}; {timing}"]

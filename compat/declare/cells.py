@@ -12,7 +12,15 @@ from compat.declare.layouts import Layout, check_fits
 from compat.declare.specs import DEFAULT_SPEC, SPECS
 from compat.declare.suggest import unknown_name
 
-__all__ = ["DEFAULT_ADAPTER", "DEFAULT_DTYPE", "DEFAULT_SPEC", "DEFAULT_SYNC", "DTYPES", "SYNCS", "Cell", "CellError"]
+__all__ = ["DEFAULT_ADAPTER", "DEFAULT_DTYPE", "DEFAULT_SPEC", "DEFAULT_SYNC", "DTYPES", "SYNCS"]
+__all__ += ["Cell", "CellError", "selects"]
+
+
+def selects(k: str | None, cell_id: str) -> bool:
+    """``-k``'s rule: a cell is selected when one of the ``|``-separated parts lies within its id; no ``-k``
+    selects every cell."""
+    return not k or any(part in cell_id for part in k.split("|"))
+
 
 DTYPES = ("fp32", "bf16")
 DEFAULT_ADAPTER = "lora"

@@ -11,7 +11,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from compat.declare.cells import Cell
+from compat.declare.cells import Cell, selects
 from compat.declare.expected import Expectations, Expected, load_expectations
 from compat.declare.plugins import ROLES, Plugins, check
 
@@ -106,7 +106,7 @@ def _cells(args: argparse.Namespace) -> tuple[list[Cell], float | None, Plugins]
     else:
         raise BadInput("give --matrix FILE, or --family F --layout L for one cell")
     if args.select:
-        chosen = [c for c in cells if any(part in c.id for part in args.select.split("|"))]
+        chosen = [c for c in cells if selects(args.select, c.id)]
         if not chosen:
             raise BadInput(f"-k {args.select!r} selects no cell of {len(cells)}{_near(args.select, cells)}")
         cells = chosen
