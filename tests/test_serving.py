@@ -160,6 +160,20 @@ def test_compare_locates_a_group_loaded_but_not_applied(tmp_path):
     assert "the adapter does not change the logits beyond the tolerance" in text and "max |vllm - base|" in text
 
 
+def test_a_base_fault_does_not_widen_the_served_adapters_bound(tmp_path):
+    """The engine's base off Megatron's by a conversion fault (1.0 everywhere) and its adapted log-probs off by
+    the same: the adapted bound is capped at the base check's, so both are named (before, the bound grew to
+    4 x the fault and the adapted log-probs passed)."""
+    from safetensors.torch import load_file, save_file
+
+    where = _serve_dir(tmp_path, {"base": "base", "adapter": "adapter"}, {})
+    shifted = {k: v + 1.0 for k, v in load_file(str(where / "vllm.safetensors")).items()}
+    save_file(shifted, str(where / "vllm.safetensors"))
+    text = "; ".join(_check(where)["problems"])
+    assert "the base models differ before any adapter: vllm vs Megatron" in text, text
+    assert "vllm log-probs with the adapter differ from Megatron's: mismatched" in text, text
+
+
 def test_compare_reports_a_refused_export(tmp_path):
     where = _serve_dir(
         tmp_path, {"base": "base"}, {"refused": {"adapter": "ValueError: bias (vllm/lora/peft_helper.py:70)"}}

@@ -123,14 +123,17 @@ def adapter_tolerance(
     maximum fell below it, modelled (``forward_noise``); never below ``table`` (the dtype's, or a serving
     engine's pins), which is the bound without a measurement.
 
-    Capped: the measured drift counts only up to what the base check allows (``base_allowed``). Past
-    that the base models differ by a conversion fault, not by rounding, and a bound grown with the
-    fault would let the same fault, or another one of its size, through the adapted comparison.
+    Capped, for every caller that measured a drift: the measured drift counts only up to what the base
+    check allows (``base_allowed``, its absolute bound). Past that the base models differ by a conversion
+    fault, not by rounding, and a bound grown with the fault would let the same fault, or another one of
+    its size, through the adapted comparison.
     """
     t = table or TOLERANCES[dtype]
     if base_drift is None:
         return t
-    drift = base_drift if base_allowed is None else min(base_drift, base_allowed)
+    if base_allowed is None:
+        raise ValueError("a measured base drift needs the base check's bound (base_allowed): the cap")
+    drift = min(base_drift, base_allowed)
     return Tolerance(atol=max(t.atol, ADAPTER_GROWTH * max(drift, modelled)), rtol=t.rtol)
 
 

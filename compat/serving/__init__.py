@@ -156,7 +156,7 @@ def _compare(engine: str, cell: Cell, pins: EnginePins, where: Path, record: dic
             problems.append(c.message(f"the base models differ before any adapter: {engine} vs Megatron", _WHERE))
         # the adapted log-probs: the peft check's derivation from the base drift measured here (log-probs
         # have no modelled drift; the pins' table is the floor)
-        tol = adapter_tolerance(cell.dtype, c.max_abs_diff, table=tol)
+        tol = adapter_tolerance(cell.dtype, c.max_abs_diff, table=tol, base_allowed=tol.atol)
     c = compare(served["adapter"], megatron["adapter"], tol)
     effect = float((served["adapter"].double() - served["base"].double()).abs().max())
     if not c.ok:
