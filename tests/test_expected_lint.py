@@ -49,7 +49,8 @@ GENERIC: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("the exported delta, mapped into Megatron's layout by the bridge's import conversion, differs from "
      "Megatron's stored delta in 3 of 64 weights (fp32, up to 1e-05 of the largest delta allowed)",
      ("the exported delta, mapped into Megatron's layout by the bridge's import conversion, differs from ",
-      "Megatron's stored delta in {len(differ)} of {len(merged)} weights (fp32, up to 1e-05 of the largest ")),
+      "Megatron's stored delta in {len(differ)} of {len(merged)} weights ",
+      "(fp32, up to {DELTA_RTOL:g} of the largest delta allowed)")),
     ("Megatron adapts 3 weights the export leaves unchanged, e.g. ",
      ("Megatron adapts {len(missing)} weights the export leaves unchanged, e.g. ",)),
     ("the export changes 3 weights Megatron does not adapt, e.g. ",

@@ -4,7 +4,7 @@ bounds they are held to.
 The toy's bounds are a table per dtype (atol and rtol together); at real widths the logits' bounds are
 derived at run time from the drift of the two base models (``base_tolerance``, ``adapter_tolerance``,
 ``merged_tolerance``; docs/verdict.md explains them). Other checks keep their own bounds beside them:
-the per-module oracles (``compat.checks.contribution``, ``compat.rank.delta_oracle.DELTA_RTOL``), peft's
+the per-module oracles (``compat.checks.contribution``, ``compat.checks.oracles.DELTA_RTOL``), peft's
 fused experts (``compat.checks.fused_experts``), the serving engines (their pins in matrix/serving/).
 A mismatch says how many elements differ and what share, the greatest absolute and relative difference
 and where, the tolerance allowed, and the context (cell, rank, layer, tensor) the caller adds.
@@ -143,12 +143,11 @@ def merged_tolerance(dtype: str, adapted: Tolerance, layers: int, reference: tor
     two products instead). That rounding is one more error of ``u`` relative per layer's output, of the
     activations' own size, so it adds ``ADAPTER_GROWTH x`` the modelled drift of weights rounded that
     way, in quadrature (independent of the activations' rounding). A base drift measured as exactly 0
-    (bitwise-identical kernels on both sides) leaves only the modelled terms: this one must be there."""
+    (bitwise-identical kernels on both sides) leaves only the modelled terms: this one must be there.
+    It is ``forward_noise`` without accumulation: one rounding of ``u`` per layer (``hidden`` 0)."""
     import math
 
-    n = reference.numel()
-    rms = float(reference.detach().double().pow(2).mean().sqrt())
-    rounding = math.sqrt(layers) * _UNIT_ROUNDOFF[dtype] * rms * math.sqrt(2 * math.log(max(n, 2)))
+    rounding = forward_noise(dtype, layers, 0, reference)
     return Tolerance(atol=math.hypot(adapted.atol, ADAPTER_GROWTH * rounding), rtol=adapted.rtol)
 
 

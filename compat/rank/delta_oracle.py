@@ -20,23 +20,17 @@ forward_oracle`` and ``compat.rank.peft_oracle`` do), and DoRA's magnitudes (the
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from compat.checks.adapter_files import FileAdapter, LazyDeltas
-from compat.checks.oracles import ranges
+from compat.checks.oracles import DELTA_RTOL, ranges
 from compat.checks.peft_files import _base_weights
 from compat.rank.adapted_weights import AdaptedWeight
 from compat.rank.paths import CellPaths, write_json_atomic
 
-__all__ = ["DELTA_RTOL", "compare_delta", "imported_delta", "read", "run_oracle"]
-
-# Both sides multiply the same stored values in fp32, in their own order (a rank-r sum: about
-# r * 2^-24 of the terms' size): measured 0 to 3e-7 of the tensor's largest delta on the toy
-# matrix. Allowed: 1e-5 of it. A layout fault moves rows by the delta's own size (ratio ~1).
-DELTA_RTOL = 1e-5
+__all__ = ["DELTA_RTOL", "compare_delta", "imported_delta", "run_oracle"]
 
 
 def imported_delta(mapping: Any, hf: Any, module: Any, dtype: torch.dtype) -> torch.Tensor | None:
@@ -126,9 +120,3 @@ def run_oracle(bridge: Any, weights: list[AdaptedWeight], paths: CellPaths, comm
 
 def _moves(files: FileAdapter, module: str) -> bool:
     return float(files.delta(module).abs().max()) > 0
-
-
-def read(path: Path) -> dict[str, Any] | None:
-    import json
-
-    return json.loads(path.read_text()) if path.exists() else None

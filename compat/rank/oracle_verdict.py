@@ -34,27 +34,28 @@ def oracle_verdict(paths: CellPaths, peft: list[dict[str, Any]] | None, metrics:
     problems = at_rest_problems(rest) + flight_problems(megatron, MEGATRON_FLIGHT) + flight_problems(peft, PEFT_FLIGHT)
     data, uncovered, skipped = coverage(rest, megatron, peft, flight.get("unjudged_wrappers"))
     metrics["coverage"] = data
+    weights = data.get("judged", {})  # per HF weight, as the coverage counts them (not per shard or call)
     metrics["oracles"] = {
-        AT_REST: _rest_measures(rest),
-        MEGATRON_FLIGHT: _flight_measures(megatron),
-        PEFT_FLIGHT: _flight_measures(peft),
+        AT_REST: _rest_measures(rest, weights.get(AT_REST, 0)),
+        MEGATRON_FLIGHT: _flight_measures(megatron, weights.get(MEGATRON_FLIGHT, 0)),
+        PEFT_FLIGHT: _flight_measures(peft, weights.get(PEFT_FLIGHT, 0)),
     }
     if skipped:
         metrics.setdefault("skipped_checks", {})[COVERAGE] = skipped
     return problems + uncovered
 
 
-def _rest_measures(rest: dict[str, Any] | None) -> dict[str, Any]:
+def _rest_measures(rest: dict[str, Any] | None, weights: int) -> dict[str, Any]:
     if rest is None:
         return {"status": "not run"}
     if rest.get("status") != "ran":
         return {"status": "skipped", "reason": rest.get("reason", "")}
     judged = [e for e in rest["entries"] if e.get("judged")]
     worst = max((float(e["rel"]) for e in judged), default=0.0)
-    return {"status": "ran", "judged": len(judged), "max_rel_diff": worst if math.isfinite(worst) else None}
+    return {"status": "ran", "judged": weights, "max_rel_diff": worst if math.isfinite(worst) else None}
 
 
-def _flight_measures(entries: list[dict[str, Any]] | None) -> dict[str, Any]:
+def _flight_measures(entries: list[dict[str, Any]] | None, weights: int) -> dict[str, Any]:
     if entries is None:
         return {"status": "not run"}
     judged = [e for e in entries if e.get("judged") and "gain" in e]
@@ -62,7 +63,7 @@ def _flight_measures(entries: list[dict[str, Any]] | None) -> dict[str, Any]:
     residuals = [e["residual"] for e in judged if math.isfinite(e["residual"])]
     return {
         "status": "ran",
-        "judged": sum(1 for e in entries if e.get("judged")),
+        "judged": weights,
         "max_gain_error": max(gains, default=0.0),
         "max_residual": max(residuals, default=0.0),
     }
