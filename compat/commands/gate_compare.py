@@ -23,8 +23,9 @@ __all__ = ["GateError", "check_complete", "compare", "failing", "markdown", "ter
 _WORDS = {"regressions": "REGRESSION", "unmet": UNMET, "changed": "CHANGED", "problems": "PROBLEMS CHANGED",
           "skips": "SKIPS CHANGED", "coverage": "COVERAGE CHANGED", "device": "DEVICE CHANGED",
           "fixes": "fixed", "new": "new", "dropped": "DROPPED"}  # fmt: skip
-# What fails the gate unless ``--accept`` records it (unmet and dropped cells fail it always).
-_ACCEPTABLE = ("regressions", "changed", "problems", "skips", "coverage", "device")
+# What fails the gate unless ``--accept`` records it (unmet and dropped cells and another kind of device fail
+# it always: ``--accept`` refuses a run with any of them, ``compat.commands.gate``).
+_ACCEPTABLE = ("regressions", "changed", "problems", "skips", "coverage")
 
 
 def check_complete(results: dict[str, Any], where: str) -> None:
@@ -132,10 +133,10 @@ def _skip_change(before: dict[str, str | None], now: dict[str, str | None]) -> t
 
 
 def failing(diff: dict[str, list[dict[str, Any]]], accept: bool) -> list[str]:
-    """What the gate cannot vouch for, by kind: unmet and dropped cells always (``--accept`` refuses a run
-    that drops one: ``compat.commands.gate``); regressions, status changes, changed problems, skips,
-    coverage and device unless they are being accepted."""
-    kinds = ["unmet", "dropped"] + ([] if accept else list(_ACCEPTABLE))
+    """What the gate cannot vouch for, by kind: unmet and dropped cells and another kind of device always
+    (``--accept`` refuses such a run: ``compat.commands.gate``); regressions, status changes, changed
+    problems, skips and coverage unless they are being accepted."""
+    kinds = ["unmet", "dropped", "device"] + ([] if accept else list(_ACCEPTABLE))
     return [k for k in kinds if diff[k]]
 
 

@@ -50,6 +50,19 @@ __all__ = ["apply"]
 
 
 @contextlib.contextmanager
+def _tensors_stay_on_cpu() -> Iterator[None]:
+    """While it is open, ``Tensor.cuda`` returns the tensor (a CPU process has no GPU to move it to)."""
+    import torch
+
+    to_cuda = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda t, *a, **k: t  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = to_cuda  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
 def _exchange_on_cpu() -> Iterator[None]:
     """While a fully parallel load runs: what its exchange puts on "cuda" stays on the CPU."""
     import torch
@@ -73,15 +86,14 @@ def _exchange_on_cpu() -> Iterator[None]:
         def empty_like(tensor: torch.Tensor, device: object = None, **kwargs: object) -> torch.Tensor:
             return torch.empty_like(tensor, device=cpu(device), **kwargs)  # type: ignore[arg-type]
 
-    init_data, to_cuda = ShardedTensor.init_data, torch.Tensor.cuda
+    init_data = ShardedTensor.init_data
     ShardedTensor.init_data = lambda self, device, *a, **k: init_data(self, cpu(device), *a, **k)
-    torch.Tensor.cuda = lambda t, *a, **k: t  # type: ignore[method-assign]
     exchange_utils.torch = TorchOnCpu()
     try:
-        yield
+        with _tensors_stay_on_cpu():
+            yield
     finally:
         exchange_utils.torch = torch
-        torch.Tensor.cuda = to_cuda  # type: ignore[method-assign]
         ShardedTensor.init_data = init_data
 
 
@@ -128,12 +140,8 @@ def apply() -> None:
     setup = LanguageModule.setup_embeddings_and_output_layer
 
     def setup_embeddings_and_output_layer_on_cpu(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        to_cuda = torch.Tensor.cuda
-        torch.Tensor.cuda = lambda t, *a, **k: t  # type: ignore[method-assign]
-        try:
+        with _tensors_stay_on_cpu():
             return setup(self, *args, **kwargs)
-        finally:
-            torch.Tensor.cuda = to_cuda  # type: ignore[method-assign]
 
     LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer_on_cpu
 
