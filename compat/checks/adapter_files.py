@@ -9,7 +9,6 @@ peft's loaded model (which the in-flight oracle judges) or the bridge's export c
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +16,9 @@ from typing import Any
 
 import torch
 
-from compat.checks.adapter_names import module_scaling
+from compat.checks.adapter_names import lora_module, module_scaling
 
 __all__ = ["Factors", "FileAdapter", "LazyDeltas"]
-
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-_MAGNITUDE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_magnitude_vector(?:\.weight)?$")
 
 
 @dataclass(frozen=True)
@@ -41,12 +37,12 @@ class FileAdapter:
         self.config = config
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         self.magnitudes: dict[str, torch.Tensor] = {}
-        for raw, t in tensors.items():
-            key = raw if raw.startswith("base_model.model.") else f"base_model.model.{raw}"
-            if m := _KEY.match(key):
-                pairs.setdefault(m["module"], {})[m["ab"]] = t
-            elif m := _MAGNITUDE.match(key):
-                self.magnitudes[m["module"]] = t
+        for key, t in tensors.items():
+            module, kind = lora_module(key)
+            if kind == "lora_magnitude_vector":
+                self.magnitudes[module] = t
+            elif kind:
+                pairs.setdefault(module, {})[kind[-1]] = t
         self.factors: dict[str, Factors] = {}
         for module, ab in pairs.items():
             a, b = ab.get("A"), ab.get("B")

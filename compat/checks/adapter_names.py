@@ -9,12 +9,23 @@ import math
 import re
 from typing import Any
 
-__all__ = ["KEY", "PREFIX", "module_scaling", "pattern_matches", "pattern_value", "summarise"]
+__all__ = ["KEY", "PREFIX", "lora_module", "module_scaling", "pattern_matches", "pattern_value", "summarise"]
 
 KEY = re.compile(
     r"^base_model\.model\.(?P<module>.+)\.(?:(?P<kind>lora_A|lora_B)\.weight|(?P<magnitude>lora_magnitude_vector)(?:\.weight)?)$"
 )
 PREFIX = "base_model.model."
+# Any LoRA key: file naming (``base_model.model.`` prefix) or in memory (none), peft's adapter name or not.
+_ANY_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?$"
+)
+
+
+def lora_module(key: str) -> tuple[str, str]:
+    """(``model.layers.0.self_attn.q_proj``, ``lora_A``) of any LoRA key: file or in-memory naming, with or without
+    peft's adapter name (``.default``); (the key without the prefix, "") for a key that names no LoRA tensor."""
+    m = _ANY_KEY.match(key)
+    return (m["module"], m["kind"]) if m else (key.removeprefix(PREFIX), "")
 
 
 def pattern_matches(pattern: str, module: str) -> bool:

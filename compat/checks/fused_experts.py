@@ -14,11 +14,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from compat.checks.adapter_names import PREFIX
 from compat.checks.problems import Listed
 
 __all__ = ["fused_expert_problems"]
 
-_PREFIX = "base_model.model."
 # The checkpoint projections fused into a transformers experts parameter, in their order along its rows: the
 # Qwen/DeepSeek names, or Mixtral's and MiniMax's w1 (gate), w3 (up) and w2 (down) (transformers'
 # conversion_mapping.py fuses w1 and w3 into gate_up_proj in that order). The file's own names say which.
@@ -36,7 +36,7 @@ def fused_expert_problems(
     for name, module in peft_model.named_modules():
         if not hasattr(module, "parameter_name") or adapter not in getattr(module, "lora_A", {}):
             continue
-        parent = re.sub(r"(\.base_layer)+$", "", name).removeprefix(_PREFIX)
+        parent = re.sub(r"(\.base_layer)+$", "", name).removeprefix(PREFIX)
         param, n = f"{parent}.{module.parameter_name}", module.num_experts
         keys, sources = _file_keys(saved, parent, module.parameter_name, n)
         present = {k for k in keys.values() if k in saved}
@@ -76,7 +76,7 @@ def _file_keys(
     for owner in _file_parents(saved, parent):
         for sources in candidates:
             keys = {
-                (e, src, kind): f"{_PREFIX}{owner}.{e}.{src}.{kind}.weight"
+                (e, src, kind): f"{PREFIX}{owner}.{e}.{src}.{kind}.weight"
                 for e in range(n)
                 for src in sources
                 for kind in ("lora_A", "lora_B")
@@ -94,7 +94,7 @@ def _file_parents(saved: dict[str, Any], parent: str) -> list[str]:
     m = re.fullmatch(r"(.*\.layers\.\d+)\.[^.]+\.experts", parent)
     if not m:
         return [parent]
-    block = re.compile(rf"{re.escape(_PREFIX + m[1])}\.([^.]+)\.experts\.\d+\.")
+    block = re.compile(rf"{re.escape(PREFIX + m[1])}\.([^.]+)\.experts\.\d+\.")
     named = sorted({b[1] for k in saved if (b := block.match(k))})
     return [parent, *(f"{m[1]}.{b}.experts" for b in named if f"{m[1]}.{b}.experts" != parent)]
 

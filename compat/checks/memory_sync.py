@@ -12,10 +12,9 @@ recorded beside the problems, so a reader sees every divergence and which ones m
 from __future__ import annotations
 
 import math
-import re
 from typing import TYPE_CHECKING, Any
 
-from compat.checks.adapter_names import module_scaling, summarise
+from compat.checks.adapter_names import lora_module, module_scaling, summarise
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +29,6 @@ __all__ = [
     "stream_modules",
 ]
 
-_LORA = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?:lora_A|lora_B|lora_magnitude_vector)(?:\.weight)?$")
 
 # Config fields that change what a consumer computes from the same tensors (peft's and vLLM's PEFT
 # config): each is compared module by module. Every other field is compared too, and only recorded.
@@ -111,9 +109,9 @@ def stream_modules(names: list[str]) -> list[str]:
     """The modules a stream adapts (``model.layers.0.self_attn.q_proj``), in first-seen order."""
     out: dict[str, None] = {}
     for name in names:
-        m = _LORA.match(name)
-        if m:
-            out.setdefault(m["module"])
+        module, kind = lora_module(name)
+        if kind:
+            out.setdefault(module)
     return list(out)
 
 

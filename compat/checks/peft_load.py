@@ -7,11 +7,10 @@ through the fused experts transformers builds too (``compat.checks.fused_experts
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
-from compat.checks.adapter_names import KEY, PREFIX, summarise
+from compat.checks.adapter_names import KEY, PREFIX, lora_module, summarise
 from compat.checks.fused_experts import fused_expert_problems
 from compat.checks.problems import Listed
 
@@ -32,8 +31,8 @@ def check_loaded_by_peft(peft_model: Any, path: Path) -> list[str]:
     problems = []
     result = peft_model.load_adapter(str(path), adapter_name=_CHECK)
     try:
-        dropped = sorted({_module_of(k) for k in result.unexpected_keys})
-        unset = sorted({_module_of(k) for k in result.missing_keys if f".{_CHECK}." in k})
+        dropped = sorted({lora_module(k)[0] for k in result.unexpected_keys})
+        unset = sorted({lora_module(k)[0] for k in result.missing_keys if f".{_CHECK}." in k})
     finally:
         peft_model.delete_adapter(_CHECK)
         peft_model.set_adapter("default")
@@ -68,7 +67,7 @@ def check_loaded_by_peft(peft_model: Any, path: Path) -> list[str]:
         if full in wrapped and name in params:
             if not torch.equal(params[name].detach().cpu().to(value.dtype), value):
                 differ[key] = f"{key} (parameter {name})"
-        elif key not in seen and not any(f"{_module_of(key)}.".startswith(f"{d}.") for d in dropped):  # named above
+        elif key not in seen and not any(f"{lora_module(key)[0]}.".startswith(f"{d}.") for d in dropped):  # named above
             if not _held_elsewhere(value, params):  # a module renamed on load (checkpoint -> model names)
                 unseen[key] = (
                     f"{key} ({f'no parameter {name}' if m else 'not a LoRA tensor name'}, in no fused experts)"
@@ -107,10 +106,3 @@ def _held_elsewhere(value: Any, params: dict[str, Any]) -> bool:
         for n, p in params.items()
         if ".default." in n and (".lora_A." in n or ".lora_B." in n or "lora_magnitude_vector" in n)
     )
-
-
-def _module_of(key: str) -> str:
-    """``model.layers.0.mlp.experts`` of any LoRA key, file or in-memory naming, adapter name or not."""
-    key = key.removeprefix(PREFIX)
-    key = re.sub(rf"\.(lora_A|lora_B|lora_magnitude_vector)(\.(default|{_CHECK}))?(\.weight)?$", "", key)
-    return key

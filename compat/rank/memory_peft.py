@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from compat.checks.adapter_files import FileAdapter
+from compat.checks.adapter_names import lora_module
 from compat.checks.adapter_names import summarise as _summarise
 from compat.checks.compare import (
     ADAPTER_GROWTH,
@@ -42,7 +43,6 @@ from compat.rank.routing import capture_hf_routing, find_flips
 __all__ = ["Consumer", "bound", "judge_consumer"]
 
 _WHERE = ("sequence", "position", "token")
-_PREFIX = "base_model.model."
 
 
 @dataclass(frozen=True)
@@ -130,12 +130,11 @@ def _placement(consumer: Consumer, result: Any, what: str) -> list[str]:
     """Streamed tensors peft found no place for; streamed modules whose LoRA it left without a value.
     A module the config adapts but the stream does not carry keeps peft's initial B = 0: no effect."""
     problems = []
-    prefix = _PREFIX if consumer.wrapped else ""
-    streamed = {_module(k.removeprefix(prefix))[0] for k in consumer.tensors}
-    dropped = sorted({_module(k.removeprefix(prefix))[0] for k in result.unexpected_keys})
+    streamed = {lora_module(k)[0] for k in consumer.tensors}
+    dropped = sorted({lora_module(k)[0] for k in result.unexpected_keys})
     unset: dict[str, set[str]] = {}
     for key in result.missing_keys:
-        module, kind = _module(key.removeprefix(prefix))
+        module, kind = lora_module(key)
         if module in streamed:
             unset.setdefault(kind, set()).add(module)
     if dropped:
@@ -148,11 +147,3 @@ def _placement(consumer: Consumer, result: Any, what: str) -> list[str]:
             f"none), e.g. {_summarise(sorted(modules))}"
         )
     return problems
-
-
-def _module(key: str) -> tuple[str, str]:
-    """(``model.layers.0.self_attn.q_proj``, ``lora_A``) of a LoRA key, with or without peft's adapter name."""
-    import re
-
-    m = re.match(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector)(\.default)?(\.weight)?$", key)
-    return (m["module"], m["kind"]) if m else (key, "")

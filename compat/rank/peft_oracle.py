@@ -21,11 +21,10 @@ from typing import Any
 import torch
 
 from compat.checks.adapter_files import FileAdapter
+from compat.checks.adapter_names import PREFIX
 from compat.checks.contribution import UNIT_ROUNDOFF, judge, noise_model
 
 __all__ = ["PeftRecorder"]
-
-_PREFIX = re.compile(r"^(base_model\.model\.)")
 
 
 class PeftRecorder:
@@ -35,7 +34,7 @@ class PeftRecorder:
         self.layers: dict[str, Any] = {}
         self.fused: list[str] = []
         for name, m in peft_model.named_modules():
-            module = _PREFIX.sub("", name)
+            module = name.removeprefix(PREFIX)
             if hasattr(m, "parameter_name") and hasattr(m, "lora_A"):
                 self.fused.append(f"{re.sub(r'(\.base_layer)+$', '', module)}.{m.parameter_name}")
             elif (
