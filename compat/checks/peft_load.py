@@ -60,6 +60,10 @@ def check_loaded_by_peft(peft_model: Any, path: Path) -> list[str]:
     differ: dict[str, str] = {}
     unseen: dict[str, str] = {}
     fused, seen = fused_expert_problems(peft_model, saved)
+    lora_values: dict[tuple[int, ...], list[Any]] = {}  # the loaded adapter's LoRA values by shape, on the host once
+    for n, p in params.items():
+        if ".default." in n and (".lora_A." in n or ".lora_B." in n or "lora_magnitude_vector" in n):
+            lora_values.setdefault(tuple(p.shape), []).append(p.detach().cpu())
     for key, value in saved.items():
         m = KEY.match(key)
         full = PREFIX + m["module"] if m else ""
@@ -68,7 +72,7 @@ def check_loaded_by_peft(peft_model: Any, path: Path) -> list[str]:
             if not torch.equal(params[name].detach().cpu().to(value.dtype), value):
                 differ[key] = f"{key} (parameter {name})"
         elif key not in seen and not any(f"{lora_module(key)[0]}.".startswith(f"{d}.") for d in dropped):  # named above
-            if not _held_elsewhere(value, params):  # a module renamed on load (checkpoint -> model names)
+            if not _held_elsewhere(value, lora_values):  # a module renamed on load (checkpoint -> model names)
                 unseen[key] = (
                     f"{key} ({f'no parameter {name}' if m else 'not a LoRA tensor name'}, in no fused experts)"
                 )
@@ -94,15 +98,11 @@ def check_loaded_by_peft(peft_model: Any, path: Path) -> list[str]:
 _CHECK = "compat_check"
 
 
-def _held_elsewhere(value: Any, params: dict[str, Any]) -> bool:
+def _held_elsewhere(value: Any, lora_values: dict[tuple[int, ...], list[Any]]) -> bool:
     """Whether a LoRA parameter of the loaded adapter holds exactly the file tensor's values under another name:
     transformers renames checkpoint modules on load (HY-V3's mlp.shared_mlp is mlp.shared_experts in the model)
     and peft follows, so a tensor found nowhere by name can still be in place. The harness's adapter values are
     seeded per tensor, row and expert, so equal values are the same tensor."""
     import torch
 
-    return any(
-        p.shape == value.shape and torch.equal(p.detach().cpu().to(value.dtype), value)
-        for n, p in params.items()
-        if ".default." in n and (".lora_A." in n or ".lora_B." in n or "lora_magnitude_vector" in n)
-    )
+    return any(torch.equal(p.to(value.dtype), value) for p in lora_values.get(tuple(value.shape), []))
