@@ -10,6 +10,8 @@
   fused (APEX) and TE norms accept; changes only the local norm under SP, so only ``local`` cells.
 - ``mla_core_attention``: multi-latent attention passes key/value head widths that only TE's core
   attention accepts; changes only the local core attention, so only ``local`` cells.
+- ``sync_save``: a synchronous dist-checkpoint save starts a process for asynchronous writers'
+  results; applied on every backend, to synchronous saves only.
 - ``cpu``: megatron-core assumes CUDA in a few places; applied only by the CPU backend.
 
 Workers call :func:`apply` once, before importing megatron.bridge. Nothing here is applied in
@@ -32,6 +34,7 @@ def apply(backend: str) -> list[str]:
         cpu,
         mla_core_attention,
         sequence_parallel_norm,
+        sync_save,
         transformer_engine,
         zero_centered_norm,
     )
@@ -45,7 +48,8 @@ def apply(backend: str) -> list[str]:
     zero_centered_norm.apply()
     sequence_parallel_norm.apply()
     mla_core_attention.apply()
-    applied += ["zero_centered_norm", "sequence_parallel_norm", "mla_core_attention"]
+    sync_save.apply()
+    applied += ["zero_centered_norm", "sequence_parallel_norm", "mla_core_attention", "sync_save"]
     if backend == "cpu":
         cpu.apply()
         applied.append("cpu")

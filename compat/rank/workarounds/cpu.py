@@ -25,16 +25,11 @@ Applied only by the CPU backend. Upstream code this answers (megatron-core 0.19.
   runs here, over the data-parallel group's gloo, with the tensors it would move to a GPU left on the
   CPU (while the load runs, ``Tensor.cuda`` returns the tensor, and what ``exchange_utils`` allocates
   on "cuda" it allocates on the CPU).
-Two costs of CPU processes that are not the work under test, also answered here:
+A cost of CPU processes that is not the work under test, also answered here:
 - ``megatron/core/jit.py:22`` makes ``jit_fuser`` ``torch.compile``; on CPU its first call runs
   Inductor, whose instruction-set probe starts about ten ``python -c "import torch"`` processes in
   every rank (15-35 s per cell for Gemma's fast_gelu and Nemotron's squared_relu,
   ``megatron/core/activations.py``): dynamo is turned off, so those run eagerly, with the same numbers.
-- ``megatron/core/dist_checkpointing/strategies/filesystem_async.py:52-66``
-  ``get_write_results_queue`` starts a ``spawn`` multiprocessing Manager (a 0.5 GB process importing
-  torch, 2 CPU-seconds) per rank for the results of asynchronous writers; the harness only saves
-  synchronously, where the writer runs in this process (``strategies/torch.py:725-728``
-  ``AsyncRequest.execute_sync``), so an in-process queue carries the same results.
 Other CUDA assumptions are avoided by the CPU backend rather than patched: the default causal
 mask (``megatron/core/transformer/utils.py:39``, ``device="cuda"``) by passing an explicit mask,
 the pipeline schedules by a forward-only pass with point-to-point send/recv, and the alltoall
@@ -158,10 +153,6 @@ def apply() -> None:
     mpu_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mpu_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
-    import queue
-
     import torch._dynamo
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     torch._dynamo.config.disable = True
-    filesystem_async._results_queue = queue.Queue()
