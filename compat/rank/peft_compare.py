@@ -15,7 +15,6 @@ import torch
 
 from compat.checks.compare import (
     ADAPTER_GROWTH,
-    WEIGHT_TOLERANCES,
     Bounds,
     Tolerance,
     adapter_tolerance,
@@ -36,6 +35,7 @@ from compat.declare.cells import Cell
 from compat.declare.families import get_family
 from compat.rank.activations import capture_hf, first_divergence, input_ids, load_megatron
 from compat.rank.export import MEGATRON_MERGED, MERGED_EXPORT, MERGED_WEIGHTS, PEFT_MERGED
+from compat.rank.merged_weights import base_state, merged_weights
 from compat.rank.oracle_verdict import oracle_verdict
 from compat.rank.paths import CellPaths
 from compat.rank.peft_oracle import PeftRecorder
@@ -86,6 +86,7 @@ def compare_with_peft(
     problems += found
     tol = bounds.adapted if bounds else adapter_tolerance(cell.dtype, None)
     metrics["tolerance"]["adapter_allowed"] = str(tol)
+    base_weights = base_state(hf, skipped)  # before peft merges into them
     try:
         peft_model = PeftModel.from_pretrained(hf, str(paths.where(paths.adapter))).eval()
     except Exception as exc:  # peft refusing the files is this cell's finding, not a crash
@@ -136,7 +137,9 @@ def compare_with_peft(
     if effect:
         problems.append(Problem("adapter effect", effect))
     unmerged = {**hf_acts, "logits": peft_logits}
-    metrics["merged"] = _merged_forms(cell, peft_model, ids, paths, tol, unmerged, skipped, problems, metrics, device)
+    metrics["merged"] = _merged_forms(
+        cell, peft_model, ids, paths, tol, unmerged, skipped, problems, metrics, device, base_weights
+    )
     if problems:
         raise CheckFailed(problems, metrics)
     return metrics
@@ -236,6 +239,7 @@ def _merged_forms(
     problems: list[Problem],
     metrics: dict[str, Any],
     device: Any,
+    base_weights: dict[str, torch.Tensor] | None,
 ) -> dict[str, dict[str, Any]]:
     """Each merged form: compared with the unmerged adapter's logits (pass/fail), or skipped with why.
 
@@ -248,9 +252,11 @@ def _merged_forms(
     tol = merged_tolerance(cell.dtype, tol, get_family(cell.family).dims.num_layers, unmerged["logits"])
     metrics["tolerance"]["merged_allowed"] = str(tol)
     forms: dict[str, dict[str, torch.Tensor]] = {}
+    exported = None
     with torch.no_grad():
         if MERGED_EXPORT not in skipped:
-            forms[MERGED_EXPORT] = hf_forward(hf_model(paths.merged, dtype, device), ids)
+            exported = hf_model(paths.merged, dtype, device)  # its weights are compared below too
+            forms[MERGED_EXPORT] = hf_forward(exported, ids)
         if MEGATRON_MERGED not in skipped:
             forms[MEGATRON_MERGED] = load_megatron(paths, "merged")
         merged_model = peft_model.merge_and_unload()  # last: it edits the model
@@ -270,8 +276,8 @@ def _merged_forms(
         problems += [Problem("routing", r) for r in rerouted]
         if rerouted:  # a pass would vouch for what the routing problem says was not measured
             out[name] = {"status": "fail", "max_abs_diff": c.max_abs_diff if c.total else None, "reason": rerouted[-1]}
-    if MERGED_EXPORT not in skipped:
-        out[MERGED_WEIGHTS] = _merged_weights(merged_model, paths, dtype, device)
+    if exported is not None:
+        out[MERGED_WEIGHTS] = merged_weights(merged_model, exported, base_weights, paths, dtype, device)
         if out[MERGED_WEIGHTS]["status"] != "pass":
             problems.append(Problem(MERGED_WEIGHTS, out[MERGED_WEIGHTS]["reason"]))
     return out
@@ -287,87 +293,3 @@ def hf_forward(model: Any, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         for h in hooks:
             h.remove()
     return acts
-
-
-def _merged_weights(merged_model: Any, paths: CellPaths, dtype: torch.dtype, device: Any) -> dict[str, Any]:
-    """peft's merged weights against the bridge's merged HF export, tensor by tensor.
-
-    Two exports of one adapter, by two code paths of the bridge (adapter export then peft's merge;
-    the bridge's own merge): they must agree as weights, which no forward-pass noise blurs, so a
-    wrong split (q/k, gate/up) shows in bf16 as clearly as in fp32, named by tensor.
-    """
-    k = WEIGHT_TOLERANCES[{torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]]
-    ours, exported = _checkpoint_state(merged_model, paths), _Lazy(paths.merged)
-    problems, worst = [], 0.0
-    missing, extra = sorted(set(exported) - set(ours)), sorted(set(ours) - set(exported))
-    if missing or extra:
-        problems.append(
-            f"the merged exports hold other tensors: {len(missing)} only in the bridge's (e.g. {missing[:2]}), "
-            f"{len(extra)} only in peft's (e.g. {extra[:2]})"
-        )
-    differ, base = [], _Lazy(paths.hf)
-    for name in sorted(set(exported) & set(ours)):
-        want = ours[name]
-        got = exported[name].to(want.device)
-        if got.dtype == want.dtype and torch.equal(got, want):
-            continue  # 0 apart, within any tolerance (most tensors: no adapter touches them)
-        got, want = got.to(device).double(), want.to(device).double()  # on the cell's device
-        delta = float((want - base[name].to(device).double()).abs().max()) if name in base else 0.0
-        tol = Tolerance(atol=max(k * delta, 1e-8), rtol=k)  # an ulp of the value and of the merged delta
-        c = compare(got, want, tol)
-        worst = max(worst, c.max_abs_diff)
-        if not c.ok:
-            differ.append((c.max_abs_diff, name, tol))
-    if differ:
-        shown = ", ".join(
-            f"{n} (max |diff| {d:.3e}, up to {t} allowed)" for d, n, t in sorted(differ, reverse=True)[:3]
-        )
-        problems.append(
-            f"peft merge_and_unload's weights differ from the bridge's merged HF export in {len(differ)} of "
-            f"{len(set(exported) & set(ours))} tensors, e.g. {shown}"
-        )
-    status = "fail" if problems else "pass"
-    return {"status": status, "max_abs_diff": worst, "reason": "; ".join(problems)}
-
-
-def _checkpoint_state(model: Any, paths: CellPaths) -> dict[str, torch.Tensor]:
-    """peft's merged model in checkpoint naming, as ``save_pretrained`` would write it (transformers fuses
-    MoE experts only in memory), without writing it: ``save_pretrained``'s own two steps
-    (transformers 5.12 ``modeling_utils.py:3507-3511``: tied weights removed, the load-time conversion
-    reverted) on the in-memory state dict. A 1.7B-shaped fp32 model is 7 GB not written and read back.
-    Where a transformers release lacks them, ``save_pretrained`` to ``paths.peft_merged`` and read that."""
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-        from transformers.modeling_utils import remove_tied_weights_from_state_dict
-    except ImportError:
-        model.save_pretrained(paths.peft_merged)
-        return _Lazy(paths.peft_merged).all()
-    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
-    return revert_weight_conversion(model, state)
-
-
-class _Lazy:
-    """An HF checkpoint's tensors, each read from its safetensors file when asked (most are compared once)."""
-
-    def __init__(self, directory: Path) -> None:
-        from safetensors import safe_open
-
-        self._files: dict[str, Path] = {}
-        for f in sorted(directory.glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as h:
-                self._files.update(dict.fromkeys(h.keys(), f))
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._files
-
-    def __iter__(self) -> Any:
-        return iter(self._files)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self._files[name]), framework="pt") as h:
-            return h.get_tensor(name)
-
-    def all(self) -> dict[str, torch.Tensor]:
-        return {name: self[name] for name in self._files}
