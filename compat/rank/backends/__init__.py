@@ -19,11 +19,16 @@ BACKENDS = ("cpu", "cuda")
 #   CUBLAS_COMPUTE_32F_FAST_TF32 (transformer_engine/common/gemm/cublaslt_gemm.cu, 2.20), which
 #   puts TE cells 3e-4 off the HF side in fp32; cuBLAS reads this variable when it starts, and it
 #   overrides that compute type. bf16 GEMMs are unaffected. docs/explanation/gpus-and-te.md has the measurement.
+# - TRITON_CACHE_AUTOTUNING=1: Triton keeps its autotuning results in its on-disk cache (triton 3.6
+#   ``knobs.autotuning.cache``), so a cold rank reuses what an earlier one measured instead of timing
+#   every configuration of TE's permutation kernels again on its first MoE forward of each dtype
+#   (``transformer_engine/pytorch/triton/permutation.py``); they move data, any configuration moves it alike.
 CUDA_RANK_ENV = {
     "NCCL_NVLS_ENABLE": "0",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
     "NVIDIA_TF32_OVERRIDE": "0",
+    "TRITON_CACHE_AUTOTUNING": "1",
 }
 
 
