@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from compat.checks.compare import (
-    ADAPTER_GROWTH,
     Bounds,
     Tolerance,
     adapter_tolerance,
@@ -22,7 +21,6 @@ from compat.checks.compare import (
     compare,
     effect_problem,
     merged_tolerance,
-    positions_problem,
     token_agreement,
     torch_dtype,
 )
@@ -39,7 +37,8 @@ from compat.rank.merged_weights import base_state, merged_weights
 from compat.rank.oracle_verdict import oracle_verdict
 from compat.rank.paths import CellPaths
 from compat.rank.peft_oracle import PeftRecorder
-from compat.rank.routing import capture_hf_routing, find_flips
+from compat.rank.route_replay import Paired, pair_routing, replay_forward
+from compat.rank.routing import capture_hf_routing
 
 __all__ = ["adapter_problems", "compare_with_peft", "hf_forward", "hf_model"]
 
@@ -82,7 +81,7 @@ def compare_with_peft(
         base = hf_forward(hf, ids)
     base_logits = base["logits"]
     metrics: dict[str, Any] = {}
-    found, bounds = _base_problems(cell, paths, base_logits, base, metrics)
+    found, bounds = _base_problems(cell, paths, base, metrics, lambda meg: replay_forward(hf, ids, meg))
     problems += found
     tol = bounds.adapted if bounds else adapter_tolerance(cell.dtype, None)
     metrics["tolerance"]["adapter_allowed"] = str(tol)
@@ -108,8 +107,8 @@ def compare_with_peft(
         h.remove()
     problems += oracle_verdict(paths, _peft_entries(in_flight, paths, cell.dtype, device), metrics)
     meg = load_megatron(paths, "adapter")
-    keep, flipped, rerouted = _routing(cell, meg, hf_acts, "adapter", metrics)
-    cmp = compare(meg["logits"], peft_logits, tol, keep)
+    p = _pair(cell, meg, hf_acts, "adapter", metrics, lambda: (meg, replay_forward(peft_model, ids, meg)))
+    cmp = compare(meg["logits"], p.second.get("logits", peft_logits), tol, p.keep)
     # bf16 rounding noise scales with the logits' size, and the adapter changes it: kept beside base_rms
     metrics["tolerance"]["adapter_rms"] = float(peft_logits.double().pow(2).mean().sqrt())
     compared = cmp.total > 0  # nothing is left where every sequence flips at its first position
@@ -127,12 +126,12 @@ def compare_with_peft(
                 "logits",
                 cmp.message("Megatron logits differ from peft.PeftModel logits", _WHERE)
                 + (f"; first divergence: {where}" if where else "")
-                + flipped
-                + "".join(f"; {r}" for r in rerouted),
+                + p.clause
+                + "".join(f"; {r}" for r in p.problems),
             )
         )
     else:
-        problems += [Problem("routing", r) for r in rerouted]
+        problems += [Problem("routing", r) for r in p.problems]
     effect = effect_problem(base_logits, peft_logits, tol)
     if effect:
         problems.append(Problem("adapter effect", effect))
@@ -161,34 +160,13 @@ _BASES_DIFFER = "the base models differ before any adapter: Megatron with its ad
 _NEED_PEFT = "peft placement, logits, adapter effect, merged forms (they need the model peft did not load)"
 
 
-def _routing(
-    cell: Cell, meg: dict[str, torch.Tensor], hf: dict[str, torch.Tensor], pair: str, metrics: dict
-) -> tuple[torch.Tensor | None, str, list[str]]:
-    """The logits positions to compare (``compat.rank.routing``: those before each sequence's first
-    routing flip), the flips as a clause for a mismatch's message, and the flips that are no near-tie;
-    the flips go to ``metrics["routing"][pair]``. A flip that is no near-tie is said once: inside the
-    logits mismatch where the compared logits differ anyway (a defect upstream of the router moves
-    both: one cause), as a ``routing`` problem of its own where they agree (the mask must hide nothing)."""
-    growth = 1.0 if pair == "base" else ADAPTER_GROWTH  # adapters compute on both sides: as the logits' bound
-    flips = find_flips(meg, hf, cell.dtype, get_family(cell.family).dims.hidden_size, growth)
-    if flips is None:
-        return None, "", []
-    found = metrics.setdefault("routing", {})[pair] = flips.metrics()
-    if not flips.flips:
-        return None, "", []  # no flip: every position is compared, and any message reads as before
-    found["finding"] = flips.summary()
-    clause = f"; {found['finding']}, positions from each sequence's first flip on not compared"
-    keep = flips.keep()
-    few = positions_problem(keep, pair)
-    return keep, clause, [f"{pair}: {p}" for p in flips.problems()] + ([few] if few else [])
-
-
 def _base_problems(
-    cell: Cell, paths: CellPaths, base_logits: torch.Tensor, routing: dict[str, torch.Tensor], metrics: dict[str, Any]
+    cell: Cell, paths: CellPaths, base: dict[str, torch.Tensor], metrics: dict[str, Any], replay: Any
 ) -> tuple[list[Problem], Bounds | None]:
     """Megatron with its adapters switched off must compute the HF base model: else a mismatch
     below is the bridge's model conversion, not the adapter's export. Records the drift measured
-    and allowed in ``metrics["tolerance"]`` (``compat.checks.compare``: the adapted logits' bound derives from it)."""
+    and allowed in ``metrics["tolerance"]`` (``compat.checks.compare``: the adapted logits' bound derives from it).
+    ``replay(meg)``: the HF base forward with Megatron's routing (``compat.rank.route_replay``)."""
     if not paths.all_activations("base"):
         metrics.setdefault("skipped_checks", {})["base model"] = (
             "this megatron-bridge's PEFT has no enable/disable_adapter_layers: Megatron's base model was not run"
@@ -197,8 +175,9 @@ def _base_problems(
         return [], None
     dims = get_family(cell.family).dims
     meg, problems = load_megatron(paths, "base"), []
-    keep, flipped, rerouted = _routing(cell, meg, routing, "base", metrics)
-    bounds = bounds_from_bases(cell.dtype, dims.num_layers, dims.hidden_size, meg["logits"], base_logits, keep)
+    p = _pair(cell, meg, base, "base", metrics, lambda: (meg, replay(meg)))
+    base_logits = p.second["logits"]
+    bounds = bounds_from_bases(cell.dtype, dims.num_layers, dims.hidden_size, meg["logits"], base_logits, p.keep)
     c = bounds.drift
     metrics["tolerance"] = {
         "base_drift": c.max_abs_diff,
@@ -211,11 +190,16 @@ def _base_problems(
     }
     if not c.ok:
         problems.append(
-            Problem("base model", c.message(_BASES_DIFFER, _WHERE) + flipped + "".join(f"; {r}" for r in rerouted))
+            Problem("base model", c.message(_BASES_DIFFER, _WHERE) + p.clause + "".join(f"; {r}" for r in p.problems))
         )
     else:
-        problems += [Problem("routing", r) for r in rerouted]
+        problems += [Problem("routing", r) for r in p.problems]
     return problems, bounds
+
+
+def _pair(cell: Cell, first: dict, second: dict, pair: str, metrics: dict[str, Any], replay: Any = None) -> Paired:
+    """``pair_routing`` at the cell's dtype and width."""
+    return pair_routing(first, second, pair, cell.dtype, get_family(cell.family).dims.hidden_size, metrics, replay)
 
 
 def hf_model(directory: Path, dtype: torch.dtype, device: Any) -> Any:
@@ -251,31 +235,39 @@ def _merged_forms(
     dtype = torch_dtype(cell.dtype)
     tol = merged_tolerance(cell.dtype, tol, get_family(cell.family).dims.num_layers, unmerged["logits"])
     metrics["tolerance"]["merged_allowed"] = str(tol)
-    forms: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, dict[str, Any]] = {
+        name: {"status": "skipped", "max_abs_diff": None, "reason": why} for name, why in skipped.items()
+    }
+
+    def judge(name: str, acts: dict[str, torch.Tensor], replay: Any) -> None:
+        p = _pair(cell, acts, unmerged, name, metrics, replay)
+        c = compare(p.first["logits"], p.second["logits"], tol, p.keep)
+        out[name] = {"status": "pass" if c.ok else "fail", "max_abs_diff": c.max_abs_diff, "reason": ""}
+        if not c.ok:
+            out[name]["reason"] = c.message(f"{name} logits differ from peft.PeftModel logits", _WHERE) + p.clause
+            out[name]["reason"] += "".join(f"; {r}" for r in p.problems)
+            problems.append(Problem(name, out[name]["reason"]))
+            return
+        problems.extend(Problem("routing", r) for r in p.problems)
+        if p.problems:  # a pass would vouch for what the routing problem says was not measured
+            out[name] = {
+                "status": "fail",
+                "max_abs_diff": c.max_abs_diff if c.total else None,
+                "reason": p.problems[-1],
+            }
+
     exported = None
     with torch.no_grad():
         if MERGED_EXPORT not in skipped:
             exported = hf_model(paths.merged, dtype, device)  # its weights are compared below too
-            forms[MERGED_EXPORT] = hf_forward(exported, ids)
-        if MEGATRON_MERGED not in skipped:
-            forms[MEGATRON_MERGED] = load_megatron(paths, "merged")
+            judge(MERGED_EXPORT, hf_forward(exported, ids), lambda: (replay_forward(exported, ids, unmerged), unmerged))
+        if MEGATRON_MERGED not in skipped:  # before peft merges: a replay recomputes peft's unmerged forward
+            meg = load_megatron(paths, "merged")
+            judge(MEGATRON_MERGED, meg, lambda: (meg, replay_forward(peft_model, ids, meg)))
         merged_model = peft_model.merge_and_unload()  # last: it edits the model
-        forms[PEFT_MERGED] = hf_forward(merged_model, ids)
-    out: dict[str, dict[str, Any]] = {
-        name: {"status": "skipped", "max_abs_diff": None, "reason": why} for name, why in skipped.items()
-    }
-    for name, acts in forms.items():
-        keep, flipped, rerouted = _routing(cell, acts, unmerged, name, metrics)
-        c = compare(acts["logits"], unmerged["logits"], tol, keep)
-        out[name] = {"status": "pass" if c.ok else "fail", "max_abs_diff": c.max_abs_diff, "reason": ""}
-        if not c.ok:
-            out[name]["reason"] = c.message(f"{name} logits differ from peft.PeftModel logits", _WHERE) + flipped
-            out[name]["reason"] += "".join(f"; {r}" for r in rerouted)
-            problems.append(Problem(name, out[name]["reason"]))
-            continue
-        problems += [Problem("routing", r) for r in rerouted]
-        if rerouted:  # a pass would vouch for what the routing problem says was not measured
-            out[name] = {"status": "fail", "max_abs_diff": c.max_abs_diff if c.total else None, "reason": rerouted[-1]}
+        judge(
+            PEFT_MERGED, hf_forward(merged_model, ids), lambda: (replay_forward(merged_model, ids, unmerged), unmerged)
+        )
     if exported is not None:
         out[MERGED_WEIGHTS] = merged_weights(merged_model, exported, base_weights, paths, dtype, device)
         if out[MERGED_WEIGHTS]["status"] != "pass":
