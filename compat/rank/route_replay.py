@@ -55,9 +55,12 @@ def pair_routing(
 ) -> Paired:
     """The positions a pair compares (``compat.rank.routing``: those before each sequence's first
     routing flip), the flips as a clause for a mismatch's message, and the flips that are no near-tie;
-    the flips go to ``metrics["routing"][pair]``. Where every flip is a near-tie but too few positions
-    remain, ``replay()`` (one side recomputed with the other's routing) gives the pair back, compared at
-    every position, if it routes alike; else the flips stand, with why the replay did not help."""
+    the flips go to ``metrics["routing"][pair]``. A flip that is no near-tie is said once by the caller:
+    inside the logits mismatch where the compared logits differ anyway (a defect upstream of the router
+    moves both: one cause), as a ``routing`` problem of its own where they agree (the mask must hide
+    nothing). Where every flip is a near-tie but too few positions remain, ``replay()`` (one side
+    recomputed with the other's routing) gives the pair back, compared at every position, if it routes
+    alike; else the flips stand, with why the replay did not help."""
     growth = 1.0 if pair == "base" else ADAPTER_GROWTH  # adapters compute on both sides: as the logits' bound
     flips = find_flips(first, second, dtype, hidden, growth)
     if flips is None or not flips.flips:
