@@ -34,8 +34,11 @@ def merged_weights(
     from the file, whose names decide what is missing or extra. ``base``: the base weights before peft
     merged into them (:func:`base_state`), else the base checkpoint's."""
     k = WEIGHT_TOLERANCES[{torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]]
-    ours, file = _checkpoint_state(merged_model, paths), _Lazy(paths.merged)
-    loaded = _checkpoint_state(exported_model, None) or {}
+    ours, file = _in_memory_state(merged_model), _Lazy(paths.merged)
+    if ours is None:  # a transformers without save_pretrained's steps: its own writing, read back
+        merged_model.save_pretrained(paths.peft_merged)
+        ours = _Lazy(paths.peft_merged).all()
+    loaded = _in_memory_state(exported_model) or {}
     problems, worst = [], 0.0
     missing, extra = sorted(set(file) - set(ours)), sorted(set(ours) - set(file))
     if missing or extra:
@@ -43,7 +46,8 @@ def merged_weights(
             f"the merged exports hold other tensors: {len(missing)} only in the bridge's (e.g. {missing[:2]}), "
             f"{len(extra)} only in peft's (e.g. {extra[:2]})"
         )
-    differ, base = [], base if base is not None else _Lazy(paths.hf)
+    differ: list[tuple[float, str, Tolerance]] = []
+    bases: dict[str, torch.Tensor] | _Lazy = base if base is not None else _Lazy(paths.hf)
     for name in sorted(set(file) & set(ours)):
         want = ours[name]
         got = loaded.get(name)
@@ -53,7 +57,7 @@ def merged_weights(
         if got.dtype == want.dtype and torch.equal(got, want):
             continue  # 0 apart, within any tolerance (most tensors: no adapter touches them)
         got, want = got.to(device).double(), want.to(device).double()  # on the cell's device
-        delta = float((want - base[name].to(device).double()).abs().max()) if name in base else 0.0
+        delta = float((want - bases[name].to(device).double()).abs().max()) if name in bases else 0.0
         tol = Tolerance(atol=max(k * delta, 1e-8), rtol=k)  # an ulp of the value and of the merged delta
         c = compare(got, want, tol)
         worst = max(worst, c.max_abs_diff)
@@ -78,25 +82,21 @@ def base_state(model: Any, skipped: dict[str, str]) -> dict[str, torch.Tensor] |
     is compared, or this transformers cannot name the weights as its checkpoint does."""
     if MERGED_EXPORT in skipped:
         return None
-    state = _checkpoint_state(model, None)
+    state = _in_memory_state(model)
     return None if state is None else {name: t.detach().clone() for name, t in state.items()}
 
 
-def _checkpoint_state(model: Any, paths: CellPaths | None) -> dict[str, torch.Tensor] | None:
+def _in_memory_state(model: Any) -> dict[str, torch.Tensor] | None:
     """An HF model's weights in checkpoint naming, as ``save_pretrained`` would write them (transformers
     fuses MoE experts only in memory), without writing them: ``save_pretrained``'s own two steps
     (transformers 5.12 ``modeling_utils.py:3507-3511``: tied weights removed, the load-time conversion
     reverted) on the in-memory state dict. A 1.7B-shaped fp32 model is 7 GB not written and read back.
-    Where a transformers release lacks them: ``save_pretrained`` to ``paths.peft_merged`` and read that,
-    or None without ``paths``."""
+    None where a transformers release lacks them."""
     try:
         from transformers.core_model_loading import revert_weight_conversion
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
     except ImportError:
-        if paths is None:
-            return None
-        model.save_pretrained(paths.peft_merged)
-        return _Lazy(paths.peft_merged).all()
+        return None
     state = remove_tied_weights_from_state_dict(model.state_dict(), model)
     return revert_weight_conversion(model, state)
 
