@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from compat.rank.peft_compare import hf_forward
 from compat.rank.route_replay import Unreplayable, pair_routing, replay_forward
+from compat.rank.routing import hf_forward
 
 B, S, E, K = 2, 8, 16, 4
 

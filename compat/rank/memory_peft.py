@@ -36,9 +36,9 @@ from compat.declare.cells import Cell
 from compat.declare.families import get_family
 from compat.rank.activations import capture_hf, first_divergence, input_ids, load_megatron
 from compat.rank.paths import CellPaths
-from compat.rank.peft_compare import hf_forward, hf_model
+from compat.rank.peft_compare import hf_model
 from compat.rank.peft_oracle import PeftRecorder
-from compat.rank.routing import capture_hf_routing, find_flips
+from compat.rank.routing import capture_hf_routing, find_flips, hf_forward
 
 __all__ = ["Consumer", "bound", "judge_consumer"]
 

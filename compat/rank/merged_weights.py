@@ -48,7 +48,8 @@ def merged_weights(
         )
     differ: list[tuple[float, str, Tolerance]] = []
     bases: dict[str, torch.Tensor] | _Lazy = base if base is not None else _Lazy(paths.hf)
-    for name in sorted(set(file) & set(ours)):
+    common = sorted(set(file) & set(ours))
+    for name in common:
         want = ours[name]
         got = loaded.get(name)
         if got is None or got.dtype != file.dtype(name):
@@ -69,7 +70,7 @@ def merged_weights(
         )
         problems.append(
             f"peft merge_and_unload's weights differ from the bridge's merged HF export in {len(differ)} of "
-            f"{len(set(file) & set(ours))} tensors, e.g. {shown}"
+            f"{len(common)} tensors, e.g. {shown}"
         )
     status = "fail" if problems else "pass"
     return {"status": status, "max_abs_diff": worst, "reason": "; ".join(problems)}

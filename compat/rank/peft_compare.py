@@ -38,9 +38,9 @@ from compat.rank.oracle_verdict import oracle_verdict
 from compat.rank.paths import CellPaths
 from compat.rank.peft_oracle import PeftRecorder
 from compat.rank.route_replay import Paired, pair_routing, replay_forward
-from compat.rank.routing import capture_hf_routing
+from compat.rank.routing import capture_hf_routing, hf_forward
 
-__all__ = ["adapter_problems", "compare_with_peft", "hf_forward", "hf_model"]
+__all__ = ["adapter_problems", "compare_with_peft", "hf_model"]
 
 _WHERE = ("sequence", "position", "token")
 
@@ -107,8 +107,9 @@ def compare_with_peft(
         h.remove()
     problems += oracle_verdict(paths, _peft_entries(in_flight, paths, cell.dtype, device), metrics)
     meg = load_megatron(paths, "adapter")
-    p = _pair(cell, meg, hf_acts, "adapter", metrics, lambda: (meg, replay_forward(peft_model, ids, meg)))
-    cmp = compare(meg["logits"], p.second.get("logits", peft_logits), tol, p.keep)
+    unmerged = {**hf_acts, "logits": peft_logits}
+    p = _pair(cell, meg, unmerged, "adapter", metrics, lambda: (meg, replay_forward(peft_model, ids, meg)))
+    cmp = compare(meg["logits"], p.second["logits"], tol, p.keep)
     # bf16 rounding noise scales with the logits' size, and the adapter changes it: kept beside base_rms
     metrics["tolerance"]["adapter_rms"] = float(peft_logits.double().pow(2).mean().sqrt())
     compared = cmp.total > 0  # nothing is left where every sequence flips at its first position
@@ -135,7 +136,6 @@ def compare_with_peft(
     effect = effect_problem(base_logits, peft_logits, tol)
     if effect:
         problems.append(Problem("adapter effect", effect))
-    unmerged = {**hf_acts, "logits": peft_logits}
     metrics["merged"] = _merged_forms(
         cell, peft_model, ids, paths, tol, unmerged, skipped, problems, metrics, device, base_weights
     )
@@ -273,15 +273,3 @@ def _merged_forms(
         if out[MERGED_WEIGHTS]["status"] != "pass":
             problems.append(Problem(MERGED_WEIGHTS, out[MERGED_WEIGHTS]["reason"]))
     return out
-
-
-def hf_forward(model: Any, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """An HF model's logits and, for MoE layers, its routing (``compat.rank.routing``)."""
-    acts: dict[str, torch.Tensor] = {}
-    hooks = capture_hf_routing(model, acts, ids)
-    try:
-        acts["logits"] = model(ids).logits
-    finally:
-        for h in hooks:
-            h.remove()
-    return acts

@@ -18,7 +18,6 @@ routing outside the gate, for one).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 
 from compat.checks.compare import ADAPTER_GROWTH, positions_problem
-from compat.rank.routing import ROUTED, capture_hf_routing, find_flips
+from compat.rank.routing import ROUTED, find_flips, hf_forward, is_distribution, moe_gates
 
 __all__ = ["Paired", "Unreplayable", "pair_routing", "replay_forward"]
 
@@ -63,11 +62,11 @@ def pair_routing(
     alike; else the flips stand, with why the replay did not help."""
     growth = 1.0 if pair == "base" else ADAPTER_GROWTH  # adapters compute on both sides: as the logits' bound
     flips = find_flips(first, second, dtype, hidden, growth)
-    if flips is None or not flips.flips:
-        if flips is not None:
-            metrics.setdefault("routing", {})[pair] = flips.metrics()
-        return Paired(first, second)  # no flip: every position is compared, and any message reads as before
+    if flips is None:
+        return Paired(first, second)
     found = metrics.setdefault("routing", {})[pair] = flips.metrics()
+    if not flips.flips:
+        return Paired(first, second)  # no flip: every position is compared, and any message reads as before
     found["finding"] = flips.summary()
     keep = flips.keep()
     few = positions_problem(keep, pair)
@@ -96,9 +95,10 @@ def replay_forward(
 ) -> dict[str, torch.Tensor]:
     """``model``'s logits and routing (as ``hf_forward``) with every MoE layer's experts taken from
     ``routed`` (``layer N routed``: ``[b, s, experts]``, 1 where chosen). Raises :class:`Unreplayable`."""
-    acts: dict[str, torch.Tensor] = {}
-    gates = _gates(model)
-    if not gates:
+    gates = {
+        layer: gate for layer, mlp, gate in moe_gates(model) if getattr(mlp, "route_tokens_to_experts", None) is None
+    }
+    if not gates:  # blocks that choose outside their gate (group-limited, biased) are not replayed
         raise Unreplayable("no MoE gate returns its chosen experts (layers.N.mlp.gate)")
     missing = sorted(n for n in gates if f"layer {n} {ROUTED}" not in routed)
     if missing:
@@ -107,29 +107,15 @@ def replay_forward(
     hooks = [
         gate.register_forward_hook(_forcing(routed[f"layer {n} {ROUTED}"], n, problems)) for n, gate in gates.items()
     ]
-    hooks += capture_hf_routing(model, acts, ids)  # after the forcing hooks: records what the layers used
-    try:
+    try:  # the forcing hooks first: hf_forward's own record what the layers used
         with torch.no_grad():
-            acts["logits"] = model(ids).logits
+            acts = hf_forward(model, ids)
     finally:
         for h in hooks:
             h.remove()
     if problems:
         raise Unreplayable("; ".join(problems))
     return acts
-
-
-def _gates(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """Each MoE layer's gate, by layer number, where the block takes its experts from the gate."""
-    out = {}
-    for name, mlp in model.named_modules():
-        m = re.search(r"layers\.(\d+)\.mlp$", name)
-        gate = getattr(mlp, "gate", None)
-        if m and gate is not None and isinstance(getattr(gate, "weight", None), torch.Tensor):
-            if getattr(mlp, "route_tokens_to_experts", None) is not None:
-                continue  # chosen outside the gate (group-limited, biased): not replayed
-            out[int(m.group(1))] = gate
-    return out
 
 
 def _forcing(chosen: torch.Tensor, layer: int, problems: list[str]) -> Any:
@@ -176,7 +162,7 @@ def _score_function(logits: torch.Tensor, weights: torch.Tensor, idx: torch.Tens
     top-k or not."""
     flat = logits.reshape(-1, logits.shape[-1]).float()
     candidates = [torch.softmax(flat, dim=-1)]
-    if bool((flat >= 0).all()) and torch.allclose(flat.sum(-1), torch.ones(1, device=flat.device), atol=1e-3):
+    if is_distribution(flat):
         candidates.append(flat)  # already probabilities (transformers 5.3.0's TopKRouters)
     for probs in candidates:
         for renormalise in (True, False):
@@ -189,6 +175,7 @@ def _score_function(logits: torch.Tensor, weights: torch.Tensor, idx: torch.Tens
                     w = w / w.sum(dim=-1, keepdim=True)
                 return w.to(weights.dtype)
 
-            if torch.equal(score(idx), weights.reshape(score(idx).shape)):
+            own = score(idx)
+            if torch.equal(own, weights.reshape(own.shape)):
                 return probs, score
     return None

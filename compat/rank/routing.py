@@ -28,7 +28,15 @@ import torch
 
 from compat.checks.compare import base_tolerance
 
-__all__ = ["Flips", "capture_hf_routing", "find_flips", "megatron_router_hook"]
+__all__ = [
+    "Flips",
+    "capture_hf_routing",
+    "find_flips",
+    "hf_forward",
+    "is_distribution",
+    "megatron_router_hook",
+    "moe_gates",
+]
 
 ROUTER, ROUTED = "router", "routed"  # activation parts: the router logits, the chosen experts (0/1)
 
@@ -65,12 +73,8 @@ def capture_hf_routing(model: torch.nn.Module, store: dict[str, torch.Tensor], i
     """
     hooks: list[Any] = []
     b, s = ids.shape
-    for name, mlp in model.named_modules():
-        m = re.search(r"layers\.(\d+)\.mlp$", name)
-        gate = getattr(mlp, "gate", None)
-        if not m or gate is None or not isinstance(getattr(gate, "weight", None), torch.Tensor):
-            continue
-        key, experts = f"layer {m.group(1)}", gate.weight.shape[0]
+    for layer, mlp, gate in moe_gates(model):
+        key, experts = f"layer {layer}", gate.weight.shape[0]
 
         def chosen(indices: torch.Tensor, key: str = key, experts: int = experts) -> None:
             one_hot = torch.zeros(indices.shape[0], experts, device=indices.device)
@@ -101,6 +105,35 @@ def capture_hf_routing(model: torch.nn.Module, store: dict[str, torch.Tensor], i
     return hooks
 
 
+def moe_gates(model: torch.nn.Module) -> list[tuple[int, Any, Any]]:
+    """Each HF MoE layer as (layer number, its ``layers.N.mlp`` block, the block's ``gate`` with a weight)."""
+    out = []
+    for name, mlp in model.named_modules():
+        m = re.search(r"layers\.(\d+)\.mlp$", name)
+        gate = getattr(mlp, "gate", None)
+        if m and gate is not None and isinstance(getattr(gate, "weight", None), torch.Tensor):
+            out.append((int(m.group(1)), mlp, gate))
+    return out
+
+
+def hf_forward(model: Any, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """An HF model's logits and, for MoE layers, its routing."""
+    acts: dict[str, torch.Tensor] = {}
+    hooks = capture_hf_routing(model, acts, ids)
+    try:
+        acts["logits"] = model(ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return acts
+
+
+def is_distribution(scores: torch.Tensor) -> bool:
+    """Whether each row of ``scores`` is a probability distribution over the experts (a softmax's output)."""
+    flat = scores.reshape(-1, scores.shape[-1]).float()
+    return bool((flat >= 0).all()) and torch.allclose(flat.sum(-1), torch.ones(1, device=flat.device), atol=1e-3)
+
+
 def _as_logits(gate: torch.nn.Module, inputs: Any, scores: torch.Tensor) -> torch.Tensor:
     """The router logits a gate ranked: ``scores`` as it returned them, unless they are the softmax of
     its own linear map of its input. transformers 5.3.0's TopKRouters (qwen3_moe, qwen2_moe, olmoe,
@@ -116,7 +149,7 @@ def _as_logits(gate: torch.nn.Module, inputs: Any, scores: torch.Tensor) -> torc
         return scores
     bias = getattr(gate, "bias", None)
     flat = scores.reshape(-1, scores.shape[-1])
-    if (flat < 0).any() or not torch.allclose(flat.float().sum(-1), torch.ones(1, device=flat.device), atol=1e-3):
+    if not is_distribution(flat):
         return scores  # not a distribution over the experts: the logits themselves
     logits = torch.nn.functional.linear(
         x.reshape(-1, x.shape[-1]), weight, bias if isinstance(bias, torch.Tensor) else None
