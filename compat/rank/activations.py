@@ -89,11 +89,13 @@ def megatron_forward(
         torch.save(data, paths.activations(tag, ps.get_pipeline_model_parallel_rank()))
 
 
-def load_megatron(paths: CellPaths, tag: str) -> dict[str, torch.Tensor]:
-    """Every stage's activations of one Megatron forward, merged (rank 0, after a barrier)."""
+def load_megatron(paths: CellPaths, tag: str, device: Any = "cpu") -> dict[str, torch.Tensor]:
+    """Every stage's activations of one Megatron forward, merged (rank 0, after a barrier), on ``device``:
+    the HF side's, so its comparisons run there (at a 152k vocabulary a float64 comparison on the CPU
+    costs about half a second, and a cell makes a dozen)."""
     merged: dict[str, torch.Tensor] = {}
     for path in paths.all_activations(tag):
-        merged.update(torch.load(path))
+        merged.update(torch.load(path, map_location=device))
     return merged
 
 

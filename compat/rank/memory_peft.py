@@ -61,7 +61,7 @@ def bound(cell: Cell, paths: CellPaths, device: Any, metrics: dict[str, Any]) ->
     family = get_family(cell.family).dims
     hf = hf_model(paths.hf, torch_dtype(cell.dtype), device)
     base = hf_forward(hf, input_ids(family.vocab_size, device))
-    meg = load_megatron(paths, "base")
+    meg = load_megatron(paths, "base", device)
     if "logits" not in meg:
         metrics["base_drift"] = None
         return adapter_tolerance(cell.dtype, None)
@@ -93,7 +93,7 @@ def judge_consumer(
     # the forward oracle on the consumer's side: each LoRA layer against the streamed factors and this config
     flight = in_flight.judge(FileAdapter(consumer.config, consumer.tensors), cell.dtype)
     problems += [f"{what}: {p.message}" for p in flight_problems(flight, "in flight")]
-    meg = load_megatron(paths, "adapter")
+    meg = load_megatron(paths, "adapter", device)
     dims = get_family(cell.family).dims
     flips = find_flips(meg, acts, cell.dtype, dims.hidden_size, ADAPTER_GROWTH)
     keep = flips.keep() if flips is not None and flips.flips else None

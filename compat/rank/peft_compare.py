@@ -81,7 +81,7 @@ def compare_with_peft(
         base = hf_forward(hf, ids)
     base_logits = base["logits"]
     metrics: dict[str, Any] = {}
-    found, bounds = _base_problems(cell, paths, base, metrics, lambda meg: replay_forward(hf, ids, meg))
+    found, bounds = _base_problems(cell, paths, base, metrics, lambda meg: replay_forward(hf, ids, meg), device)
     problems += found
     tol = bounds.adapted if bounds else adapter_tolerance(cell.dtype, None)
     metrics["tolerance"]["adapter_allowed"] = str(tol)
@@ -106,7 +106,7 @@ def compare_with_peft(
     for h in hooks:
         h.remove()
     problems += oracle_verdict(paths, _peft_entries(in_flight, paths, cell.dtype, device), metrics)
-    meg = load_megatron(paths, "adapter")
+    meg = load_megatron(paths, "adapter", device)
     unmerged = {**hf_acts, "logits": peft_logits}
     p = _pair(cell, meg, unmerged, "adapter", metrics, lambda: (meg, replay_forward(peft_model, ids, meg)))
     cmp = compare(meg["logits"], p.second["logits"], tol, p.keep)
@@ -161,7 +161,7 @@ _NEED_PEFT = "peft placement, logits, adapter effect, merged forms (they need th
 
 
 def _base_problems(
-    cell: Cell, paths: CellPaths, base: dict[str, torch.Tensor], metrics: dict[str, Any], replay: Any
+    cell: Cell, paths: CellPaths, base: dict[str, torch.Tensor], metrics: dict[str, Any], replay: Any, device: Any
 ) -> tuple[list[Problem], Bounds | None]:
     """Megatron with its adapters switched off must compute the HF base model: else a mismatch
     below is the bridge's model conversion, not the adapter's export. Records the drift measured
@@ -174,7 +174,7 @@ def _base_problems(
         metrics["tolerance"] = {"base_drift": None, "derivation": "no base-model forward: the table"}
         return [], None
     dims = get_family(cell.family).dims
-    meg, problems = load_megatron(paths, "base"), []
+    meg, problems = load_megatron(paths, "base", device), []
     p = _pair(cell, meg, base, "base", metrics, lambda: (meg, replay(meg)))
     base_logits = p.second["logits"]
     bounds = bounds_from_bases(cell.dtype, dims.num_layers, dims.hidden_size, meg["logits"], base_logits, p.keep)
@@ -262,7 +262,7 @@ def _merged_forms(
             exported = hf_model(paths.merged, dtype, device)  # its weights are compared below too
             judge(MERGED_EXPORT, hf_forward(exported, ids), lambda: (replay_forward(exported, ids, unmerged), unmerged))
         if MEGATRON_MERGED not in skipped:  # before peft merges: a replay recomputes peft's unmerged forward
-            meg = load_megatron(paths, "merged")
+            meg = load_megatron(paths, "merged", device)
             judge(MEGATRON_MERGED, meg, lambda: (meg, replay_forward(peft_model, ids, meg)))
         merged_model = peft_model.merge_and_unload()  # last: it edits the model
         judge(
