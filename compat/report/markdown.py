@@ -32,7 +32,7 @@ def _serving_table(cells: list[dict[str, Any]], reasons: dict[str, int]) -> list
     rows = [(c["id"], e, s) for c in cells for e, s in c.get("serving", {}).items()]
     if not rows:
         return []
-    lines = ["", "Served (log-probs against Megatron's, docs/how-to/serve-with-vllm.md):", ""]
+    lines = ["", "Served (log-probs against Megatron's, docs/serving.md):", ""]
     lines += ["| cell | engine | status | max diff | effect | seconds | problems |"]
     lines += ["| --- | --- | --- | --- | --- | --- | --- |"]
     for cell, engine, s in rows:
