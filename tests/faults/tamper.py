@@ -273,9 +273,8 @@ def perturb_when_alone(w: dict[str, Any]) -> dict[str, Any]:
     return {**w, key: w[key] + 1e-3}
 
 
-def base_weight_off(original: Callable[..., Any]) -> Callable[..., Any]:
-    """HF -> Megatron conversion loads layer 2's MLP output weight off by 0.05 (a conversion bug: the
-    adapter and its export are right, the base model is not)."""
+def _after_load(original: Callable[..., Any], edit: Callable[[str, Any], None]) -> Callable[..., Any]:
+    """The HF -> Megatron weight load, then ``edit(name, param)`` on every Megatron parameter (no grad)."""
 
     @functools.wraps(original)
     def load_weights_hf_to_megatron(
@@ -288,11 +287,21 @@ def base_weight_off(original: Callable[..., Any]) -> Callable[..., Any]:
         with torch.no_grad():
             for chunk in models:
                 for name, p in chunk.named_parameters():
-                    if "layers.2.mlp.linear_fc2.weight" in name and ".adapter." not in name:
-                        p.add_(0.05)
+                    edit(name, p)
         return out
 
     return load_weights_hf_to_megatron
+
+
+def base_weight_off(original: Callable[..., Any]) -> Callable[..., Any]:
+    """HF -> Megatron conversion loads layer 2's MLP output weight off by 0.05 (a conversion bug: the
+    adapter and its export are right, the base model is not)."""
+
+    def edit(name: str, p: Any) -> None:
+        if "layers.2.mlp.linear_fc2.weight" in name and ".adapter." not in name:
+            p.add_(0.05)
+
+    return _after_load(original, edit)
 
 
 def router_rows_swapped(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -300,22 +309,11 @@ def router_rows_swapped(original: Callable[..., Any]) -> Callable[..., Any]:
     the experts and the adapter are right, the tokens go elsewhere, and each flip lies exactly within
     twice its own router-logit drift)."""
 
-    @functools.wraps(original)
-    def load_weights_hf_to_megatron(
-        self: Any, hf_pretrained: Any, megatron_model: Any, *args: Any, **kwargs: Any
-    ) -> Any:
-        out = original(self, hf_pretrained, megatron_model, *args, **kwargs)
-        import torch
+    def edit(name: str, p: Any) -> None:
+        if "layers.1.mlp.router.weight" in name:
+            p.copy_(p[[1, 0, *range(2, p.shape[0])]])
 
-        models = megatron_model if isinstance(megatron_model, list) else [megatron_model]
-        with torch.no_grad():
-            for chunk in models:
-                for name, p in chunk.named_parameters():
-                    if "layers.1.mlp.router.weight" in name:
-                        p.copy_(p[[1, 0, *range(2, p.shape[0])]])
-        return out
-
-    return load_weights_hf_to_megatron
+    return _after_load(original, edit)
 
 
 def merge_in_place_raises_on_rank1(original: Callable[..., Any]) -> Callable[..., Any]:
