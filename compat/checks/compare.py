@@ -234,10 +234,8 @@ def compare(
 
     if actual.shape != expected.shape:
         raise ValueError(f"shapes differ: {tuple(actual.shape)} vs {tuple(expected.shape)}")
-    # on a GPU where either tensor is: at real widths a float64 pass on the CPU costs seconds
-    device = actual.device if actual.device.type != "cpu" else expected.device
-    a = actual.detach().to(device, torch.float64)
-    e = expected.detach().to(device, torch.float64)
+    a = actual.detach().double()  # on the tensors' own device: at real widths a CPU pass costs seconds
+    e = expected.detach().double().to(a.device)
     odd = ~(torch.isfinite(a) & torch.isfinite(e))
     diff = torch.where(odd, torch.full_like(a, float("inf")), (a - e).abs())
     rel = diff / e.abs().nan_to_num(0.0).clamp_min(torch.finfo(torch.float64).tiny)
